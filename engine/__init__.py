@@ -1,0 +1,1 @@
+"""Run plumbing shared by every stage: errors, seeding, logging, checkpoints."""

@@ -1,0 +1,58 @@
+"""The step loop every training stage shares: progress bar with the running loss, periodic
+validation and checkpointing, and a clean stop on a non-finite loss."""
+import logging
+import math
+
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def check_finite(loss: torch.Tensor, name: str = "loss") -> float:
+    """Return the loss as a float; raise before the optimiser can step on a NaN or Inf."""
+    value = loss.detach().float().item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(name)
+    return value
+
+
+def poly_lr(steps: int, power: float = 0.9):
+    """LambdaLR factor: polynomial decay from 1 at step 0 to 0 at `steps`."""
+    return lambda step: max(0.0, 1.0 - step / steps) ** power
+
+
+def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_step, validate, save,
+              checkpoint_path, logger: logging.Logger) -> None:
+    """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
+    `val_every` steps and at the end `save(step_done, validate())`."""
+    running: dict = {}
+    last_saved = start_step if start_step else None
+    bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, dynamic_ncols=True,
+               mininterval=1.0)
+    for step in bar:
+        try:
+            losses = train_step(step)
+        except NonFiniteLoss as err:
+            bar.close()
+            logger.info("non-finite %s at step %d", err.name, step)
+            kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is kept" if last_saved
+                    else "no checkpoint had been written yet")
+            raise UserError(f"non-finite {err.name} at step {step}: training stopped; {kept}. "
+                            f"Try a lower --lr.") from None
+        running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in losses.items()}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+        done = step + 1
+        if done % val_every == 0 or done == steps:
+            metrics = validate()
+            save(done, metrics)
+            last_saved = done
+            logger.info("step %d %s %s", done, " ".join(f"{k}={v:.4f}" for k, v in running.items()),
+                        " ".join(f"val_{k}={v:.4f}" for k, v in metrics.items()))
+    bar.close()

@@ -1,0 +1,64 @@
+"""Per-case segmentation metrics of SPEC section 7 and their summaries.
+
+Overlap metrics (Dice, IoU, precision, recall) on binary masks; boundary metrics (HD, HD95 in
+both modes, ASSD) from `kernels.boundary_metrics`. Conventions for empty masks: both empty
+gives Dice = IoU = precision = recall = 1 and zero boundary errors; an empty prediction or an
+empty ground truth alone gives 0 for the overlap ratio whose denominator is empty and NaN
+(undefined) boundary errors.
+"""
+import math
+
+import numpy as np
+import torch
+
+from kernels import boundary_metrics
+
+OVERLAP = ("dice", "iou", "precision", "recall")
+BOUNDARY = ("hd", "hd95", "hd95_pooled", "assd")
+METRICS = OVERLAP + BOUNDARY
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, both_empty: torch.Tensor) -> torch.Tensor:
+    out = torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+    return torch.where(both_empty, torch.ones_like(out), out)
+
+
+def overlap_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """Batched (B, H, W) boolean masks -> per-case float64 tensors."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    tp = (pred & target).sum(1).double()
+    p, g = pred.sum(1).double(), target.sum(1).double()
+    both_empty = (p == 0) & (g == 0)
+    return dict(dice=_ratio(2 * tp, p + g, both_empty), iou=_ratio(tp, p + g - tp, both_empty),
+                precision=_ratio(tp, p, both_empty), recall=_ratio(tp, g, both_empty))
+
+
+def case_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 1.0)) -> dict:
+    """All metrics of one or more same-sized cases (B, H, W) -> {name: list of floats}."""
+    out = overlap_metrics(pred, target)
+    for mode in ("max", "pooled"):
+        b = boundary_metrics(pred, target, spacing=spacing, mode=mode)
+        out["hd95" if mode == "max" else "hd95_pooled"] = b["hd95"]
+        if mode == "max":
+            out["hd"], out["assd"] = b["hd"], b["assd"]
+    return {k: out[k].cpu().double().tolist() for k in METRICS}
+
+
+def summarize(values, penalty=None) -> dict:
+    """mean, std, median over the defined values; n and n_undefined; with `penalty` (a number or one
+    per case), also the mean with each undefined value replaced by it (the image diagonal, for
+    boundary metrics)."""
+    arr = np.asarray(values, dtype=np.float64)
+    defined = arr[np.isfinite(arr)]
+    stats = dict(mean=float(defined.mean()) if defined.size else math.nan,
+                 std=float(defined.std()) if defined.size else math.nan,
+                 median=float(np.median(defined)) if defined.size else math.nan,
+                 n=int(arr.size), n_undefined=int(arr.size - defined.size))
+    if penalty is not None:
+        stats["mean_penalized"] = float(np.where(np.isfinite(arr), arr, penalty).mean()) if arr.size else math.nan
+    return stats
+
+
+def dice_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean foreground Dice of argmax predictions, for validation during training."""
+    return overlap_metrics(logits.argmax(1) == 1, target == 1)["dice"].mean()

@@ -1,0 +1,115 @@
+"""Evaluate a teacher or student checkpoint on a split, at each image's original resolution.
+
+Writes, into --out: metrics.csv (one row per case), summary.json (mean, std, median, n and
+n_undefined of each metric, and the boundary means with undefined cases scored as the image
+diagonal), table.md, and overlays/<id>.png (ground-truth contour green, prediction red).
+"""
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import load_case, load_tensors, prepare_dataset
+from engine.checkpoint import load_checkpoint
+from engine.errors import UserError, exit_on_user_error
+from engine.metrics import BOUNDARY, METRICS, case_metrics, summarize
+from engine.overlay import save_overlay
+from engine.predict import predict_logits
+from engine.run import base_parser, check_size, environment, select_device, writable_dir
+from nets.unet import UNet
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__, out="<checkpoint>_eval", training=False)
+    p.add_argument("--ckpt", type=Path, required=True, help="teacher or student checkpoint to evaluate")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="which part of the checkpoint's split to score")
+    p.add_argument("--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
+                   help="pixel size in mm: one value, or two (row, column); the default 1 gives pixels")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    return p.parse_args(argv)
+
+
+def spacing_from(values) -> tuple:
+    if len(values) not in (1, 2) or any(not v > 0 or not math.isfinite(v) for v in values):
+        raise UserError(f"--spacing {' '.join(map(str, values))}: give one or two positive numbers (mm per pixel)")
+    return (values[0], values[-1])
+
+
+def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=None):
+    """Per-case metrics of `model` on `ids`: logits upsampled to each original image size."""
+    images, _ = load_tensors(root, ids, size, with_masks=False)
+    logits = predict_logits(model, images, device, batch_size)
+    rows = []
+    for case_id, case_logits in zip(ids, logits):
+        image, mask = load_case(root, case_id)
+        if mask is None:
+            raise UserError(f"--data {root}: case {case_id} of the evaluated split has no mask")
+        up = F.interpolate(case_logits[None].to(device), size=mask.shape, mode="bilinear", align_corners=False)
+        pred = up.argmax(1) == 1
+        target = torch.from_numpy(mask)[None].to(device)
+        metrics = {k: v[0] for k, v in case_metrics(pred, target, spacing).items()}
+        diagonal = math.hypot(mask.shape[0] * spacing[0], mask.shape[1] * spacing[1])
+        rows.append(dict(id=case_id, height=mask.shape[0], width=mask.shape[1], diagonal=diagonal, **metrics))
+        if overlay_dir is not None:
+            save_overlay(overlay_dir / f"{case_id}.png", image, mask, pred[0].cpu().numpy())
+    return rows
+
+
+def summary_of(rows) -> dict:
+    diagonals = [r["diagonal"] for r in rows]
+    return {m: summarize([r[m] for r in rows], diagonals if m in BOUNDARY else None) for m in METRICS}
+
+
+def markdown_table(summary: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| metric | mean ± std | median | n | undefined |", "|---|---|---|---|---|"]
+    for m, s in summary.items():
+        lines.append(f"| {m} | {s['mean']:.4f} ± {s['std']:.4f} | {s['median']:.4f} | {s['n']} | {s['n_undefined']} |")
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    device = select_device(args.device)
+    spacing = spacing_from(args.spacing)
+    ckpt = load_checkpoint(args.ckpt, ("teacher", "student"), "--ckpt")
+    size = check_size(args.size or ckpt["size"])
+    out = args.out if str(args.out) != "<checkpoint>_eval" else args.ckpt.with_name(args.ckpt.stem + "_eval")
+    writable_dir(out.parent)
+    root = prepare_dataset(args.data)
+    model = UNet(**ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    ids = ckpt["split"][args.split]
+
+    # Everything is written to a sibling folder first and moved in place at the end.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "overlays").mkdir(parents=True)
+    rows = evaluate(model, root, ids, size, device, spacing, args.batch_size,
+                    None if args.no_overlays else tmp / "overlays")
+    summary = summary_of(rows)
+    with open(tmp / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], split=args.split, n=len(rows), size=list(size),
+                spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
+                environment=environment())
+    (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
+    title = f"{args.ckpt.name} ({ckpt['kind']}) on {args.split}, n = {len(rows)}, " \
+            f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
+    table = markdown_table(summary, title)
+    (tmp / "table.md").write_text(table)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(table + f"\nwritten to {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Fused weighted knowledge-distillation loss and GPU boundary metrics (SPEC section 8).
+
+Each kernel has a plain-torch/scipy reference beside it; `backend.py` says which one runs.
+"""
+from .backend import resolve_backend
+from .kd_loss import kd_weight_map, weighted_kd_loss
+from .boundary import boundary_metrics
+
+__all__ = ["weighted_kd_loss", "kd_weight_map", "boundary_metrics", "resolve_backend"]
