@@ -5,20 +5,19 @@ later stage inherits) and the full training state for --resume.
 """
 import torch
 
-from data import augment_geometry, augment_photometric, batch_indices, load_tensors, prepare_dataset, step_generator
-from engine.checkpoint import check_resume_args, load_checkpoint, rng_state, save_checkpoint, set_rng_state, \
-    weights_copy
+from data import load_tensors, prepare_dataset
+from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import exit_on_user_error
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
-from engine.metrics import dice_score
-from engine.predict import predict_logits
-from engine.run import args_record, base_parser, check_size, dump_run_config, git_hash, log_dir_for, seed_everything, \
-    select_device, start_logging, writable_file
+from engine.run import base_parser, check_size, dump_run_config, log_dir_for, seed_everything, select_device, \
+    start_logging, writable_file
 from engine.split import new_split
+from engine.stage import StageState, labeled_batch, validation_dice
 from nets.unet import UNet
 
-RESUME_KEYS = ("data", "seed", "size", "steps", "batch_size", "lr", "labeled_ratio", "width", "val_every")
+RESUME_KEYS = ("data", "seed", "size", "steps", "batch_size", "lr", "labeled_ratio", "width", "val_every",
+               "precision", "channels_last")
 
 
 def parse_args(argv=None):
@@ -30,10 +29,6 @@ def parse_args(argv=None):
                    help="bf16 runs the network under autocast")
     p.add_argument("--channels-last", action="store_true", help="use the channels-last memory format")
     return p.parse_args(argv)
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @exit_on_user_error
@@ -55,17 +50,8 @@ def main(argv=None):
     model = UNet(width=args.width).to(device, memory_format=memory_format)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.steps))
-    best = dict(score=-1.0, step=0, metrics={}, weights=None)
-    start = 0
-    if resume:
-        state = resume["train_state"]
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        best = dict(score=state["best_score"], step=state["best_step"], metrics=resume["metrics"],
-                    weights=resume["model"])
-        start = state["step"]
+    state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), args, split, size)
+    start = state.restore(resume) if resume else 0
 
     logs = log_dir_for(out)
     logs.mkdir(exist_ok=True)
@@ -73,15 +59,12 @@ def main(argv=None):
     dump_run_config(logs, args, split, dict(kind="teacher", network=model.config))
     logger.info("teacher: %d labelled, %d val images at %s on %s%s", len(images), len(val_images), size, device,
                 f", resumed at step {start}" if start else "")
-    version = git_hash()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def train_step(step):
-        idx = batch_indices(len(images), args.batch_size, args.seed, step)
-        g = step_generator(args.seed, step, "labeled")
-        x, y = augment_geometry(images[idx].to(device), masks[idx].to(device), g)
-        x = augment_photometric(x, g).contiguous(memory_format=memory_format)
-        with autocast(device, args.precision):
-            logits = model(x)
+        x, y = labeled_batch(images, masks, args.batch_size, args.seed, step, device)
+        with autocast:
+            logits = model(x.contiguous(memory_format=memory_format))
         loss = supervised_loss(logits, y)
         value = check_finite(loss)
         opt.zero_grad(set_to_none=True)
@@ -91,28 +74,15 @@ def main(argv=None):
         return {"loss": value}
 
     def validate():
-        with autocast(device, args.precision):
-            logits = predict_logits(model, val_images, device)
-        return {"dice": dice_score(logits, val_masks).item()}
-
-    def save(step, metrics):
-        if metrics["dice"] > best["score"]:
-            best.update(score=metrics["dice"], step=step, metrics=dict(metrics, step=step),
-                        weights=weights_copy(model))
-        save_checkpoint(out, dict(
-            kind="teacher", config=model.config, model=best["weights"], split=split, metrics=best["metrics"],
-            size=list(size), args=args_record(args),
-            code_version=version, step=step,
-            train_state=dict(step=step, model=weights_copy(model), optimizer=opt.state_dict(),
-                             scheduler=sched.state_dict(), rng=rng_state(), best_score=best["score"],
-                             best_step=best["step"])))
+        with autocast:
+            return validation_dice(model, val_images, val_masks, device)
 
     if start >= args.steps:
         print(f"{out}: already trained for {start} steps; nothing to do")
         return
     run_steps(desc="teacher", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,
-              validate=validate, save=save, checkpoint_path=out, logger=logger)
-    print(f"{out}: best validation Dice {best['score']:.4f} at step {best['step']}; logs in {logs}/")
+              validate=validate, save=state.save, checkpoint_path=out, logger=logger)
+    print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""Benchmark of the boundary metrics on sinus-like masks (SPEC section 8); a script, never a test.
+
+    python -m kernels.bench_boundary --out bench/boundary_<device>.json
+
+A batch of 32 prediction/ground-truth pairs of 1024 x 2048: two lobes per image (x ~ 0.20-0.42
+and 0.58-0.80, y ~ 0.10-0.45, 2-5 % of the image each), the prediction a perturbed copy of the
+ground truth. On CUDA it first checks the Triton path against the CPU reference, then times the
+whole batch on the GPU, the CPU path per image and MedPy (hd95 + assd) on a few images. Without
+CUDA it times the CPU path and MedPy only, and the JSON says so.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import scipy
+import torch
+import triton
+
+from kernels import boundary_metrics
+
+BATCH, HEIGHT, WIDTH = 32, 1024, 2048
+SPACING = (0.1, 0.1)
+LOBE_COLUMNS = ((0.20, 0.42), (0.58, 0.80))
+LOBE_ROWS = (0.10, 0.45)
+
+
+def _lobe(mask, centre, semi_axes, harmonics):
+    """Paint a star-shaped lobe: an ellipse whose radius is modulated by a few cosine harmonics."""
+    reach = 1.0 + sum(abs(a) for a, _ in harmonics)
+    (cy, cx), (b, a) = centre, semi_axes
+    y0, y1 = max(int(cy - b * reach), 0), min(int(cy + b * reach) + 2, mask.shape[0])
+    x0, x1 = max(int(cx - a * reach), 0), min(int(cx + a * reach) + 2, mask.shape[1])
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    u, v = (xx - cx) / a, (yy - cy) / b
+    angle = np.arctan2(v, u)
+    radius = 1.0 + sum(amp * np.cos(k * angle + phase) for k, (amp, phase) in enumerate(harmonics, start=2))
+    mask[y0:y1, x0:x1] |= np.hypot(u, v) <= radius
+
+
+def sinus_pair(rng, height=HEIGHT, width=WIDTH):
+    """(prediction, ground truth) bool masks of one sinus-like case."""
+    truth = np.zeros((height, width), dtype=bool)
+    pred = np.zeros_like(truth)
+    for columns in LOBE_COLUMNS:
+        half_w = (columns[1] - columns[0]) / 2 * width
+        half_h = (LOBE_ROWS[1] - LOBE_ROWS[0]) / 2 * height
+        centre = (sum(LOBE_ROWS) / 2 * height, sum(columns) / 2 * width)
+        axes = (half_h * rng.uniform(0.6, 0.9), half_w * rng.uniform(0.6, 0.9))  # 2-5 % of the image
+        harmonics = [(rng.uniform(0.0, 0.06), rng.uniform(0, 2 * np.pi)) for _ in range(4)]
+        _lobe(truth, centre, axes, harmonics)
+        # the prediction: shifted, rescaled and with a wobblier outline
+        shift = rng.normal(0.0, 0.01, 2) * (height, width)
+        pred_axes = tuple(s * rng.uniform(0.95, 1.05) for s in axes)
+        pred_harmonics = [(a + rng.normal(0, 0.01), p + rng.normal(0, 0.2)) for a, p in harmonics]
+        pred_harmonics.append((rng.uniform(0.0, 0.01), rng.uniform(0, 2 * np.pi)))
+        _lobe(pred, (centre[0] + shift[0], centre[1] + shift[1]), pred_axes, pred_harmonics)
+    if rng.random() < 0.5:  # a small false positive near a lobe, as networks make
+        _lobe(pred, (rng.uniform(0.05, 0.5) * height, rng.uniform(0.15, 0.85) * width), (8.0, 12.0), [])
+    return pred, truth
+
+
+def _summary(times_ms):
+    """Median and spread (25th-75th percentile, min, max) of a list of times in ms."""
+    q25, q75 = np.percentile(times_ms, [25, 75])
+    return dict(median_ms=statistics.median(times_ms), p25_ms=float(q25), p75_ms=float(q75),
+                min_ms=min(times_ms), max_ms=max(times_ms), n=len(times_ms))
+
+
+def time_cpu_path(pred, truth, repeats):
+    """Per-image times of the CPU reference, each image timed `repeats` times."""
+    times = []
+    for _ in range(repeats):
+        for p, g in zip(pred, truth):
+            start = time.perf_counter()
+            boundary_metrics(p, g, spacing=SPACING, backend="torch")
+            times.append((time.perf_counter() - start) * 1e3)
+    return _summary(times)
+
+
+def time_medpy(pred, truth, n_images):
+    """Per-image times of MedPy's hd95 + assd, and the largest difference to our pooled values."""
+    from medpy.metric import binary
+
+    times, worst = [], 0.0
+    for p, g in zip(pred[:n_images].numpy(), truth[:n_images].numpy()):
+        start = time.perf_counter()
+        hd95, assd = binary.hd95(p, g, SPACING, 1), binary.assd(p, g, SPACING, 1)
+        times.append((time.perf_counter() - start) * 1e3)
+        ours = boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, mode="pooled",
+                                backend="torch")
+        worst = max(worst, abs(hd95 - float(ours["hd95"])), abs(assd - float(ours["assd"])))
+    return _summary(times), worst
+
+
+def time_gpu_batch(pred, truth, repeats, warmup=3):
+    """Times of the Triton path on the whole batch, CUDA events around each call."""
+    times = []
+    for i in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        boundary_metrics(pred, truth, spacing=SPACING)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return _summary(times)
+
+
+def _worst_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().nan_to_num(0.0).max()) for k in ("hd", "hd95", "assd"))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({os.cpu_count()} logical cores)"
+    except (OSError, IndexError):
+        return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/boundary_h100.json")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions of the GPU batch")
+    parser.add_argument("--cpu-repeats", type=int, default=3, help="timed passes of the CPU path over the batch")
+    parser.add_argument("--medpy-images", type=int, default=4, help="images timed with MedPy (~0.5 s each)")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    pairs = [sinus_pair(rng) for _ in range(BATCH)]
+    pred = torch.from_numpy(np.stack([p for p, _ in pairs]))
+    truth = torch.from_numpy(np.stack([g for _, g in pairs]))
+    foreground = truth.flatten(1).float().mean(1)
+
+    report = dict(shape=[BATCH, HEIGHT, WIDTH], spacing=SPACING, cpu=_cpu_name(),
+                  truth_foreground_fraction=dict(min=float(foreground.min()), max=float(foreground.max())),
+                  versions=dict(torch=torch.__version__, triton=triton.__version__, scipy=scipy.__version__,
+                                numpy=np.__version__))
+    report["cpu_path_per_image"] = time_cpu_path(pred, truth, args.cpu_repeats)
+    report["medpy_hd95_assd_per_image"], report["medpy_max_abs_difference"] = time_medpy(pred, truth,
+                                                                                         args.medpy_images)
+    cpu_ms = report["cpu_path_per_image"]["median_ms"]
+    medpy_ms = report["medpy_hd95_assd_per_image"]["median_ms"]
+    report["ratios"] = dict(medpy_over_cpu_path=medpy_ms / cpu_ms)
+
+    if torch.cuda.is_available():
+        report["device"] = torch.cuda.get_device_name()
+        pred_gpu, truth_gpu = pred.cuda(), truth.cuda()
+        report["gpu_max_abs_difference_to_cpu_path"] = max(
+            _worst_difference(boundary_metrics(pred_gpu, truth_gpu, spacing=SPACING, mode=mode),
+                              boundary_metrics(pred, truth, spacing=SPACING, mode=mode, backend="torch"))
+            for mode in ("max", "pooled"))
+        if report["gpu_max_abs_difference_to_cpu_path"] > 1e-3:
+            raise SystemExit(f"Triton path disagrees with the CPU reference by "
+                             f"{report['gpu_max_abs_difference_to_cpu_path']:.3g}: not timing it")
+        batch = time_gpu_batch(pred_gpu, truth_gpu, args.repeats)
+        report["triton_batch"] = batch
+        gpu_ms = batch["median_ms"] / BATCH
+        report["triton_per_image_ms"] = gpu_ms
+        report["triton_input_bytes_per_second"] = 2 * pred.numel() / (batch["median_ms"] * 1e-3)
+        report["ratios"].update(cpu_path_over_triton=cpu_ms / gpu_ms, medpy_over_triton=medpy_ms / gpu_ms)
+    else:
+        report["device"] = report["cpu"]
+        report["note"] = "no CUDA device: the CPU path and MedPy only, no Triton timing"
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

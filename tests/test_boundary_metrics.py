@@ -1,0 +1,249 @@
+"""Boundary metrics (HD, HD95, ASSD): the CPU reference against MedPy, MONAI and a brute-force
+computation from the definitions of SPEC section 7; the Triton path (interpreter) against the
+reference; argument checking.
+
+Conventions bridged: MedPy's hd95 is the pooled percentile, so it checks mode="pooled"; MONAI's
+percentile Hausdorff distance is the larger directed one, so it checks mode="max". Both take the
+boundary as `M XOR erode(M)` with the 4-neighbour cross and treat pixels outside the image as
+background (MedPy through scipy's erosion, whose border value is 0; MONAI by padding its crop
+with zeros), so masks touching the border compare as they are. Neither defines empty masks (MedPy
+raises, MONAI gives inf/NaN), so those cases are checked against the brute force only.
+"""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from kernels import boundary_metrics
+from kernels import boundary_reference, boundary_triton
+
+SHAPE = (29, 43)
+SPACING = (0.5, 1.3)
+TOL = 1e-3
+
+
+def _blob(rng, shape=SHAPE, sigma=3.0, fraction=0.3):
+    """Random smooth shapes covering about `fraction` of the image, often in several pieces."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field > np.quantile(field, 1 - fraction)
+
+
+def _pixel(y, x, shape=SHAPE):
+    mask = np.zeros(shape, dtype=bool)
+    mask[y, x] = True
+    return mask
+
+
+def _cases():
+    """Named (pred, target) pairs of one odd shape, covering the cases the metric has to get right."""
+    rng = np.random.default_rng(7)
+    empty, full = np.zeros(SHAPE, dtype=bool), np.ones(SHAPE, dtype=bool)
+    blob = _blob(rng)
+    shifted = np.roll(blob, (2, -3), axis=(0, 1)) | _pixel(1, 40)
+    return {
+        "blobs": (blob, _blob(rng)),
+        "perturbed": (blob, shifted),
+        "touching_border": (_blob(rng, fraction=0.7), _blob(rng, fraction=0.6)),
+        "full_image": (full, _blob(rng)),
+        "speckle": (rng.random(SHAPE) < 0.4, rng.random(SHAPE) < 0.4),
+        "single_pixels": (_pixel(3, 5), _pixel(20, 40)),
+        "corner_pixel_vs_blob": (_pixel(0, 0), blob),
+        "same_mask": (blob, blob),
+        "both_empty": (empty, empty),
+        "pred_empty": (empty, blob),
+        "target_empty": (blob, empty),
+    }
+
+
+CASES = _cases()
+NON_EMPTY = [name for name, (p, g) in CASES.items() if p.any() and g.any()]
+BATCH_PRED = torch.from_numpy(np.stack([p for p, _ in CASES.values()]))
+BATCH_TARGET = torch.from_numpy(np.stack([g for _, g in CASES.values()]))
+
+
+def brute_force(pred, target, spacing=SPACING, percentile=95.0, mode="max"):
+    """The definitions, literally: scipy erosion for the boundary, all pairwise distances."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    edges = [m ^ ndimage.binary_erosion(m, structure=cross, border_value=0) for m in (pred, target)]
+    points = [np.argwhere(e) * np.asarray(spacing) for e in edges]
+    if len(points[0]) == 0 and len(points[1]) == 0:
+        return dict(hd=0.0, hd95=0.0, assd=0.0)
+    if len(points[0]) == 0 or len(points[1]) == 0:
+        return dict(hd=np.nan, hd95=np.nan, assd=np.nan)
+    pairwise = np.sqrt(((points[0][:, None, :] - points[1][None, :, :]) ** 2).sum(-1))
+    d_pg, d_gp = pairwise.min(1), pairwise.min(0)
+    both = np.concatenate([d_pg, d_gp])
+    hd95 = (max(np.percentile(d_pg, percentile), np.percentile(d_gp, percentile)) if mode == "max"
+            else np.percentile(both, percentile))
+    return dict(hd=both.max(), hd95=hd95, assd=both.mean())
+
+
+def _boundary_points(masks: torch.Tensor) -> torch.Tensor:
+    return boundary_reference.mask_boundary(masks).flatten(1).sum(1)
+
+
+def _reference(pred, target, **kwargs):
+    out = boundary_metrics(torch.from_numpy(pred), torch.from_numpy(target), backend="torch", **kwargs)
+    return {k: float(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- reference against oracles
+
+@pytest.mark.parametrize("name", NON_EMPTY)
+def test_reference_matches_medpy_pooled(name):
+    from medpy.metric import binary
+    pred, target = CASES[name]
+    ours = _reference(pred, target, spacing=SPACING, mode="pooled")
+    assert ours["hd"] == pytest.approx(binary.hd(pred, target, SPACING, 1), abs=TOL)
+    assert ours["hd95"] == pytest.approx(binary.hd95(pred, target, SPACING, 1), abs=TOL)
+    assert ours["assd"] == pytest.approx(binary.assd(pred, target, SPACING, 1), abs=TOL)
+
+
+def test_reference_matches_monai_max():
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    pred, target = BATCH_PRED[:, None].float(), BATCH_TARGET[:, None].float()
+    keep = [i for i, name in enumerate(CASES) if name in NON_EMPTY]
+    pred, target = pred[keep], target[keep]
+    kwargs = dict(include_background=True, spacing=list(SPACING))
+    hd = compute_hausdorff_distance(pred, target, **kwargs)[:, 0]
+    hd95 = compute_hausdorff_distance(pred, target, percentile=95, **kwargs)[:, 0]
+    assd = compute_average_surface_distance(pred, target, symmetric=True, **kwargs)[:, 0]
+    ours = boundary_metrics(BATCH_PRED[keep], BATCH_TARGET[keep], spacing=SPACING, backend="torch")
+    for name, theirs in (("hd", hd), ("hd95", hd95), ("assd", assd)):
+        torch.testing.assert_close(ours[name], theirs.double(), rtol=0, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["max", "pooled"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference_matches_brute_force(name, mode):
+    pred, target = CASES[name]
+    ours, expected = _reference(pred, target, spacing=SPACING, mode=mode), brute_force(pred, target, mode=mode)
+    for key in ("hd", "hd95", "assd"):
+        assert ours[key] == pytest.approx(expected[key], abs=TOL, nan_ok=True), key
+
+
+@pytest.mark.parametrize("points_per_pixel", [0.0, 1e9], ids=["distance_transform", "kd_tree"])
+def test_both_distance_engines_are_exact(monkeypatch, points_per_pixel):
+    monkeypatch.setattr(boundary_reference, "KD_TREE_POINTS_PER_PIXEL", points_per_pixel)
+    for name in NON_EMPTY:
+        pred, target = CASES[name]
+        ours, expected = _reference(pred, target, spacing=SPACING, mode="pooled"), brute_force(pred, target,
+                                                                                               mode="pooled")
+        for key in ("hd", "hd95", "assd"):
+            assert ours[key] == pytest.approx(expected[key], abs=TOL), (name, key)
+
+
+@pytest.mark.parametrize("percentile", [0.0, 37.5, 50.0, 99.0, 100.0])
+def test_other_percentiles_interpolate_like_numpy(percentile):
+    for name in ("blobs", "touching_border", "speckle"):
+        pred, target = CASES[name]
+        for mode in ("max", "pooled"):
+            ours = _reference(pred, target, spacing=SPACING, percentile=percentile, mode=mode)
+            expected = brute_force(pred, target, percentile=percentile, mode=mode)
+            assert ours["hd95"] == pytest.approx(expected["hd95"], abs=TOL), (name, mode)
+
+
+def test_odd_sizes_and_isotropic_default_spacing():
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (1, 9), (7, 1), (17, 31), (33, 5)]:
+        pred, target = _blob(rng, shape, sigma=1.0), _blob(rng, shape, sigma=1.0)
+        ours, expected = _reference(pred, target), brute_force(pred, target, spacing=(1.0, 1.0))
+        for key in ("hd", "hd95", "assd"):
+            assert ours[key] == pytest.approx(expected[key], abs=TOL, nan_ok=True), (shape, key)
+
+
+def test_batch_equals_cases_one_at_a_time_and_2d_input_gives_scalars():
+    batch = boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch")
+    assert all(v.shape == (len(CASES),) and v.dtype == torch.float64 for v in batch.values())
+    for i in range(len(CASES)):
+        single = boundary_metrics(BATCH_PRED[i], BATCH_TARGET[i], spacing=SPACING, backend="torch")
+        for key, value in single.items():
+            assert value.shape == ()
+            torch.testing.assert_close(value, batch[key][i], equal_nan=True)
+
+
+def test_integer_masks_count_nonzero_as_foreground():
+    labels_pred = BATCH_PRED.to(torch.int64) * 2
+    labels_target = BATCH_TARGET.to(torch.uint8) * 255
+    as_int = boundary_metrics(labels_pred, labels_target, spacing=SPACING, backend="torch")
+    as_bool = boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch")
+    for key in as_bool:
+        torch.testing.assert_close(as_int[key], as_bool[key], equal_nan=True)
+
+
+def test_empty_mask_policy():
+    names = list(CASES)
+    out = boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch")
+    for key, value in out.items():
+        assert value[names.index("both_empty")] == 0
+        assert value[names.index("pred_empty")].isnan() and value[names.index("target_empty")].isnan()
+        assert value[names.index("same_mask")] == 0
+        assert torch.isfinite(value[[names.index(n) for n in NON_EMPTY]]).all()
+
+
+# ---------------------------------------------------------------- Triton path (interpreter)
+
+def _assert_same(a: dict, b: dict):
+    # float32 distances in the kernel against float64 in the reference
+    for key in ("hd", "hd95", "assd"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["max", "pooled"])
+def test_interpreter_matches_reference_on_mixed_batch(mode):
+    kwargs = dict(spacing=SPACING, mode=mode)
+    _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, backend="interpret", **kwargs),
+                 boundary_metrics(BATCH_PRED, BATCH_TARGET, backend="torch", **kwargs))
+
+
+def test_interpreter_matches_reference_with_many_points_per_case():
+    # more boundary points than one query block and one target tile, in an odd-sized image
+    rng = np.random.default_rng(11)
+    pred = torch.from_numpy(np.stack([_blob(rng, (61, 97), sigma=2.0) for _ in range(2)]))
+    target = torch.from_numpy(np.stack([_blob(rng, (61, 97), sigma=2.0) for _ in range(2)]))
+    assert _boundary_points(pred).min() > 2 * max(boundary_triton.BLOCK_QUERIES, boundary_triton.BLOCK_TARGETS)
+    _assert_same(boundary_metrics(pred, target, spacing=(1.7, 0.6), percentile=90.0, backend="interpret"),
+                 boundary_metrics(pred, target, spacing=(1.7, 0.6), percentile=90.0, backend="torch"))
+
+
+def test_interpreter_fallback_to_cpu_reference(monkeypatch):
+    # every non-empty case over the brute-force limit: all go to the CPU reference and must
+    # land in the right places of the batch
+    monkeypatch.setattr(boundary_triton, "MAX_PAIRS_PER_CASE", 0)
+    _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="interpret"),
+                 boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch"))
+    # and a mix: only the cases with the most boundary pairs fall back
+    pairs = (_boundary_points(BATCH_PRED) * _boundary_points(BATCH_TARGET)).sort().values
+    monkeypatch.setattr(boundary_triton, "MAX_PAIRS_PER_CASE", int(pairs[-3]))
+    _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, mode="pooled", backend="interpret"),
+                 boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, mode="pooled", backend="torch"))
+
+
+# ---------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("kwargs", [
+    dict(spacing=(1.0,)), dict(spacing=(1.0, 0.0)), dict(spacing=(-1.0, 1.0)), dict(spacing=(1.0, float("nan"))),
+    dict(spacing="1,1"), dict(percentile=-1.0), dict(percentile=100.5), dict(percentile="95"),
+    dict(mode="mean"), dict(backend="cuda"),
+])
+def test_invalid_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        boundary_metrics(BATCH_PRED, BATCH_TARGET, **kwargs)
+
+
+@pytest.mark.parametrize("pred, target", [
+    (torch.zeros(2, 5, 6, dtype=torch.bool), torch.zeros(2, 5, 7, dtype=torch.bool)),
+    (torch.zeros(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)),
+    (torch.zeros(1, 2, 5, 6, dtype=torch.bool), torch.zeros(1, 2, 5, 6, dtype=torch.bool)),
+    (torch.zeros(0, 5, 6, dtype=torch.bool), torch.zeros(0, 5, 6, dtype=torch.bool)),
+])
+def test_bad_shapes_raise_value_error(pred, target):
+    with pytest.raises(ValueError):
+        boundary_metrics(pred, target)
+
+
+def test_bad_types_raise_type_error():
+    with pytest.raises(TypeError):
+        boundary_metrics(np.zeros((5, 6), dtype=bool), torch.zeros(5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        boundary_metrics(torch.zeros(5, 6), torch.zeros(5, 6))
