@@ -1,0 +1,129 @@
+"""Public API of the weighted knowledge-distillation loss (SPEC sections 4 and 8).
+
+`weighted_kd_loss` and `kd_weight_map` check their arguments, then run either the Triton
+kernels (`kd_triton.py`, compiled on CUDA or interpreted on CPU) or the torch reference
+(`kd_reference.py`), as `backend.resolve_backend` decides. Both paths return the loss in
+float32 (float64 for float64 inputs on the torch path) and give the student logits a gradient
+in their own dtype; the teacher never gets one.
+"""
+import torch
+
+from . import kd_triton
+from .backend import resolve_backend
+from .kd_reference import REDUCTIONS, WEIGHT_MODES, kd_loss_reference, weight_map_reference
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _WeightedKDLoss(torch.autograd.Function):
+    """Forward computes loss and student gradient in one pass; backward only rescales it."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma):
+        loss, grad, owed = kd_triton.kd_loss_forward(
+            student, teacher, weight, temperature, reduction, window, gamma,
+            need_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad, owed)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, owed = ctx.saved_tensors
+        if owed is None:
+            # Reading one scalar is far cheaper than a multiply over the whole gradient, and
+            # grad_output is exactly 1 for the usual `loss.backward()`.
+            if float(grad_output) == 1.0:
+                return grad, None, None, None, None, None, None
+            scale = grad_output
+        else:
+            scale = grad_output * owed
+        return grad * scale, None, None, None, None, None, None
+
+
+def _check_logits(student_logits, teacher_logits):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if student_logits.dim() != 4:
+        raise ValueError(f"student_logits must be (N, C, H, W), got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} differs from "
+                         f"student_logits shape {tuple(student_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits on {teacher_logits.device}, student_logits on "
+                         f"{student_logits.device}: put both on one device")
+    n, c, h, w = student_logits.shape
+    if not 2 <= c <= 8:
+        raise ValueError(f"the class dimension C = {c} must be between 2 and 8")
+    if min(n, h, w) < 1:
+        raise ValueError(f"logits of shape {tuple(student_logits.shape)} are empty")
+
+
+def _check_weight_options(mode, window, gamma):
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)} "
+                         "or pass an (N, H, W) tensor")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window={window!r} must be an odd positive integer")
+    if not gamma > 0:
+        raise ValueError(f"gamma={gamma!r} must be positive")
+
+
+def _resolve(backend, student_logits, teacher_logits):
+    """The backend to run and the logits in the layout it needs."""
+    backend = resolve_backend(backend, student_logits)
+    if backend == "torch":
+        return backend, student_logits, teacher_logits
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if x.dtype not in TRITON_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype}: the Triton kernels take float32, bfloat16 "
+                             "or float16 (use backend='torch' for other dtypes)")
+    return backend, student_logits.contiguous(), teacher_logits.contiguous()
+
+
+def kd_weight_map(student_logits, teacher_logits, mode="ssim", window=7, gamma=1.0, backend=None):
+    """Per-pixel KD weight (N, H, W) in [0, 1] for `mode` "none" | "agree" | "ssim"; no gradient."""
+    _check_logits(student_logits, teacher_logits)
+    _check_weight_options(mode, window, gamma)
+    backend, student_logits, teacher_logits = _resolve(backend, student_logits, teacher_logits)
+    if backend == "torch":
+        return weight_map_reference(student_logits, teacher_logits, mode, window, gamma)
+    return kd_triton.weight_map(student_logits.detach(), teacher_logits.detach(), mode, window, gamma)
+
+
+def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=1.0,
+                     reduction="weighted_mean", window=7, gamma=1.0, backend=None):
+    """t^2 * sum_i w_i KL(softmax(zT_i / t) || softmax(zS_i / t)) / Z (SPEC section 4).
+
+    weight: "none" | "agree" | "ssim" or a caller's (N, H, W) tensor, used as a constant.
+    reduction: "weighted_mean" (Z = sum w, at least 1e-6), "mean" (Z = N*H*W) or "sum" (Z = 1).
+    window, gamma: the ssim weight's box size and exponent. Only the student gets a gradient.
+    """
+    _check_logits(student_logits, teacher_logits)
+    if isinstance(weight, torch.Tensor):
+        n, _, h, w = student_logits.shape
+        if weight.shape != (n, h, w):
+            raise ValueError(f"weight tensor shape {tuple(weight.shape)} must be (N, H, W) = {(n, h, w)}")
+        if not weight.is_floating_point() or weight.device != student_logits.device:
+            raise ValueError(f"weight tensor must be floating point on {student_logits.device}, "
+                             f"got {weight.dtype} on {weight.device}")
+        _check_weight_options("none", window, gamma)
+    else:
+        _check_weight_options(weight, window, gamma)
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature={temperature!r} must be a positive finite number")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
+    temperature = float(temperature)
+
+    backend, student_logits, teacher_logits = _resolve(backend, student_logits, teacher_logits)
+    if backend == "torch":
+        if not isinstance(weight, torch.Tensor):
+            weight = weight_map_reference(student_logits, teacher_logits, weight, window, gamma)
+        return kd_loss_reference(student_logits, teacher_logits, weight, temperature, reduction)
+    if isinstance(weight, torch.Tensor):
+        weight = weight.detach().to(torch.float32).contiguous()
+    return _WeightedKDLoss.apply(student_logits, teacher_logits.detach(), weight, temperature,
+                                 reduction, window, gamma)

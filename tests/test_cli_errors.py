@@ -1,0 +1,79 @@
+"""SPEC section 9 at the command line: one line on stderr naming the flag or file, exit status 2,
+no traceback, and nothing half-written."""
+import pytest
+import torch
+
+from conftest import TINY, run_script
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def test_missing_data_folder(tmp_path):
+    proc = run_script("train_teacher.py", "--data", tmp_path / "nope", "--out", tmp_path / "t.pt", check=False)
+    assert_one_line_error(proc, "--data", "nope")
+
+
+def test_size_not_divisible_by_the_stride(tiny_data, tmp_path):
+    proc = run_script("train_teacher.py", "--data", tiny_data, "--out", tmp_path / "t.pt", "--size", "30", "64",
+                      check=False)
+    assert_one_line_error(proc, "--size 30 64")
+
+
+def test_unwritable_output(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_script("train_teacher.py", "--data", tiny_data, "--out", blocker / "t.pt", *TINY, check=False)
+    assert_one_line_error(proc, "--out")
+
+
+def test_cuda_requested_without_a_gpu(tiny_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script("train_teacher.py", "--data", tiny_data, "--out", tmp_path / "t.pt", "--device", "cuda",
+                      check=False)
+    assert_one_line_error(proc, "--device cuda")
+
+
+def test_checkpoint_of_the_wrong_kind(tiny_data, tiny_teacher, tmp_path):
+    fake = tmp_path / "cyclegan.pt"
+    torch.save(dict(kind="cyclegan"), fake)
+    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", fake, "--method", "kd", "--out", tmp_path / "s.pt",
+                      check=False)
+    assert_one_line_error(proc, "--teacher", "cyclegan", "teacher checkpoint")
+    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", fake, check=False)
+    assert_one_line_error(proc, "--ckpt", "cyclegan")
+
+
+def test_corrupt_checkpoint(tiny_data, tmp_path):
+    broken = tmp_path / "teacher.pt"
+    broken.write_bytes(b"not a checkpoint")
+    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", broken, "--out", tmp_path / "e", check=False)
+    assert_one_line_error(proc, "--ckpt", "not a readable checkpoint")
+    assert not (tmp_path / "e").exists()
+
+
+def test_conflicting_labeled_ratio(tiny_data, tiny_teacher, tmp_path):
+    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "kd",
+                      "--labeled-ratio", "0.5", "--out", tmp_path / "s.pt", check=False)
+    assert_one_line_error(proc, "--labeled-ratio 0.5", "--teacher")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "t.pt"
+    # An absurd learning rate drives the weights, then the loss, to Inf/NaN within a few steps.
+    proc = run_script("train_teacher.py", "--data", tiny_data, "--out", out, "--steps", "60", "--val-every", "1",
+                      "--lr", "1e30", "--width", "4", "--labeled-ratio", "0.3", *TINY, check=False)
+    assert_one_line_error(proc, "non-finite loss at step")
+    step = int(proc.stderr.split("at step ")[1].split(":")[0])
+    if out.exists():
+        ckpt = torch.load(out, weights_only=False)
+        assert ckpt["step"] <= step
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not out.with_name("t.pt.tmp").exists()
