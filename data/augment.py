@@ -1,0 +1,90 @@
+"""Deterministic batches and augmentation: every random draw is a pure function of the step.
+
+A resumed run replays the same batches and the same augmentations as an uninterrupted one,
+because nothing here carries state from step to step: batch k of a run with seed s is always
+the same indices, and its augmentation generator is seeded from (s, k, stream).
+"""
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import UserError
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints and strings (stable across runs, unlike hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """CPU generator for the draws of one step of one stream (e.g. "labeled", "unlabeled")."""
+    return torch.Generator().manual_seed(derive_seed(seed, step, stream))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices into range(n) of batch `step`: epochs of fresh permutations, walked in order.
+
+    Position p of the endless stream is element p % n of epoch p // n's permutation, so a batch
+    may straddle two epochs and every index appears once per epoch.
+    """
+    if n < 1:
+        raise ValueError(f"batch_indices: n={n} must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+        here = epochs == epoch
+        out[here] = perm[positions[here] % n]
+    return out
+
+
+def augment_geometry(images, masks, g, max_rotate=5.0, scale=(0.9, 1.1), max_shift=0.05, p_flip=0.5):
+    """Random rotation, scale, translation and horizontal flip of a batch, one draw per image.
+
+    images (N, 1, H, W) are resampled bilinearly (border values extend outwards), masks
+    (N, H, W) or None by nearest neighbour with the same grid, so both stay aligned. The flip
+    is valid because the target is the union of both sinuses and a panoramic view is roughly
+    left-right symmetric. Runs on the device the images live on.
+    """
+    n, _, h, w = images.shape
+    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_rotate)
+    zoom = scale[0] + torch.rand(n, generator=g) * (scale[1] - scale[0])
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * max_shift * 2     # normalised coords span 2
+    flip = torch.where(torch.rand(n, generator=g) < p_flip, -1.0, 1.0)
+    # affine_grid maps output to input in [-1, 1] coordinates; rotate in pixel units (aspect a)
+    # so that a rotation stays a rotation on a non-square image
+    a = w / h
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([flip * cos, -flip * sin / a, shift[:, 0]], 1),
+                         torch.stack([sin * a, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks[:, None].to(images.dtype), grid, mode="nearest",
+                              padding_mode="zeros", align_corners=False)[:, 0].round().long()
+    return images, masks
+
+
+def augment_photometric(images, g, gamma=0.3, contrast=(0.8, 1.2), brightness=0.1, noise=0.03):
+    """Random gamma, contrast, brightness and Gaussian noise per image; output clamped to [0, 1]."""
+    n = images.shape[0]
+    per_image = (n,) + (1,) * (images.dim() - 1)
+
+    def draw(lo, hi):
+        return (lo + torch.rand(per_image, generator=g) * (hi - lo)).to(images.device, images.dtype)
+
+    x = images.clamp(0, 1) ** torch.exp(draw(-gamma, gamma))
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    x = (x - mean) * draw(*contrast) + mean + draw(-brightness, brightness)
+    # noise is drawn on the images' device from a generator seeded by g, so it is as
+    # deterministic as the rest without a host-to-device copy of a full noise tensor
+    device_seed = int(torch.randint(2 ** 62, (1,), generator=g))
+    device_g = torch.Generator(device=images.device).manual_seed(device_seed)
+    x = x + draw(0, noise) * torch.randn(x.shape, generator=device_g, device=x.device, dtype=x.dtype)
+    return x.clamp(0, 1)
