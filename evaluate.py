@@ -1,5 +1,8 @@
 """Evaluate a teacher or student checkpoint on a split, at each image's original resolution.
 
+With --refiner, a teacher's predictions are first refined by that SinusCycle-GAN checkpoint: this
+scores pseudo-label quality (e.g. on --split unlabeled, whose masks training never reads).
+
 Writes, into --out: metrics.csv (one row per case), summary.json (mean, std, median, n and
 n_undefined of each metric, and the boundary means with undefined cases scored as the image
 diagonal), table.md, and overlays/<id>.png (ground-truth contour green, prediction red).
@@ -19,6 +22,7 @@ from engine.errors import UserError, exit_on_user_error
 from engine.metrics import BOUNDARY, METRICS, case_metrics, summarize
 from engine.overlay import save_overlay
 from engine.predict import predict_logits
+from engine.refine import load_refiner, refined_logits
 from engine.run import base_parser, check_size, environment, select_device, writable_dir
 from nets.unet import UNet
 
@@ -26,8 +30,10 @@ from nets.unet import UNet
 def parse_args(argv=None):
     p = base_parser(__doc__, out="<checkpoint>_eval", training=False)
     p.add_argument("--ckpt", type=Path, required=True, help="teacher or student checkpoint to evaluate")
-    p.add_argument("--split", choices=("test", "val"), default="test",
+    p.add_argument("--split", choices=("test", "val", "unlabeled"), default="test",
                    help="which part of the checkpoint's split to score")
+    p.add_argument("--refiner", type=Path, default=None,
+                   help="SinusCycle-GAN checkpoint refining the teacher's predictions before scoring")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
                    help="pixel size in mm: one value, or two (row, column); the default 1 gives pixels")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -41,10 +47,15 @@ def spacing_from(values) -> tuple:
     return (values[0], values[-1])
 
 
-def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=None):
-    """Per-case metrics of `model` on `ids`: logits upsampled to each original image size."""
+def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=None, refiner=None):
+    """Per-case metrics of `model` (refined by `refiner`, if given) on `ids`: logits upsampled to
+    each original image size."""
     images, _ = load_tensors(root, ids, size, with_masks=False)
     logits = predict_logits(model, images, device, batch_size)
+    if refiner is not None:
+        logits = torch.cat([refined_logits(refiner, images[i:i + batch_size].to(device),
+                                           logits[i:i + batch_size].to(device)).cpu()
+                            for i in range(0, len(images), batch_size)])
     rows = []
     for case_id, case_logits in zip(ids, logits):
         image, mask = load_case(root, case_id)
@@ -86,23 +97,32 @@ def main(argv=None):
     model = UNet(**ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
     ids = ckpt["split"][args.split]
+    refiner = None
+    if args.refiner:
+        if ckpt["kind"] != "teacher":
+            raise UserError(f"--refiner refines a teacher's predictions; --ckpt {args.ckpt} is a {ckpt['kind']}")
+        refiner, rckpt = load_refiner(args.refiner, device)
+        if rckpt["split"] != ckpt["split"] or rckpt["size"] != ckpt["size"]:
+            raise UserError(f"--refiner {args.refiner} was trained from another teacher (split or size differ)")
 
     # Everything is written to a sibling folder first and moved in place at the end.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "overlays").mkdir(parents=True)
     rows = evaluate(model, root, ids, size, device, spacing, args.batch_size,
-                    None if args.no_overlays else tmp / "overlays")
+                    None if args.no_overlays else tmp / "overlays", refiner)
     summary = summary_of(rows)
     with open(tmp / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], split=args.split, n=len(rows), size=list(size),
+    meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], refiner=args.refiner and str(args.refiner),
+                split=args.split, n=len(rows), size=list(size),
                 spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
                 environment=environment())
     (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
-    title = f"{args.ckpt.name} ({ckpt['kind']}) on {args.split}, n = {len(rows)}, " \
+    refined = f" refined by {args.refiner.name}" if args.refiner else ""
+    title = f"{args.ckpt.name} ({ckpt['kind']}){refined} on {args.split}, n = {len(rows)}, " \
             f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
     table = markdown_table(summary, title)
     (tmp / "table.md").write_text(table)

@@ -10,8 +10,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-# Stage scripts run as a user runs them: a fresh process on the plain torch paths.
+# Stage scripts run as a user runs them: a fresh process on the plain torch paths. One thread:
+# on these tiny inputs OpenMP's synchronisation costs more than a second core gives, and on a
+# busy machine two spinning threads per process slow it down tenfold.
 SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+SCRIPT_ENV["OMP_NUM_THREADS"] = "1"
 TINY = ["--size", "32", "64"]
 
 

@@ -1,0 +1,123 @@
+"""What `reproduce.py` runs: the profiles, and every stage run the four tables of SPEC section 7 need.
+
+A run is one call of a stage script. Rows that share a run share it: one teacher per labelled
+ratio and seed, one refiner per teacher, one student per (ratio, weight, refinement) cell, one
+evaluation per trained network (plus the teacher's pseudo labels, plain and refined, for Table 3).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Student methods of Table 1 that are not KD cells; KD cells are (weight, refined) pairs.
+BASELINES = ("pseudo_label", "mean_teacher")
+KD_CELLS = [(w, r) for r in (False, True) for w in ("none", "agree", "ssim")]
+KD_METHOD = {("none", False): "kd", ("ssim", False): "wkd", ("ssim", True): "wkd_refine"}
+TABLE1_RATIO = 0.1
+TABLE4_RATIOS = (0.05, 0.1, 0.2, 0.5)
+
+PROFILES = {
+    # End-to-end check of the whole plan in seconds (the test suite runs it on a tiny phantom).
+    "micro": dict(size=(32, 64), seeds=1, teacher=dict(width=4, steps=4, batch=2),
+                  cyclegan=dict(width=4, blocks=1, disc_width=4, steps=4),
+                  student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
+    # CPU, minutes: small input and networks, one seed, the default phantom (300 cases).
+    "quick": dict(size=(64, 128), seeds=1, teacher=dict(width=8, steps=600, batch=4),
+                  cyclegan=dict(width=8, blocks=3, disc_width=16, steps=400),
+                  student=dict(width=8, steps=600, batch=4, ramp=200), val_every=100),
+    # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds.
+    "paper": dict(size=(256, 512), seeds=3, teacher=dict(width=32, steps=20000, batch=8),
+                  cyclegan=dict(width=32, blocks=6, disc_width=64, steps=10000),
+                  student=dict(width=32, steps=20000, batch=8, ramp=4000), val_every=1000),
+}
+
+
+@dataclass
+class Run:
+    name: str                 # unique, also the run's folder below the output root
+    script: str               # stage module: train_teacher, train_cyclegan, train_student, evaluate
+    argv: list
+    output: Path              # checkpoint (training) or folder (evaluation) this run writes
+    steps: int = 0            # 0 for evaluations
+    cells: list = field(default_factory=list)   # (table, row label) pairs this run's result feeds
+
+
+def ratio_tag(ratio: float) -> str:
+    return f"r{round(ratio * 100):03d}"
+
+
+class Planner:
+    def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, device: str = "auto"):
+        self.p = PROFILES[profile]
+        self.data, self.out, self.device = data, out, device
+        self.seeds = range(seeds or self.p["seeds"])
+        self.runs: dict[str, Run] = {}
+
+    def _add(self, run: Run, cell=None) -> Run:
+        run = self.runs.setdefault(run.name, run)
+        if cell and cell not in run.cells:
+            run.cells.append(cell)
+        return run
+
+    def _common(self, seed: int) -> list:
+        return ["--data", self.data, "--device", self.device, "--seed", seed, "--val-every", self.p["val_every"]]
+
+    def teacher(self, ratio: float, seed: int) -> Run:
+        t = self.p["teacher"]
+        out = self.out / f"seed{seed}" / ratio_tag(ratio) / "teacher.pt"
+        argv = self._common(seed) + ["--out", out, "--labeled-ratio", ratio, "--size", *self.p["size"],
+                                     "--width", t["width"], "--steps", t["steps"], "--batch-size", t["batch"]]
+        return self._add(Run(str(out.relative_to(self.out)), "train_teacher", argv, out, t["steps"]))
+
+    def refiner(self, ratio: float, seed: int) -> Run:
+        c, teacher = self.p["cyclegan"], self.teacher(ratio, seed)
+        out = teacher.output.with_name("cyclegan.pt")
+        argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--width", c["width"],
+                                     "--blocks", c["blocks"], "--disc-width", c["disc_width"],
+                                     "--steps", c["steps"], "--batch-size", self.p["student"]["batch"]]
+        return self._add(Run(str(out.relative_to(self.out)), "train_cyclegan", argv, out, c["steps"]))
+
+    def student(self, ratio: float, seed: int, method: str, weight: str | None = None, refined: bool = False):
+        s, teacher = self.p["student"], self.teacher(ratio, seed)
+        name = method if weight is None else f"kd-{weight}-{'refined' if refined else 'plain'}"
+        out = teacher.output.with_name(f"student-{name}.pt")
+        argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--method", method,
+                                     "--width", s["width"], "--steps", s["steps"], "--batch-size", s["batch"],
+                                     "--unlabeled-batch-size", s["batch"], "--ramp-steps", s["ramp"]]
+        if weight is not None:
+            argv += ["--weight", weight]
+        if refined:
+            argv += ["--refiner", self.refiner(ratio, seed).output]
+        return self._add(Run(str(out.relative_to(self.out)), "train_student", argv, out, s["steps"]))
+
+    def kd_student(self, ratio: float, seed: int, weight: str, refined: bool) -> Run:
+        return self.student(ratio, seed, KD_METHOD.get((weight, refined), "kd"), weight, refined)
+
+    def evaluation(self, trained: Run, cell, split: str = "test", refiner: Run | None = None) -> Run:
+        suffix = f"_{split}" + ("_refined" if refiner else "")
+        out = trained.output.with_name(trained.output.stem + suffix + "_eval")
+        argv = ["--data", self.data, "--device", self.device, "--ckpt", trained.output, "--split", split,
+                "--out", out, "--no-overlays"]
+        if refiner:
+            argv += ["--refiner", refiner.output]
+        return self._add(Run(str(out.relative_to(self.out)), "evaluate", argv, out), cell)
+
+    def plan(self) -> list:
+        """Every run in an order that satisfies dependencies (each run after the runs it reads)."""
+        for seed in self.seeds:
+            r = TABLE1_RATIO
+            self.evaluation(self.teacher(r, seed), ("table1", "supervised"))
+            for method in BASELINES:
+                self.evaluation(self.student(r, seed, method), ("table1", method))
+            for (weight, refined), method in KD_METHOD.items():
+                self.evaluation(self.kd_student(r, seed, weight, refined), ("table1", method))
+            self.evaluation(self.teacher(1.0, seed), ("table1", "supervised (100 % labels)"))
+            for weight, refined in KD_CELLS:
+                label = f"{weight}, {'refined' if refined else 'plain'}"
+                self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", label))
+            self.evaluation(self.teacher(r, seed), ("table3", "teacher"), split="unlabeled")
+            self.evaluation(self.teacher(r, seed), ("table3", "refined"), split="unlabeled",
+                            refiner=self.refiner(r, seed))
+            for ratio in TABLE4_RATIOS:
+                pct = f"{round(ratio * 100)} %"
+                self.evaluation(self.teacher(ratio, seed), ("table4", f"supervised|{pct}"))
+                self.evaluation(self.kd_student(ratio, seed, "ssim", True), ("table4", f"wkd_refine|{pct}"))
+        return list(self.runs.values())

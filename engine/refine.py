@@ -1,0 +1,29 @@
+"""The trained SinusCycle-GAN refiner as the student stage uses it: teacher logits in, refined logits out."""
+import torch
+
+from nets.cyclegan import ResnetGenerator
+
+from .checkpoint import load_checkpoint
+from .frozen import freeze
+
+
+def load_refiner(path, device: torch.device, flag: str = "--refiner"):
+    """The refining generator G_AB of a cyclegan checkpoint, frozen, with the checkpoint itself."""
+    ckpt = load_checkpoint(path, ("cyclegan",), flag)
+    generator = ResnetGenerator(**ckpt["config"]["G_AB"])
+    generator.load_state_dict(ckpt["model"])
+    return freeze(generator.to(device)), ckpt
+
+
+def teacher_foreground(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """qT: the teacher's foreground probability (N, 1, H, W), the mask channel of domain A."""
+    return teacher_logits.float().softmax(dim=1)[:, 1:2]
+
+
+@torch.no_grad()
+def refined_logits(generator: torch.nn.Module, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Two-class logits [0, r] with r = G_AB(image, qT): their softmax is [1 - sigmoid(r), sigmoid(r)],
+    so they replace the teacher's logits anywhere (argmax, KD loss at any temperature)."""
+    q = teacher_foreground(teacher_logits).to(images.dtype)
+    r = generator(torch.cat([images, q], dim=1)).float()
+    return torch.cat([torch.zeros_like(r), r], dim=1)
