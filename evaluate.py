@@ -22,7 +22,7 @@ from engine.errors import UserError, exit_on_user_error
 from engine.metrics import BOUNDARY, METRICS, case_metrics, summarize
 from engine.overlay import save_overlay
 from engine.predict import predict_logits
-from engine.refine import load_refiner, refined_logits
+from engine.refine import load_refiner, refine_all
 from engine.run import base_parser, check_size, environment, select_device, writable_dir
 from nets.unet import UNet
 
@@ -53,9 +53,7 @@ def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=No
     images, _ = load_tensors(root, ids, size, with_masks=False)
     logits = predict_logits(model, images, device, batch_size)
     if refiner is not None:
-        logits = torch.cat([refined_logits(refiner, images[i:i + batch_size].to(device),
-                                           logits[i:i + batch_size].to(device)).cpu()
-                            for i in range(0, len(images), batch_size)])
+        logits = refine_all(refiner, images, logits, device, batch_size)
     rows = []
     for case_id, case_logits in zip(ids, logits):
         image, mask = load_case(root, case_id)
@@ -101,9 +99,7 @@ def main(argv=None):
     if args.refiner:
         if ckpt["kind"] != "teacher":
             raise UserError(f"--refiner refines a teacher's predictions; --ckpt {args.ckpt} is a {ckpt['kind']}")
-        refiner, rckpt = load_refiner(args.refiner, device)
-        if rckpt["split"] != ckpt["split"] or rckpt["size"] != ckpt["size"]:
-            raise UserError(f"--refiner {args.refiner} was trained from another teacher (split or size differ)")
+        refiner, _ = load_refiner(args.refiner, device, ckpt)
 
     # Everything is written to a sibling folder first and moved in place at the end.
     tmp = out.with_name(out.name + ".tmp")

@@ -116,10 +116,7 @@ def main(argv=None):
                         f"{size[0]} {size[1]}; drop --size")
     refiner = None
     if args.refiner:
-        refiner, rckpt = load_refiner(args.refiner, device)
-        if rckpt["split"] != split or tuple(rckpt["size"]) != size:
-            raise UserError(f"--refiner {args.refiner} was trained on another split or size than --teacher "
-                            f"{args.teacher}; train it from this teacher")
+        refiner, _ = load_refiner(args.refiner, device, tckpt)
     resume = load_checkpoint(out, ("student",), "--out") if args.resume and out.exists() else None
     if resume:
         check_resume_args(resume, args, RESUME_KEYS)

@@ -4,12 +4,17 @@ import torch
 from nets.cyclegan import ResnetGenerator
 
 from .checkpoint import load_checkpoint
+from .errors import UserError
 from .frozen import freeze
 
 
-def load_refiner(path, device: torch.device, flag: str = "--refiner"):
-    """The refining generator G_AB of a cyclegan checkpoint, frozen, with the checkpoint itself."""
+def load_refiner(path, device: torch.device, teacher_ckpt: dict, flag: str = "--refiner"):
+    """The refining generator G_AB of a cyclegan checkpoint trained from the teacher of
+    `teacher_ckpt` (same split and size), frozen, with the checkpoint itself."""
     ckpt = load_checkpoint(path, ("cyclegan",), flag)
+    if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):
+        raise UserError(f"{flag} {path} was trained from another teacher (its split or size differ); "
+                        f"train it from this teacher")
     generator = ResnetGenerator(**ckpt["config"]["G_AB"])
     generator.load_state_dict(ckpt["model"])
     return freeze(generator.to(device)), ckpt
@@ -27,3 +32,11 @@ def refined_logits(generator: torch.nn.Module, images: torch.Tensor, teacher_log
     q = teacher_foreground(teacher_logits).to(images.dtype)
     r = generator(torch.cat([images, q], dim=1)).float()
     return torch.cat([torch.zeros_like(r), r], dim=1)
+
+
+def refine_all(generator: torch.nn.Module, images: torch.Tensor, teacher_logits: torch.Tensor,
+               device: torch.device, batch_size: int = 8) -> torch.Tensor:
+    """`refined_logits` over a whole set, in batches on `device`; returned on the CPU."""
+    return torch.cat([refined_logits(generator, images[i:i + batch_size].to(device),
+                                     teacher_logits[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])

@@ -36,11 +36,13 @@ def base_parser(description: str, out: str, training: bool = True) -> argparse.A
     p.add_argument("--deterministic", action="store_true",
                    help="use deterministic algorithms only (bitwise repeatable on GPU, slower)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None if not training else (128, 256),
-                   help="network input size; each side must be a multiple of the network stride (16)")
+                   help="network input size, each side a multiple of 16; stages after the teacher take the "
+                        "teacher's")
     if training:
         p.add_argument("--steps", type=int, default=1000, help="training iterations")
         p.add_argument("--batch-size", type=int, default=4, help="labelled images per step")
-        p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam), decayed polynomially")
+        p.add_argument("--lr", type=float, default=1e-3,
+                       help="peak learning rate of Adam (the schedule is in the description above)")
         p.add_argument("--val-every", type=int, default=100,
                        help="validate and checkpoint every this many steps (and at the end)")
         p.add_argument("--resume", action="store_true",

@@ -25,9 +25,13 @@ def validation_dice(model, images, masks, device) -> dict:
 class StageState:
     """Training modules, the best weights so far, and the one checkpoint file that holds both."""
 
-    def __init__(self, kind: str, path, model, modules: dict, args, split: dict, size, extra: dict | None = None):
+    def __init__(self, kind: str, path, model, modules: dict, args, split: dict, size, extra: dict | None = None,
+                 config: dict | None = None, score: str = "dice"):
+        """`model` is the network later stages use (its best weights are kept), `modules` everything
+        with a state_dict that --resume needs, `score` the validation metric that picks the best."""
         self.kind, self.path, self.model, self.modules = kind, path, model, modules
         self.args, self.split, self.size, self.extra = args, split, list(size), extra or {}
+        self.config, self.score = config or model.config, score
         self.best = dict(score=-float("inf"), step=0, metrics={}, weights=None)
         self.version = git_hash()
 
@@ -42,14 +46,15 @@ class StageState:
         return state["step"]
 
     def save(self, step: int, metrics: dict) -> None:
-        """Keep the model if `metrics["score"]` (default: Dice) is the best yet, then write the checkpoint."""
-        score = metrics.get("score", metrics.get("dice"))
+        """Keep the model if its score is the best yet, then write the checkpoint."""
+        score = metrics[self.score]
         if score > self.best["score"]:
             self.best.update(score=score, step=step, metrics=dict(metrics, step=step),
                              weights=weights_copy(self.model))
-        train_state = {name: module.state_dict() for name, module in self.modules.items()}
+        train_state = {name: weights_copy(module) if isinstance(module, torch.nn.Module) else module.state_dict()
+                       for name, module in self.modules.items()}
         train_state.update(step=step, rng=rng_state(), best_score=self.best["score"], best_step=self.best["step"])
         save_checkpoint(self.path, dict(
-            kind=self.kind, config=self.model.config, model=self.best["weights"], split=self.split, size=self.size,
+            kind=self.kind, config=self.config, model=self.best["weights"], split=self.split, size=self.size,
             metrics=self.best["metrics"], args=args_record(self.args), code_version=self.version, step=step,
             train_state=train_state, **self.extra))

@@ -1,0 +1,185 @@
+"""SinusCycle-GAN: network shapes, the refined-logit contract, and train_cyclegan.py end to end
+(checkpoint, exact resume, frozen teacher, bad input) on a tiny phantom."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_cyclegan
+from data import load_tensors, phantom
+from engine.checkpoint import load_checkpoint
+from engine.errors import UserError
+from engine.frozen import load_teacher
+from engine.refine import load_refiner, refined_logits
+from nets.cyclegan import PatchDiscriminator, ResnetGenerator
+
+REPO = Path(__file__).resolve().parent.parent
+# the scripts must take the fast torch paths, not the Triton interpreter conftest switches on; one
+# thread each, because on a shared 2-core machine oversubscribed threads slow tiny runs tenfold
+ENV = dict({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, OMP_NUM_THREADS="1")
+TINY = ["--width", "4", "--blocks", "1", "--disc-width", "4", "--batch-size", "2", "--pool-size", "3"]
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                            env=ENV, cwd=REPO, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 24-case phantom at 32x64 and a teacher trained on it for a few steps."""
+    root = tmp_path_factory.mktemp("cyclegan")
+    phantom.generate(root / "ph", n=24, size=(32, 64), seed=5)
+    run("train_teacher.py", "--data", root / "ph", "--out", root / "teacher.pt", "--size", 32, 64, "--width", 4,
+        "--steps", 4, "--val-every", 4, "--labeled-ratio", 0.2)
+    return root
+
+
+def cyclegan(tiny, out, *extra, check=True):
+    return run("train_cyclegan.py", "--data", tiny / "ph", "--teacher", tiny / "teacher.pt", "--out", out,
+               "--steps", 6, "--val-every", 2, *TINY, *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny):
+    """An uninterrupted 6-step refiner run: (checkpoint path, its stdout)."""
+    return tiny / "full.pt", cyclegan(tiny, tiny / "full.pt").stdout
+
+
+def test_generator_and_discriminator_shapes():
+    x = torch.rand(3, 2, 36, 52)            # multiples of 4, not of 8
+    g = ResnetGenerator(width=4, blocks=2)
+    assert g(x).shape == (3, 1, 36, 52)
+    assert ResnetGenerator(**g.config).load_state_dict(g.state_dict())
+    d = PatchDiscriminator(width=4, layers=3)
+
+    def conv(n, stride):                    # 4x4 kernels, padding 1
+        return (n + 2 - 4) // stride + 1
+    h, w = 36, 52
+    for stride in (2, 2, 2, 1, 1):
+        h, w = conv(h, stride), conv(w, stride)
+    assert d(x).shape == (3, 1, h, w)
+    assert PatchDiscriminator(**d.config).load_state_dict(d.state_dict())
+
+
+def test_residual_generator_starts_as_identity():
+    x = torch.rand(2, 2, 16, 24).clamp(0.02, 0.98)
+    g = ResnetGenerator(width=4, blocks=1, residual=True)
+    torch.testing.assert_close(torch.sigmoid(g(x)), x[:, 1:])
+
+
+def test_refined_logits_softmax_is_sigmoid_of_generator():
+    torch.manual_seed(0)
+    g = ResnetGenerator(width=4, blocks=1).eval()
+    images, teacher = torch.rand(2, 1, 20, 28), torch.randn(2, 2, 20, 28) * 3
+    out = refined_logits(g, images, teacher)
+    assert out.shape == (2, 2, 20, 28) and not out.requires_grad
+    q = torch.exp(teacher[:, 1]) / torch.exp(teacher).sum(1)
+    r = g(torch.stack([images[:, 0], q], 1))
+    probs = out.softmax(1)
+    torch.testing.assert_close(probs[:, 1:], torch.sigmoid(r))
+    torch.testing.assert_close(probs[:, 0:1], 1 - torch.sigmoid(r))
+
+
+def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny, full_run):
+    path, stdout = full_run
+    assert "Dice" in stdout and "HD95" in stdout
+    ckpt = load_checkpoint(path, ("cyclegan",), "--refiner")
+    assert ckpt["step"] == 6 and ckpt["size"] == [32, 64]
+    assert {k.split(".")[0] for k in ckpt["train_state"]["nets"]} == {"G_AB", "G_BA", "D_A", "D_B"}
+    teacher, teacher_ckpt = load_teacher(tiny / "teacher.pt", torch.device("cpu"))
+    assert ckpt["split"] == teacher_ckpt["split"]
+
+    # the stored metrics, recomputed here from the two checkpoints alone
+    images, masks = load_tensors(tiny / "ph", ckpt["split"]["val"], (32, 64))
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    refiner, _ = load_refiner(path, torch.device("cpu"), teacher_ckpt)
+    refined = refined_logits(refiner, images, teacher_logits)
+
+    def dice(pred, target):
+        pred, target = pred.flatten(1).float(), target.flatten(1).float()
+        return (2 * (pred * target).sum(1) / (pred.sum(1) + target.sum(1)).clamp(min=1)).mean().item()
+    m = ckpt["metrics"]
+    assert m["teacher_dice"] == pytest.approx(dice(teacher_logits.argmax(1), masks), abs=1e-6)
+    assert m["refined_dice"] == pytest.approx(dice(refined[:, 1] > 0, masks), abs=1e-6)
+    assert m["dice_gain"] == pytest.approx(m["refined_dice"] - m["teacher_dice"])
+    assert "teacher_hd95" in m and "refined_hd95" in m
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, full_run):
+    full = load_checkpoint(full_run[0], ("cyclegan",), "--out")
+    out = tiny / "killed.pt"
+    cmd = [sys.executable, str(REPO / "train_cyclegan.py"), "--data", str(tiny / "ph"), "--teacher",
+           str(tiny / "teacher.pt"), "--out", str(out), "--steps", "6", "--val-every", "2", *TINY]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not out.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(out, ("cyclegan",), "--out")["step"] < 6, "the run ended before it could be killed"
+    cyclegan(tiny, out, "--resume")
+    resumed = load_checkpoint(out, ("cyclegan",), "--out")
+    assert resumed["step"] == 6
+    for key, value in full["train_state"]["nets"].items():
+        assert torch.equal(value, resumed["train_state"]["nets"][key]), key
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(full["train_state"]["pool_b"], resumed["train_state"]["pool_b"]):
+        assert torch.equal(a, b)
+
+
+def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
+    teacher, _ = load_teacher(tiny / "teacher.pt", torch.device("cpu"))
+    teacher.requires_grad_(True)            # so that only the training code can keep it out of the graph
+    buffers = {k: v.clone() for k, v in teacher.state_dict().items()}
+    nets = torch.nn.ModuleDict(dict(G_AB=ResnetGenerator(width=4, blocks=1), G_BA=ResnetGenerator(width=4, blocks=1),
+                                    D_A=PatchDiscriminator(width=4), D_B=PatchDiscriminator(width=4)))
+    xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
+    yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
+    qa = train_cyclegan.teacher_pseudo_labels(teacher, xa)
+    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, xa, qa, xb, yb, 10.0, 5.0)
+    real_a, real_b = train_cyclegan.pair(xa, qa), train_cyclegan.pair(xb, yb)
+    (loss + train_cyclegan.discriminator_loss(nets, real_a, real_b, fake_a, fake_b)).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in buffers.items())
+    assert all(p.grad is not None for p in nets["G_AB"].parameters())
+
+
+def refused(capsys, tiny, *args):
+    """Run train_cyclegan in this process; it must exit with status 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_cyclegan.main(["--data", str(tiny / "ph"), "--out", str(tiny / "never.pt"), "--steps", "2",
+                             *map(str, args)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tiny / "never.pt").exists()
+    return stderr
+
+
+def test_wrong_kind_of_teacher_is_refused_in_one_line(capsys, tiny, full_run):
+    stderr = refused(capsys, tiny, "--teacher", full_run[0])
+    assert "--teacher" in stderr and "cyclegan checkpoint" in stderr
+    teacher_ckpt = torch.load(tiny / "teacher.pt", weights_only=False)
+    with pytest.raises(UserError, match="--refiner"):
+        load_refiner(tiny / "teacher.pt", torch.device("cpu"), teacher_ckpt)
+
+
+def test_size_conflicting_with_the_teacher_is_refused(capsys, tiny):
+    stderr = refused(capsys, tiny, "--teacher", tiny / "teacher.pt", "--size", 64, 128)
+    assert "--size 64 128" in stderr and "--teacher" in stderr
+
+
+def test_refiner_from_another_teacher_is_refused(tiny, full_run):
+    other = torch.load(tiny / "teacher.pt", weights_only=False)
+    other["split"] = dict(other["split"], labeled=other["split"]["labeled"][1:])
+    with pytest.raises(UserError, match="another teacher"):
+        load_refiner(full_run[0], torch.device("cpu"), other)
