@@ -9,9 +9,12 @@ seed gives the same patient at every size. Distances (edge widths, line thicknes
 image heights, the x-axis scaled by ASPECT, so soft edges are round in the 2:1 picture.
 
 The mask is the union of the two sinus lobes, evaluated exactly (no antialiasing) from the same
-implicit shape that darkens the image. The sinuses are deliberately hard to see: low air
-contrast, faint roofs, frequent mucosal thickening or opacification, a palate band across the
-floor and zygomatic bone over the lateral half.
+implicit shape that darkens the image. The sinuses are deliberately hard to see and vary a lot
+from patient to patient, so that learning their outline takes many examples: low air contrast,
+faint roofs, frequent mucosal thickening, cysts, fluid levels or full opacification, lobulated
+outlines with recesses and septa, hypoplastic lobes, a palate band across the floor, zygomatic
+bone, airway and nasal air overlapping the walls, frequent positioning errors and a share of
+poorly exposed (flat, noisy, blurred) images.
 
     python -m data.phantom --out DIR --n N --size H W --seed S
     python -m data.phantom --grid docs/phantom_grid.png
@@ -33,19 +36,23 @@ from engine.errors import UserError, exit_on_user_error
 from kernels.boundary_reference import mask_boundary
 
 ASPECT = 2.0           # width / height of a panoramic field; x-distances are measured in heights
-FORMAT_VERSION = 1     # bump when the generator changes what a seed draws
+FORMAT_VERSION = 2     # bump when the generator changes what a seed draws
 SIXTEEN_BIT_EVERY = 10  # every 10th case is written as a 16-bit PNG to exercise that decode path
 LEFT, RIGHT = 0, 1
+GRID_SIZE = (160, 320)  # cells of the contact sheet: small enough to keep docs/ light
 STAGING = ".phantom-partial"  # generate() renders here, then moves the finished dataset into place
 
 # Per-patient ranges of the target structure (also recorded in phantom.json).
 SINUS = dict(
-    lateral_wall_u=(0.195, 0.235), medial_wall_u=(0.385, 0.425), roof_v=(0.10, 0.15),
-    floor_v=(0.35, 0.45), air=(0.07, 0.15), roof_edge=(0.04, 0.09), floor_edge=(0.008, 0.02),
-    p_septum=0.3, opacification=dict(none=0.3, mucosal=0.4, cyst=0.1, full=0.2),
+    lateral_wall_u=(0.185, 0.25), medial_wall_u=(0.37, 0.43), roof_v=(0.10, 0.155),
+    floor_v=(0.35, 0.46), air=(0.06, 0.16), roof_edge=(0.015, 0.04), floor_edge=(0.008, 0.02),
+    lobulation=(0.0, 0.025), p_recess=0.6, p_hypoplasia=0.15, p_septum=0.45,
+    opacification=dict(none=0.25, mucosal=0.35, cyst=0.12, fluid=0.13, full=0.15),
 )
-ACQUISITION = dict(blur_heights=(0.0015, 0.004), noise=(0.025, 0.06), gamma=(0.75, 1.35),
-                   contrast=(0.8, 1.2), vignetting=(0.1, 0.4), p_positioning_error=0.2)
+ACQUISITION = dict(blur_heights=(0.0015, 0.004), noise=(0.025, 0.06), gamma=(0.7, 1.45),
+                   contrast=(0.8, 1.2), vignetting=(0.1, 0.4), p_positioning_error=0.4,
+                   p_poor_exposure=0.3, poor_blur_heights=(0.003, 0.007), poor_noise=(0.05, 0.09),
+                   poor_contrast=(0.55, 0.8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +183,8 @@ class Patient:
     def __init__(self, rng):
         self.rng = rng
         self.occlusal_v = rng.uniform(0.52, 0.58)        # bite line at the midline
-        self.smile = rng.uniform(0.15, 0.45)               # its upward curve towards the molars
-        self.palate_v = rng.uniform(0.37, 0.43)
+        self.smile = rng.uniform(0.1, 0.55)                # its upward curve; chin-down exaggerates it
+        self.palate_v = rng.uniform(0.34, 0.45)
         self.palate_tilt = rng.normal(0, 0.02)
         self.gain = rng.uniform(0.8, 1.2, size=10)         # per-structure contrast jitter
         self.bone = smooth_field(rng, (48, 96), 1.0)       # trabecular texture
@@ -193,20 +200,33 @@ class Patient:
     def _sinus(self, side):
         r = self.rng
         u0, u1 = r.uniform(*SINUS["lateral_wall_u"]), r.uniform(*SINUS["medial_wall_u"])
+        roof, floor = r.uniform(*SINUS["roof_v"]), r.uniform(*SINUS["floor_v"])
+        if r.random() < SINUS["p_hypoplasia"]:       # an underdeveloped lobe: narrow and shallow
+            u1, floor = u1 - r.uniform(0.03, 0.06), floor - r.uniform(0.02, 0.04)
+        # the outline is displaced by direction: low harmonics (lobulation) scaled to the lobe so
+        # small lobes stay in one piece, plus recesses -- alveolar (down, between the roots),
+        # zygomatic (up and lateral), tuberosity (down and lateral) -- bulging out of it
+        reach = min((u1 - u0) * ASPECT, floor - roof) / 2
+        harmonics = [(k, r.uniform(*SINUS["lobulation"]) * min(reach / 0.12, 1.0), r.uniform(0, 2 * np.pi))
+                     for k in (2, 3, 4)]
+        directions = (np.pi / 2, -2.4, 2.5)
+        recesses = [(directions[r.integers(3)] + r.normal(0, 0.3), r.uniform(0.2, 0.45), r.uniform(0.02, 0.045))
+                    for _ in range(r.integers(1, 3)) if r.random() < SINUS["p_recess"]]
         kinds = list(SINUS["opacification"])
         return dict(
-            u0=u0, u1=u1, roof=r.uniform(*SINUS["roof_v"]), floor=r.uniform(*SINUS["floor_v"]),
-            roof_peak=r.uniform(-0.4, 0.3), roof_drop=r.uniform(0.04, 0.14),
-            floor_rise=r.uniform(0.04, 0.11), corner=r.uniform(0.02, 0.05),
-            scallop=r.uniform(0.006, 0.025), scallop_phase=r.uniform(0, 1), scallop_n=r.integers(3, 6),
+            u0=u0, u1=u1, roof=roof, floor=floor, centre=((u0 + u1) / 2, (roof + floor) / 2),
+            harmonics=harmonics, recesses=recesses,
+            roof_peak=r.uniform(-0.4, 0.3), roof_drop=r.uniform(0.02, 0.16),
+            floor_rise=r.uniform(0.0, 0.12), corner=r.uniform(0.02, 0.05),
+            scallop=r.uniform(0.006, 0.028), scallop_phase=r.uniform(0, 1), scallop_n=r.integers(2, 6),
             air=r.uniform(*SINUS["air"]), roof_edge=r.uniform(*SINUS["roof_edge"]),
-            floor_edge=r.uniform(*SINUS["floor_edge"]), floor_line=r.uniform(0.02, 0.09),
-            roof_line=r.uniform(0.0, 0.025),
-            septum=r.uniform(0.1, 0.9) if r.random() < SINUS["p_septum"] else None,
-            septum_height=r.uniform(0.25, 0.8), septum_lean=r.normal(0, 0.01),
+            floor_edge=r.uniform(*SINUS["floor_edge"]), floor_line=r.uniform(0.03, 0.1),
+            roof_line=r.uniform(0.0, 0.03), lateral_line=r.uniform(0.02, 0.08), medial_line=r.uniform(0.0, 0.05),
+            septum=r.uniform(0.15, 0.85) if r.random() < SINUS["p_septum"] else None,
+            septum_height=r.uniform(0.25, 1.0), septum_lean=r.normal(0, 0.01), septum_bone=r.uniform(0.05, 0.14),
             opacification=kinds[r.choice(len(kinds), p=list(SINUS["opacification"].values()))],
-            mucosa=r.uniform(0.012, 0.045), opaque=r.uniform(0.55, 0.95),
-            cyst_u=r.uniform(0.25, 0.75), cyst_r=r.uniform(0.025, 0.06),
+            mucosa=r.uniform(0.02, 0.07), mucosa_direction=r.uniform(0, 2 * np.pi), opaque=r.uniform(0.45, 0.85),
+            cyst_u=r.uniform(0.25, 0.75), cyst_r=r.uniform(0.025, 0.07), fluid=r.uniform(0.2, 0.7),
         )
 
 
@@ -216,14 +236,32 @@ def sinus_floor(s, u):
     return t, s["floor"] - s["floor_rise"] * t ** 2
 
 
+def lobe_angle(s, U, V):
+    """Direction of each point seen from the lobe centre, in left-side coordinates: 0 points
+    medially, pi / 2 down towards the teeth, +-pi laterally."""
+    return np.arctan2(V - s["centre"][1], (U - s["centre"][0]) * ASPECT)
+
+
+def outline_bulge(s, U, V):
+    """How far (heights) the outline is pushed outwards in each point's direction."""
+    angle = lobe_angle(s, U, V)
+    bulge = sum(a * np.cos(k * angle + phase) for k, a, phase in s["harmonics"])
+    for direction, width, depth in s["recesses"]:
+        off = (angle - direction + np.pi) % (2 * np.pi) - np.pi
+        bulge = bulge + depth * np.exp(-(off / width) ** 2)
+    return bulge
+
+
 def sinus_distance(s, U, V):
     """Signed distance (heights) to one sinus lobe in left-side coordinates; also its parts."""
     t, floor = sinus_floor(s, U)
     roof = s["roof"] + s["roof_drop"] * ((t - s["roof_peak"]) / (1 + abs(s["roof_peak"]))) ** 2
     # the floor dips between the molar roots: arcs of |sin|
     floor = floor - s["scallop"] * np.abs(np.sin(np.pi * (s["scallop_n"] * (t + 1) / 2 + s["scallop_phase"])))
-    d_roof, d_floor = V - roof, floor - V
-    d_side = (1 - np.abs(t)) * (s["u1"] - s["u0"]) / 2 * ASPECT
+    # the bulge shifts every wall alike, so the soft union below moves by exactly that much
+    bulge = outline_bulge(s, U, V)
+    d_roof, d_floor = V - roof + bulge, floor - V + bulge
+    d_side = (1 - np.abs(t)) * (s["u1"] - s["u0"]) / 2 * ASPECT + bulge
     inside = smooth_min(smooth_min(d_roof, d_floor, s["corner"]), d_side, s["corner"])
     return inside, d_roof, d_floor, d_side
 
@@ -317,7 +355,7 @@ def tooth(cv, p, side, jaw, uc, w, molar):
     crown_h, root_len = r.uniform(0.055, 0.075), r.uniform(0.12, 0.17)
     if jaw == "upper":   # apices end near the sinus floor, some poking into it
         _, floor = sinus_floor(p.sinus[side], uc)
-        root_len = min(root_len, abs(floor - bite) - crown_h + r.uniform(-0.03, 0.01))
+        root_len = max(min(root_len, abs(floor - bite) - crown_h + r.uniform(-0.03, 0.01)), 0.04)
     crown_c = bite + sign * crown_h / 2
     apex_v = bite + sign * (crown_h + root_len)
     v0, v1 = sorted((bite, apex_v))
@@ -364,9 +402,9 @@ def tongue_and_airway(cv, p):
     cv.add(np.s_[:, :], p.gain[5] * (-r.uniform(0.04, 0.12) * air_gap + r.uniform(0.02, 0.06) * tongue))
     for side in (LEFT, RIGHT):
         Us = U if side == LEFT else 1 - U
-        top = (r.uniform(0.14, 0.2), r.uniform(0.3, 0.4))
+        top = (r.uniform(0.14, 0.26), r.uniform(0.28, 0.4))     # may overlap the posterior sinus wall
         airway = segment(Us, V, top, (top[0] + r.uniform(0.0, 0.05), 0.8), r.uniform(0.015, 0.035), 0.025)
-        cv.add(np.s_[:, :], -r.uniform(0.04, 0.1) * smoothstep(airway, 0.05))
+        cv.add(np.s_[:, :], -r.uniform(0.04, 0.14) * smoothstep(airway, r.uniform(0.015, 0.05)))
 
 
 def zygoma(cv, p):
@@ -375,13 +413,13 @@ def zygoma(cv, p):
     for side in (LEFT, RIGHT):
         win = cv.side_window(side, 0.0, 0.45, 0.05, 0.5)
         U, V = cv.coords(win, side)
-        ub, arch_v = r.uniform(0.27, 0.33), r.uniform(0.27, 0.33)
+        ub, arch_v = r.uniform(0.24, 0.36), r.uniform(0.23, 0.35)
         curve = bezier((ub + 0.01, r.uniform(0.36, 0.42)), (ub - 0.005, arch_v - 0.06), (ub - 0.08, arch_v))
         buttress = polyline(U, V, curve, r.uniform(0.006, 0.014))
         arch = np.minimum(r.uniform(0.015, 0.03) - np.abs(V - arch_v + 0.03 * (U - 0.2) / 0.1),
                           smooth_min(U - r.uniform(0.08, 0.12), ub - 0.06 - U, 0.02) * ASPECT)
         body = ellipse(U, V, ub - 0.03, arch_v - 0.08, r.uniform(0.04, 0.06), r.uniform(0.07, 0.1))
-        value = r.uniform(0.08, 0.18) * smoothstep(buttress, 0.015) \
+        value = r.uniform(0.06, 0.22) * smoothstep(buttress, 0.015) \
             + r.uniform(0.06, 0.14) * smoothstep(arch, 0.025) + r.uniform(0.05, 0.12) * smoothstep(body, 0.06)
         cv.add(win, p.gain[6] * value)
 
@@ -389,9 +427,9 @@ def zygoma(cv, p):
 def nasal_cavity(cv, p):
     """Dark nasal air between the sinuses, with the septum and the inferior turbinates."""
     r = p.rng
-    win = cv.window(0.35, 0.65, 0.0, 0.5)
+    win = cv.window(0.3, 0.7, 0.0, 0.5)
     U, V = cv.U[win], cv.V[win]
-    half = r.uniform(0.05, 0.075) * (0.6 + 0.4 * np.clip((V - 0.05) / 0.3, 0, 1))  # pear shape
+    half = r.uniform(0.04, 0.1) * (0.6 + 0.4 * np.clip((V - 0.05) / 0.3, 0, 1))  # pear shape
     cavity = np.minimum((half - np.abs(U - 0.5)) * ASPECT, p.palate(U) - 0.01 - V)
     septum_u = 0.5 + r.normal(0, 0.006) * np.sin(np.pi * V / 0.4)
     septum = smoothstep(r.uniform(0.004, 0.008) - np.abs(U - septum_u) * ASPECT, 0.006)
@@ -399,7 +437,8 @@ def nasal_cavity(cv, p):
     turbinates = sum(smoothstep(ellipse(U, V, 0.5 + s * r.uniform(0.03, 0.045), turbinate_v, 0.022, 0.03), 0.02)
                      for s in (-1, 1))
     fade_up = smoothstep(V - r.uniform(0.06, 0.14), 0.12)
-    value = smoothstep(cavity, 0.05) * fade_up * (-r.uniform(0.06, 0.14) + 0.07 * septum + 0.06 * turbinates)
+    edge = smoothstep(cavity, r.uniform(0.02, 0.05))
+    value = edge * fade_up * (-r.uniform(0.06, 0.16) + 0.07 * septum + 0.06 * turbinates)
     cv.add(win, p.gain[7] * value)
 
 
@@ -409,56 +448,82 @@ def orbit_floor(cv, p):
     for side in (LEFT, RIGHT):
         win = cv.side_window(side, 0.12, 0.5, 0.0, 0.2)
         U, V = cv.coords(win, side)
-        cu, lowest = r.uniform(0.27, 0.33), r.uniform(0.05, 0.09)
+        cu, lowest = r.uniform(0.24, 0.36), r.uniform(0.04, 0.11)
         floor = lowest - r.uniform(0.6, 1.2) * (U - cu) ** 2
         reach = smoothstep((0.12 - np.abs(U - cu)) * ASPECT, 0.05)
         value = r.uniform(0.05, 0.12) * ridge(V - floor, 0.006) \
-            - r.uniform(0.02, 0.06) * smoothstep(floor - V, 0.03)
+            - r.uniform(0.02, 0.09) * smoothstep(floor - V, 0.03)
         cv.add(win, p.gain[8] * reach * value)
+
+
+def superimpositions(cv, p):
+    """Ghost images (blurred, bright, elongated copies of contralateral bone projected higher)
+    and air shadows of lips, nose and nasopharynx: bands of any orientation over the upper
+    face, some with edges as sharp as a sinus wall. Each patient gets a different set."""
+    r = p.rng
+    for _ in range(r.integers(1, 5)):
+        a = (r.uniform(0.08, 0.92), r.uniform(0.05, 0.5))
+        length, angle = r.uniform(0.05, 0.25), r.uniform(0, np.pi)
+        b = (a[0] + length * np.cos(angle) / ASPECT, a[1] + length * np.sin(angle))
+        band = segment(cv.U, cv.V, a, b, r.uniform(0.015, 0.06), r.uniform(0.01, 0.06))
+        sign = 1.0 if r.random() < 0.6 else -1.0
+        cv.add(np.s_[:, :], sign * r.uniform(0.03, 0.09) * smoothstep(band, r.uniform(0.006, 0.05)))
 
 
 def maxillary_sinus(cv, p):
     """The target: two dark air lobes, faint roof, cortical floor, septa, mucosal disease."""
     for side in (LEFT, RIGHT):
         s = p.sinus[side]
-        win = cv.side_window(side, s["u0"] - 0.02, s["u1"] + 0.02, s["roof"] - 0.03, s["floor"] + 0.03)
+        # room for the largest possible bulge (heights, so generous along u)
+        margin = 0.03 + sum(a for _, a, _ in s["harmonics"]) + sum(d for _, _, d in s["recesses"])
+        win = cv.side_window(side, s["u0"] - margin, s["u1"] + margin, s["roof"] - margin, s["floor"] + margin)
         U, V = cv.coords(win, side)
         inside, d_roof, d_floor, d_side = sinus_distance(s, U, V)
         cv.mask[win] |= inside > 0
         air = smoothstep(d_roof - s["roof_edge"] / 2, s["roof_edge"]) * smoothstep(d_floor, s["floor_edge"]) \
             * smoothstep(d_side, 0.02)
         air = air * (1 - opacification(s, U, V, inside))
-        walls = s["floor_line"] * ridge(d_floor, 0.005) * smoothstep(d_side + 0.01, 0.02) \
-            + s["roof_line"] * ridge(d_roof, 0.008) * smoothstep(d_side, 0.02)
+        # cortical outline: a clear floor, a faint roof, the posterior (lateral) wall often seen,
+        # the medial wall lost in the nasal cavity
+        along_sides = smoothstep(np.minimum(d_roof, d_floor) + 0.01, 0.02)
+        side_line = np.where(U < s["centre"][0], s["lateral_line"], s["medial_line"])
+        walls = s["floor_line"] * ridge(d_floor, 0.007) * smoothstep(d_side + 0.01, 0.02) \
+            + s["roof_line"] * ridge(d_roof, 0.008) * smoothstep(d_side, 0.02) \
+            + side_line * ridge(d_side, 0.007) * along_sides
         cv.add(win, p.gain[9] * (walls - s["air"] * air + septum(s, U, V, inside)))
 
 
 def opacification(s, U, V, inside):
-    """Fraction of the sinus air replaced by soft tissue (mucosal lining, a cyst, or all of it)."""
+    """Fraction of the sinus air replaced by soft tissue or fluid: an uneven mucosal lining, a
+    cyst on the floor, a fluid level (a sharp horizontal edge that mimics a floor), or all of it."""
     kind = s["opacification"]
-    if kind == "mucosal":
-        return s["opaque"] * smoothstep(s["mucosa"] - inside, 0.015)
+    if kind == "mucosal":   # thickest on one side, e.g. polypoid thickening over the floor
+        thickness = s["mucosa"] * (1 + 0.7 * np.cos(lobe_angle(s, U, V) - s["mucosa_direction"]))
+        return s["opaque"] * smoothstep(thickness - inside, 0.015)
     if kind == "cyst":
         cu = s["u0"] + s["cyst_u"] * (s["u1"] - s["u0"])
         cyst = ellipse(U, V, cu, s["floor"] - 0.02, s["cyst_r"] / ASPECT, s["cyst_r"])   # round, on the floor
         return s["opaque"] * smoothstep(cyst, 0.015)
+    if kind == "fluid":
+        level = s["floor"] - s["fluid"] * (s["floor"] - s["roof"])
+        return s["opaque"] * smoothstep(V - level, 0.004)
     if kind == "full":
         return np.full_like(U, s["opaque"])
     return np.zeros_like(U)
 
 
 def septum(s, U, V, inside):
-    """An optional bony septum rising from the floor partway into the lobe."""
+    """An optional bony septum rising from the floor partway into the lobe, or splitting it."""
     if s["septum"] is None:
         return 0.0
     us = s["u0"] + s["septum"] * (s["u1"] - s["u0"])
     top = s["floor"] - s["septum_height"] * (s["floor"] - s["roof"])
     line = segment(U, V, (us, s["floor"] + 0.02), (us + s["septum_lean"], top), 0.006, 0.002)
-    return 0.08 * smoothstep(line, 0.006) * smoothstep(inside + 0.01, 0.02)
+    return s["septum_bone"] * smoothstep(line, 0.006) * smoothstep(inside + 0.01, 0.02)
 
 
 ANATOMY = (soft_tissue, cervical_spine, mandible, maxilla, teeth, hard_palate, tongue_and_airway,
-           zygoma, nasal_cavity, orbit_floor, maxillary_sinus)
+           zygoma, nasal_cavity, orbit_floor, superimpositions, maxillary_sinus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,11 +533,14 @@ def acquire(att, rng, noise_rng, U, V):
     """Detector response: blur, quantum noise, vignetting, gamma and contrast -> [0, 1]."""
     H = att.shape[0]
     a = ACQUISITION
-    img = ndimage.gaussian_filter(att, rng.uniform(*a["blur_heights"]) * H)
+    poor = rng.random() < a["p_poor_exposure"]     # underexposed, motion-blurred, flat
+    blur, noise, contrast = ("poor_blur_heights", "poor_noise", "poor_contrast") if poor \
+        else ("blur_heights", "noise", "contrast")
+    img = ndimage.gaussian_filter(att, rng.uniform(*a[blur]) * H)
     img = img * (1 - rng.uniform(*a["vignetting"]) * ((U - 0.5) ** 2 * 1.5 + (V - 0.5) ** 2))
     img = np.clip(img / np.percentile(img, 99.8), 0, None) ** rng.uniform(*a["gamma"])  # auto-exposure
-    img = (img - 0.3) * rng.uniform(*a["contrast"]) + 0.3 + rng.normal(0, 0.04)
-    sigma = rng.uniform(*a["noise"])
+    img = (img - 0.3) * rng.uniform(*a[contrast]) + 0.3 + rng.normal(0, 0.04)
+    sigma = rng.uniform(*a[noise])
     noise = noise_rng.standard_normal(att.shape).astype(np.float32)
     noise = ndimage.gaussian_filter(noise, 0.6) * 1.8      # slightly correlated detector noise
     img = img + sigma * np.sqrt(np.clip(img, 0.02, 1.0)) * noise
@@ -484,8 +552,9 @@ def render_float(seed, size):
     rng = np.random.default_rng(seed)
     positioning = rng.random() < ACQUISITION["p_positioning_error"]
     tilt = np.clip(rng.normal(0, 2.5 if positioning else 0.8), -5.0, 5.0)
-    magnification = rng.uniform(0.92, 1.08) if positioning else rng.uniform(0.98, 1.02)
-    shift = (rng.normal(0, 0.02), rng.normal(0, 0.015))
+    magnification = rng.uniform(0.92, 1.08) if positioning else rng.uniform(0.97, 1.03)
+    # a head placed too high or low in the chin rest moves the whole face vertically
+    shift = (rng.normal(0, 0.02), np.clip(rng.normal(0, 0.025 if positioning else 0.012), -0.035, 0.035))
     cv = Canvas(size, tilt, magnification, shift)
     patient = Patient(rng)
     for structure in ANATOMY:
@@ -571,7 +640,7 @@ def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None):
 # ---------------------------------------------------------------------------------------------
 # contact sheet and command line
 
-def draw_grid(path, seed=0, size=(256, 512), rows=4, cols=2):
+def draw_grid(path, seed=0, size=GRID_SIZE, rows=4, cols=2):
     """Save a rows x cols sheet of the first cases of the dataset `seed`, mask contour in red."""
     tiles = []
     for i in range(rows * cols):
@@ -596,8 +665,8 @@ def parse_args(argv=None):
     ap = OneLineParser(prog="python -m data.phantom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder to create images/, masks/ and phantom.json in")
     ap.add_argument("--n", type=int, default=300, help="number of cases (default 300)")
-    ap.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"),
-                    help="image height and width in pixels (default 256 512)")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                    help="image height and width in pixels (default 256 512; %d %d per --grid cell)" % GRID_SIZE)
     ap.add_argument("--seed", type=int, default=0, help="dataset seed; case i uses SeedSequence([seed, i])")
     ap.add_argument("--grid", type=Path, help="instead of a dataset, draw a PNG sheet of the first 8 cases")
     args = ap.parse_args(argv)
@@ -605,6 +674,8 @@ def parse_args(argv=None):
         ap.error("give exactly one of --out DIR and --grid PNG")
     if args.n < 1:
         ap.error(f"argument --n: {args.n} must be at least 1")
+    if args.size is None:
+        args.size = GRID_SIZE if args.grid is not None else (256, 512)
     if min(args.size) < 16:
         ap.error(f"argument --size: {args.size[0]} {args.size[1]} must be at least 16 16")
     return args
