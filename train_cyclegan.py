@@ -32,15 +32,16 @@ from engine.loop import check_finite, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.predict import predict_logits
 from engine.refine import refine_all, teacher_foreground
-from engine.run import base_parser, dump_run_config, log_dir_for, seed_everything, select_device, start_logging, \
-    writable_file
+from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, seed_everything, \
+    select_device, start_logging, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState
 from kernels import boundary_metrics
 from nets.cyclegan import PatchDiscriminator, ResnetGenerator
 
 RESUME_KEYS = ("data", "teacher", "seed", "size", "steps", "batch_size", "lr", "val_every", "width", "blocks",
-               "residual", "disc_width", "cycle_weight", "identity_weight", "pool_size", "decay_start")
+               "residual", "disc_width", "cycle_weight", "identity_weight", "pool_size", "decay_start", "precision",
+               "channels_last")
 
 
 def parse_args(argv=None):
@@ -173,7 +174,8 @@ def main(argv=None):
     nets = torch.nn.ModuleDict(dict(
         G_AB=ResnetGenerator(width=args.width, blocks=args.blocks, residual=args.residual),
         G_BA=ResnetGenerator(width=args.width, blocks=args.blocks, residual=args.residual),
-        D_A=PatchDiscriminator(width=args.disc_width), D_B=PatchDiscriminator(width=args.disc_width))).to(device)
+        D_A=PatchDiscriminator(width=args.disc_width), D_B=PatchDiscriminator(width=args.disc_width)))
+    nets.to(device, memory_format=memory_format(args))
     generators = [*nets["G_AB"].parameters(), *nets["G_BA"].parameters()]
     discriminators = [*nets["D_A"].parameters(), *nets["D_B"].parameters()]
     opt_g = torch.optim.Adam(generators, lr=args.lr, betas=(0.5, 0.999))
@@ -201,12 +203,15 @@ def main(argv=None):
         xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(args.seed, step, "unlabeled"))
         xb, yb = augment_geometry(labeled[idx_b].to(device), labels[idx_b].to(device),
                                   step_generator(args.seed, step, "labeled"))
-        qa, yb = teacher_pseudo_labels(teacher, xa), yb[:, None].float()
+        with autocast(args, device):
+            qa = teacher_pseudo_labels(teacher, xa)
+        yb = yb[:, None].float()
 
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
-        loss_g, fake_a, fake_b, parts = generator_loss(nets, xa, qa, xb, yb, args.cycle_weight,
-                                                       args.identity_weight)
+        with autocast(args, device):
+            loss_g, fake_a, fake_b, parts = generator_loss(nets, xa, qa, xb, yb, args.cycle_weight,
+                                                           args.identity_weight)
         value_g = check_finite(loss_g, "generator loss")
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -216,7 +221,8 @@ def main(argv=None):
         nets["D_B"].requires_grad_(True)
         fake_a = pool_a.query(fake_a, step_generator(args.seed, step, "pool_a"))
         fake_b = pool_b.query(fake_b, step_generator(args.seed, step, "pool_b"))
-        loss_d = discriminator_loss(nets, pair(xa, qa), pair(xb, yb), fake_a, fake_b)
+        with autocast(args, device):
+            loss_d = discriminator_loss(nets, pair(xa, qa), pair(xb, yb), fake_a, fake_b)
         value_d = check_finite(loss_d, "discriminator loss")
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()

@@ -22,8 +22,8 @@ from engine.frozen import load_teacher
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
 from engine.refine import load_refiner, refined_logits
-from engine.run import base_parser, dump_run_config, log_dir_for, seed_everything, select_device, start_logging, \
-    writable_file
+from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, seed_everything, \
+    select_device, start_logging, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from kernels import weighted_kd_loss
@@ -32,7 +32,8 @@ from nets.unet import UNet
 METHODS = ("supervised", "pseudo_label", "mean_teacher", "kd", "wkd", "wkd_refine")
 KD_WEIGHT = dict(kd="none", wkd="ssim", wkd_refine="ssim")
 RESUME_KEYS = ("data", "seed", "steps", "batch_size", "unlabeled_batch_size", "lr", "val_every", "method",
-               "weight", "temperature", "lambda_max", "ramp_steps", "width", "init", "teacher", "refiner")
+               "weight", "temperature", "lambda_max", "ramp_steps", "width", "init", "teacher", "refiner",
+               "precision", "channels_last")
 
 
 def parse_args(argv=None):
@@ -40,7 +41,8 @@ def parse_args(argv=None):
     p.set_defaults(size=None)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (gives the split and the input size)")
     p.add_argument("--refiner", default=None, help="SinusCycle-GAN checkpoint; refines the teacher logits")
-    p.add_argument("--method", choices=METHODS, default="wkd_refine", help="unlabelled objective (SPEC section 6)")
+    p.add_argument("--method", choices=METHODS, default="wkd_refine",
+                   help="unlabelled objective (see the description above)")
     p.add_argument("--weight", choices=("none", "agree", "ssim"), default=None,
                    help="KD pixel weight; default: none for kd, ssim for wkd and wkd_refine")
     p.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature")
@@ -128,7 +130,7 @@ def main(argv=None):
     val_images, val_masks = load_tensors(root, split["val"], size)
     if unlabeled is not None and len(unlabeled) == 0:
         raise UserError(f"--method {args.method} needs unlabelled images, but the split of --teacher has none")
-    model = UNet(width=args.width).to(device)
+    model = UNet(width=args.width).to(device, memory_format=memory_format(args))
     if args.init == "teacher":
         if model.config != teacher.config:
             raise UserError(f"--init teacher needs --width {teacher.config['width']} (the teacher's)")
@@ -158,11 +160,10 @@ def main(argv=None):
         """L_unsup for the unlabelled part of the joint student forward pass."""
         zu = logits[n_l:]
         if args.method == "mean_teacher":
-            with torch.no_grad():
-                ema.train()
+            with torch.no_grad(), autocast(args, device):
                 target = ema(noisy(xu, step_generator(args.seed, step, "ema-noise")))
             return consistency_loss(zu, target)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args, device):
             zt = teacher(xu)
             if refiner is not None:
                 zt = refined_logits(refiner, xu, zt)
@@ -182,7 +183,8 @@ def main(argv=None):
             if args.method == "mean_teacher":
                 xs = noisy(xs, step_generator(args.seed, step, "student-noise"))
             parts.append(xs)
-        logits = model(torch.cat(parts))
+        with autocast(args, device):
+            logits = model(torch.cat(parts).contiguous(memory_format=memory_format(args)))
         sup = supervised_loss(logits[:len(xl)], yl)
         losses = {"sup": check_finite(sup, "supervised loss")}
         loss = sup

@@ -10,8 +10,8 @@ from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import exit_on_user_error
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
-from engine.run import base_parser, check_size, dump_run_config, log_dir_for, seed_everything, select_device, \
-    start_logging, writable_file
+from engine.run import autocast, base_parser, check_size, dump_run_config, log_dir_for, memory_format, \
+    seed_everything, select_device, start_logging, writable_file
 from engine.split import new_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from nets.unet import UNet
@@ -25,9 +25,6 @@ def parse_args(argv=None):
     p.add_argument("--labeled-ratio", type=float, default=0.1,
                    help="fraction of the training ids that keep their labels (ignored with splits.json)")
     p.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution (doubles per level)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 runs the network under autocast")
-    p.add_argument("--channels-last", action="store_true", help="use the channels-last memory format")
     return p.parse_args(argv)
 
 
@@ -46,8 +43,7 @@ def main(argv=None):
 
     images, masks = load_tensors(root, split["labeled"], size)
     val_images, val_masks = load_tensors(root, split["val"], size)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = UNet(width=args.width).to(device, memory_format=memory_format)
+    model = UNet(width=args.width).to(device, memory_format=memory_format(args))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.steps))
     state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), args, split, size)
@@ -59,12 +55,10 @@ def main(argv=None):
     dump_run_config(logs, args, split, dict(kind="teacher", network=model.config))
     logger.info("teacher: %d labelled, %d val images at %s on %s%s", len(images), len(val_images), size, device,
                 f", resumed at step {start}" if start else "")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
     def train_step(step):
         x, y = labeled_batch(images, masks, args.batch_size, args.seed, step, device)
-        with autocast:
-            logits = model(x.contiguous(memory_format=memory_format))
+        with autocast(args, device):
+            logits = model(x.contiguous(memory_format=memory_format(args)))
         loss = supervised_loss(logits, y)
         value = check_finite(loss)
         opt.zero_grad(set_to_none=True)
@@ -73,15 +67,12 @@ def main(argv=None):
         sched.step()
         return {"loss": value}
 
-    def validate():
-        with autocast:
-            return validation_dice(model, val_images, val_masks, device)
-
     if start >= args.steps:
         print(f"{out}: already trained for {start} steps; nothing to do")
         return
     run_steps(desc="teacher", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,
-              validate=validate, save=state.save, checkpoint_path=out, logger=logger)
+              validate=lambda: validation_dice(model, val_images, val_masks, device),
+              save=state.save, checkpoint_path=out, logger=logger)
     print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
 
 

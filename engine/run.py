@@ -45,6 +45,11 @@ def base_parser(description: str, out: str, training: bool = True) -> argparse.A
                        help="peak learning rate of Adam (the schedule is in the description above)")
         p.add_argument("--val-every", type=int, default=100,
                        help="validate and checkpoint every this many steps (and at the end)")
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="bf16 runs the networks under autocast; auto takes bf16 where the device computes it "
+                            "natively (CUDA, or CPUs with AVX512-BF16/AMX), fp32 elsewhere")
+        p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep activations in the channels-last memory format")
         p.add_argument("--resume", action="store_true",
                        help="continue the run stored at --out from its last checkpoint; the result equals an "
                             "uninterrupted run")
@@ -57,6 +62,23 @@ def select_device(flag: str) -> torch.device:
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(flag)
+
+
+def bf16_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)   # private; absent means no
+    return bool(check and check())
+
+
+def autocast(args, device: torch.device):
+    """The autocast context of --precision for the training forward passes."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_native(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def memory_format(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def check_size(size, stride: int = 16) -> tuple:

@@ -44,8 +44,8 @@ def test_cuda_requested_without_a_gpu(tiny_data, tmp_path):
 def test_checkpoint_of_the_wrong_kind(tiny_data, tiny_teacher, tmp_path):
     fake = tmp_path / "cyclegan.pt"
     torch.save(dict(kind="cyclegan"), fake)
-    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", fake, "--method", "kd", "--out", tmp_path / "s.pt",
-                      check=False)
+    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", fake, "--method", "kd",
+                      "--out", tmp_path / "s.pt", check=False)
     assert_one_line_error(proc, "--teacher", "cyclegan", "teacher checkpoint")
     proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", fake, check=False)
     assert_one_line_error(proc, "--ckpt", "cyclegan")

@@ -6,7 +6,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, SCRIPT_ENV
 from engine.plan import Planner
