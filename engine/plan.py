@@ -21,7 +21,7 @@ PROFILES = {
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
     # CPU, minutes: small input and networks, one seed, the default phantom (300 cases).
     "quick": dict(size=(64, 128), seeds=1, teacher=dict(width=8, steps=600, batch=4),
-                  cyclegan=dict(width=8, blocks=3, disc_width=16, steps=400),
+                  cyclegan=dict(width=8, blocks=3, disc_width=8, steps=300),
                   student=dict(width=8, steps=600, batch=4, ramp=200), val_every=100),
     # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds.
     "paper": dict(size=(256, 512), seeds=3, teacher=dict(width=32, steps=20000, batch=8),
