@@ -151,7 +151,7 @@ def main():
 
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
-        pred_gpu, truth_gpu = pred.cuda(), truth.cuda()
+        pred_gpu, truth_gpu = pred.to("cuda"), truth.to("cuda")
         report["gpu_max_abs_difference_to_cpu_path"] = max(
             _worst_difference(boundary_metrics(pred_gpu, truth_gpu, spacing=SPACING, mode=mode),
                               boundary_metrics(pred, truth, spacing=SPACING, mode=mode, backend="torch"))
