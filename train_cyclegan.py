@@ -46,12 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher", type=str, required=True, help="teacher checkpoint whose pseudo labels to refine")
     p.add_argument("--labeled-ratio", type=float, default=None,
                    help="only checked: the split is the teacher's, and a different ratio is an error")
-    p.add_argument("--width", type=int, default=32, help="generator channels at full resolution")
-    p.add_argument("--blocks", type=int, default=6, help="residual blocks in each generator")
+    p.add_argument("--width", type=int, default=16, help="generator channels at full resolution")
+    p.add_argument("--blocks", type=int, default=4, help="residual blocks in each generator")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
                    help="generators add the logit of their input mask to their output, so they start as the "
                         "identity (see the description above)")
-    p.add_argument("--disc-width", type=int, default=32, help="discriminator channels in its first layer")
+    p.add_argument("--disc-width", type=int, default=16, help="discriminator channels in its first layer")
     p.add_argument("--cycle-weight", type=float, default=10.0, help="weight of the cycle-consistency L1 losses")
     p.add_argument("--identity-weight", type=float, default=5.0, help="weight of the identity L1 G_AB(xl, yl) ~ yl")
     p.add_argument("--pool-size", type=int, default=50, help="fakes kept in each discriminator's history pool")
