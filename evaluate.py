@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from data import load_case, load_tensors, prepare_dataset
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, rebuild
 from engine.errors import UserError, exit_on_user_error
 from engine.metrics import BOUNDARY, METRICS, case_metrics, summarize
 from engine.overlay import save_overlay
 from engine.predict import predict_logits
 from engine.refine import load_refiner, refine_all
-from engine.run import base_parser, check_size, environment, select_device, writable_dir
+from engine.run import base_parser, environment, positive_int, select_device, writable_dir
+from engine.split import inherited_split
 from nets.unet import UNet
 
 
@@ -36,9 +37,12 @@ def parse_args(argv=None):
                    help="SinusCycle-GAN checkpoint refining the teacher's predictions before scoring")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
                    help="pixel size in mm: one value, or two (row, column); the default 1 gives pixels")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     return p.parse_args(argv)
+
+
+OUTPUTS = {"metrics.csv", "summary.json", "table.md", "overlays"}
 
 
 def spacing_from(values) -> tuple:
@@ -48,17 +52,18 @@ def spacing_from(values) -> tuple:
 
 
 def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=None, refiner=None):
-    """Per-case metrics of `model` (refined by `refiner`, if given) on `ids`: logits upsampled to
-    each original image size."""
+    """Per-case metrics of `model` (refined by `refiner`, if given) on the `ids` that have a mask,
+    logits upsampled to each original image size -> (rows, ids without a mask)."""
     images, _ = load_tensors(root, ids, size, with_masks=False)
     logits = predict_logits(model, images, device, batch_size)
     if refiner is not None:
         logits = refine_all(refiner, images, logits, device, batch_size)
-    rows = []
+    rows, unscored = [], []
     for case_id, case_logits in zip(ids, logits):
         image, mask = load_case(root, case_id)
-        if mask is None:
-            raise UserError(f"--data {root}: case {case_id} of the evaluated split has no mask")
+        if mask is None:        # real unlabelled images usually have none
+            unscored.append(case_id)
+            continue
         up = F.interpolate(case_logits[None].to(device), size=mask.shape, mode="bilinear", align_corners=False)
         pred = up.argmax(1) == 1
         target = torch.from_numpy(mask)[None].to(device)
@@ -67,7 +72,7 @@ def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=No
         rows.append(dict(id=case_id, height=mask.shape[0], width=mask.shape[1], diagonal=diagonal, **metrics))
         if overlay_dir is not None:
             save_overlay(overlay_dir / f"{case_id}.png", image, mask, pred[0].cpu().numpy())
-    return rows
+    return rows, unscored
 
 
 def summary_of(rows) -> dict:
@@ -88,13 +93,21 @@ def main(argv=None):
     device = select_device(args.device)
     spacing = spacing_from(args.spacing)
     ckpt = load_checkpoint(args.ckpt, ("teacher", "student"), "--ckpt")
-    size = check_size(args.size or ckpt["size"])
-    out = args.out if str(args.out) != "<checkpoint>_eval" else args.ckpt.with_name(args.ckpt.stem + "_eval")
+    size = tuple(ckpt["size"])
+    if args.size is not None and tuple(args.size) != size:
+        raise UserError(f"--size {args.size[0]} {args.size[1]}: --ckpt {args.ckpt} was trained at {size[0]} "
+                        f"{size[1]}; drop --size")
+    out = (args.out if str(args.out) != "<checkpoint>_eval" else args.ckpt.with_name(args.ckpt.stem + "_eval"))
+    out = out.resolve()
+    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= OUTPUTS):
+        raise UserError(f"--out {out}: exists and holds more than an evaluation's files; choose a new folder")
     writable_dir(out.parent)
     root = prepare_dataset(args.data)
-    model = UNet(**ckpt["config"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    ids = ckpt["split"][args.split]
+    model = rebuild(UNet, ckpt, "--ckpt", args.ckpt).to(device)
+    split = inherited_split(ckpt, "--ckpt", args.ckpt, None, root)
+    ids = split[args.split]
+    if not ids:
+        raise UserError(f"--split {args.split}: the split of --ckpt {args.ckpt} has no {args.split} cases")
     refiner = None
     if args.refiner:
         if ckpt["kind"] != "teacher":
@@ -104,16 +117,31 @@ def main(argv=None):
     # Everything is written to a sibling folder first and moved in place at the end.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "overlays").mkdir(parents=True)
-    rows = evaluate(model, root, ids, size, device, spacing, args.batch_size,
-                    None if args.no_overlays else tmp / "overlays", refiner)
+    try:
+        table = write_results(args, ckpt, model, refiner, root, ids, size, device, spacing, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(table + f"\nwritten to {out}/")
+
+
+def write_results(args, ckpt, model, refiner, root, ids, size, device, spacing, tmp) -> str:
+    """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
+    overlays = None if args.no_overlays else tmp / "overlays"
+    (overlays or tmp).mkdir(parents=True)
+    rows, unscored = evaluate(model, root, ids, size, device, spacing, args.batch_size, overlays, refiner)
+    if not rows:
+        raise UserError(f"--split {args.split}: none of its {len(ids)} cases has a mask in --data {root}")
     summary = summary_of(rows)
     with open(tmp / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], refiner=args.refiner and str(args.refiner),
-                split=args.split, n=len(rows), size=list(size),
+                split=args.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
+                size=list(size),
                 spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
                 environment=environment())
     (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
@@ -122,9 +150,7 @@ def main(argv=None):
             f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
     table = markdown_table(summary, title)
     (tmp / "table.md").write_text(table)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(table + f"\nwritten to {out}/")
+    return table
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from data import prepare_dataset
-from engine.errors import UserError, exit_on_user_error
+from engine.errors import OneLineParser, UserError, exit_on_user_error
 from engine.plan import PROFILES, Planner
 from engine.run import DEFAULT_DATA, environment, select_device, writable_dir, write_json
 from engine.tables import TABLES, collect, render
@@ -30,7 +30,7 @@ EVAL_COST = 40.0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=list(PROFILES), default="quick",
                    help="quick: CPU minutes; paper: GPU, full size, three seeds; micro: a seconds-long check")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: the embedded phantom)")
@@ -84,7 +84,7 @@ def caption(results: dict, seeds: int) -> str:
     walls: dict = {}
     for run in results["runs"].values():
         walls[run["script"]] = walls.get(run["script"], 0.0) + (run["wall_s"] or 0.0)
-    spread = "std over seeds" if seeds > 1 else "std over test cases (one seed)"
+    spread = "std over seeds" if seeds > 1 else "std over the scored cases (one seed)"
     stages = ", ".join(f"{s.replace('train_', '')} {clock(w)}" for s, w in walls.items())
     env = results["environment"]
     return (f"Profile `{results['profile']}`, data `{results['data']}`, device {results['device']}, "

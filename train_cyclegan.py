@@ -28,8 +28,18 @@ from engine.loop import check_finite, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.predict import predict_logits
 from engine.refine import refine_all, teacher_foreground
-from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, seed_everything, \
-    select_device, start_logging, writable_file
+from engine.run import (
+    autocast,
+    base_parser,
+    dump_run_config,
+    log_dir_for,
+    memory_format,
+    positive_int,
+    seed_everything,
+    select_device,
+    start_logging,
+    writable_file,
+)
 from engine.split import inherited_split
 from engine.stage import StageState
 from kernels import boundary_metrics
@@ -37,7 +47,7 @@ from nets.cyclegan import PatchDiscriminator, ResnetGenerator
 
 RESUME_KEYS = ("data", "teacher", "seed", "size", "steps", "batch_size", "lr", "val_every", "width", "blocks",
                "residual", "disc_width", "cycle_weight", "identity_weight", "pool_size", "decay_start", "precision",
-               "channels_last")
+               "channels_last", "deterministic")
 
 
 def parse_args(argv=None):
@@ -46,12 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher", type=str, required=True, help="teacher checkpoint whose pseudo labels to refine")
     p.add_argument("--labeled-ratio", type=float, default=None,
                    help="only checked: the split is the teacher's, and a different ratio is an error")
-    p.add_argument("--width", type=int, default=16, help="generator channels at full resolution")
-    p.add_argument("--blocks", type=int, default=4, help="residual blocks in each generator")
+    p.add_argument("--width", type=positive_int, default=16, help="generator channels at full resolution")
+    p.add_argument("--blocks", type=positive_int, default=4, help="residual blocks in each generator")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
                    help="generators add the logit of their input mask to their output, so they start as the "
                         "identity (see the description above)")
-    p.add_argument("--disc-width", type=int, default=16, help="discriminator channels in its first layer")
+    p.add_argument("--disc-width", type=positive_int, default=16, help="discriminator channels in its first layer")
     p.add_argument("--cycle-weight", type=float, default=10.0, help="weight of the cycle-consistency L1 losses")
     p.add_argument("--identity-weight", type=float, default=5.0, help="weight of the identity L1 G_AB(xl, yl) ~ yl")
     p.add_argument("--pool-size", type=int, default=50, help="fakes kept in each discriminator's history pool")
@@ -152,7 +162,7 @@ def main(argv=None):
     if args.size is not None and tuple(args.size) != size:
         raise UserError(f"--size {args.size[0]} {args.size[1]} differs from --teacher {args.teacher}, trained at "
                         f"{size[0]} {size[1]}; drop --size (the refiner works at the teacher's size)")
-    split = inherited_split(teacher_ckpt, "--teacher", args.teacher, args.labeled_ratio)
+    split = inherited_split(teacher_ckpt, "--teacher", args.teacher, args.labeled_ratio, root)
     if not split["unlabeled"]:
         raise UserError(f"--teacher {args.teacher}: its split has no unlabelled images to refine; retrain the "
                         f"teacher with --labeled-ratio below 1")
@@ -240,7 +250,7 @@ def main(argv=None):
     if start == 0:
         state.save(0, validate())   # the untrained residual G_AB is the teacher: the baseline to beat
     run_steps(desc="cyclegan", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,
-              validate=validate, save=state.save, checkpoint_path=out, logger=logger)
+              validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True)
     m = state.best["metrics"]
     print(f"{out}: validation, teacher -> refined (best step {state.best['step']}): "
           f"Dice {m['teacher_dice']:.4f} -> {m['refined_dice']:.4f}, "

@@ -14,16 +14,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import augment_geometry, augment_photometric, batch_indices, load_tensors, prepare_dataset, \
-    step_generator
+from data import augment_geometry, augment_photometric, batch_indices, load_tensors, prepare_dataset, step_generator
 from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import UserError, exit_on_user_error
 from engine.frozen import load_teacher
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
 from engine.refine import load_refiner, refined_logits
-from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, seed_everything, \
-    select_device, start_logging, writable_file
+from engine.run import (
+    autocast,
+    base_parser,
+    dump_run_config,
+    log_dir_for,
+    memory_format,
+    positive_int,
+    seed_everything,
+    select_device,
+    start_logging,
+    writable_file,
+)
 from engine.split import inherited_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from kernels import weighted_kd_loss
@@ -33,7 +42,7 @@ METHODS = ("supervised", "pseudo_label", "mean_teacher", "kd", "wkd", "wkd_refin
 KD_WEIGHT = dict(kd="none", wkd="ssim", wkd_refine="ssim")
 RESUME_KEYS = ("data", "seed", "steps", "batch_size", "unlabeled_batch_size", "lr", "val_every", "method",
                "weight", "temperature", "lambda_max", "ramp_steps", "width", "init", "teacher", "refiner",
-               "precision", "channels_last")
+               "precision", "channels_last", "ema_decay", "confidence", "deterministic")
 
 
 def parse_args(argv=None):
@@ -47,11 +56,11 @@ def parse_args(argv=None):
                    help="KD pixel weight; default: none for kd, ssim for wkd and wkd_refine")
     p.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature")
     p.add_argument("--lambda-max", type=float, default=1.0, help="weight of the unlabelled loss after ramp-up")
-    p.add_argument("--ramp-steps", type=int, default=200, help="sigmoid-shaped ramp-up length of lambda")
-    p.add_argument("--unlabeled-batch-size", type=int, default=4, help="unlabelled images per step")
+    p.add_argument("--ramp-steps", type=positive_int, default=200, help="sigmoid-shaped ramp-up length of lambda")
+    p.add_argument("--unlabeled-batch-size", type=positive_int, default=4, help="unlabelled images per step")
     p.add_argument("--labeled-ratio", type=float, default=None,
                    help="only checked against the teacher's split (a different value is an error)")
-    p.add_argument("--width", type=int, default=16, help="student U-Net width")
+    p.add_argument("--width", type=positive_int, default=16, help="student U-Net width")
     p.add_argument("--init", choices=("scratch", "teacher"), default="scratch",
                    help="start from random weights or from the teacher's (same width only)")
     p.add_argument("--ema-decay", type=float, default=0.99, help="mean_teacher: EMA decay of the teacher copy")
@@ -111,7 +120,7 @@ def main(argv=None):
     out = writable_file(args.out)
     root = prepare_dataset(args.data)
     teacher, tckpt = load_teacher(args.teacher, device)
-    split = inherited_split(tckpt, "--teacher", args.teacher, args.labeled_ratio)
+    split = inherited_split(tckpt, "--teacher", args.teacher, args.labeled_ratio, root)
     size = tuple(tckpt["size"])
     if args.size is not None and tuple(args.size) != size:
         raise UserError(f"--size {args.size[0]} {args.size[1]} differs from --teacher {args.teacher}, trained at "
@@ -156,7 +165,7 @@ def main(argv=None):
                 weight, refiner is not None, len(images), 0 if unlabeled is None else len(unlabeled),
                 len(val_images), size, device)
 
-    def unlabeled_loss(step, n_l, xu, xs, logits):
+    def unlabeled_loss(step, n_l, xu, logits):
         """L_unsup for the unlabelled part of the joint student forward pass."""
         zu = logits[n_l:]
         if args.method == "mean_teacher":
@@ -189,7 +198,7 @@ def main(argv=None):
         losses = {"sup": check_finite(sup, "supervised loss")}
         loss = sup
         if unlabeled is not None:
-            unsup = unlabeled_loss(step, len(xl), xu, xs, logits)
+            unsup = unlabeled_loss(step, len(xl), xu, logits)
             losses["unsup"] = check_finite(unsup, "unlabelled loss")
             loss = sup + ramp(step, args.lambda_max, args.ramp_steps) * unsup
         opt.zero_grad(set_to_none=True)

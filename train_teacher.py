@@ -10,21 +10,34 @@ from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import exit_on_user_error
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
-from engine.run import autocast, base_parser, check_size, dump_run_config, log_dir_for, memory_format, \
-    seed_everything, select_device, start_logging, writable_file
+from engine.run import (
+    autocast,
+    base_parser,
+    check_size,
+    dump_run_config,
+    log_dir_for,
+    memory_format,
+    positive_int,
+    seed_everything,
+    select_device,
+    start_logging,
+    writable_file,
+)
 from engine.split import new_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from nets.unet import UNet
 
 RESUME_KEYS = ("data", "seed", "size", "steps", "batch_size", "lr", "labeled_ratio", "width", "val_every",
-               "precision", "channels_last")
+               "precision", "channels_last", "deterministic")
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__, out="teacher.pt")
-    p.add_argument("--labeled-ratio", type=float, default=0.1,
-                   help="fraction of the training ids that keep their labels (ignored with splits.json)")
-    p.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution (doubles per level)")
+    p.add_argument("--labeled-ratio", type=float, default=None,
+                   help="fraction of the training ids that keep their labels (default 0.1; not allowed with a "
+                        "splits.json, which fixes the labelled set)")
+    p.add_argument("--width", type=positive_int, default=16,
+                   help="U-Net channels at full resolution (doubles per level)")
     return p.parse_args(argv)
 
 

@@ -41,7 +41,7 @@ def prepare_dataset(path) -> Path:
     existing empty folder, or the leftovers of an interrupted generation. A path that does not
     exist is an error rather than a place to generate into, so a mistyped --data is caught.
     """
-    from . import phantom   # here, not at the top: `python -m data.phantom` must not pre-import itself
+    from . import phantom  # here, not at the top: `python -m data.phantom` must not pre-import itself
     root = Path(path)
     if not root.exists():
         raise UserError(f"--data {root}: no such folder; give a dataset folder with images/ "
@@ -54,7 +54,7 @@ def prepare_dataset(path) -> Path:
             raise UserError(f"--data {root}: has no images/ folder; expected {root}/images/<id>.png "
                             f"(and masks/<id>.png), or an empty folder to generate the phantom in")
         start = time.perf_counter()
-        phantom.generate(root, **DEFAULT_PHANTOM)
+        phantom.generate(root, **DEFAULT_PHANTOM, own_folder=own)
         h, w = DEFAULT_PHANTOM["size"]
         print(f"generated the default phantom dataset ({DEFAULT_PHANTOM['n']} cases, {h}x{w}, "
               f"seed {DEFAULT_PHANTOM['seed']}) in {root} in {time.perf_counter() - start:.1f} s")

@@ -9,12 +9,10 @@ positioning errors and a share of poorly exposed (flat, noisy, blurred) images m
     python -m data.phantom --out DIR --n N --size H W --seed S
     python -m data.phantom --grid docs/phantom_grid.png
 """
-import argparse
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 from scipy import ndimage
 
-from engine.errors import UserError, exit_on_user_error
+from engine.errors import OneLineParser, UserError, exit_on_user_error
 from kernels.boundary_reference import mask_boundary
 
 from .anatomy import ANATOMY, Patient
@@ -114,7 +112,7 @@ def is_interrupted_phantom(out_dir):
     return bool(names) and names <= leftovers and (STAGING in names or "phantom.json" in names)
 
 
-def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None):
+def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=False):
     """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json.
 
     Everything is rendered into a staging folder first and moved into place with images/ last,
@@ -124,7 +122,7 @@ def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None):
     out_dir = Path(out_dir)
     if (out_dir / "images").exists():
         raise UserError(f"--out {out_dir}: already holds images/; choose an empty folder")
-    if is_interrupted_phantom(out_dir):
+    if own_folder or is_interrupted_phantom(out_dir):   # own_folder: data/, whose code is no leftover
         shutil.rmtree(out_dir / STAGING, ignore_errors=True)
         shutil.rmtree(out_dir / "masks", ignore_errors=True)
         (out_dir / "phantom.json").unlink(missing_ok=True)
@@ -167,12 +165,6 @@ def draw_grid(path, seed=0, size=GRID_SIZE, rows=4, cols=2):
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, sheet)
     return path
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None):

@@ -44,7 +44,22 @@ def load_checkpoint(path, kinds, flag: str) -> dict:
     if kind not in kinds:
         want = " or ".join(kinds)
         raise UserError(f"{flag} {path}: is a {kind or 'foreign'} checkpoint, expected a {want} checkpoint")
+    missing = [k for k in ("config", "model", "split", "size", "train_state") if k not in state]
+    if missing:
+        raise UserError(f"{flag} {path}: incomplete {kind} checkpoint (no {', '.join(missing)}); retrain it")
     return state
+
+
+def rebuild(cls, ckpt: dict, flag: str, path, config: dict | None = None) -> torch.nn.Module:
+    """The network `cls` of a checkpoint, with its best weights; a config or weights that do not
+    fit this code are a one-line error, not a traceback."""
+    try:
+        net = cls(**(config or ckpt["config"]))
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"{flag} {path}: its network does not fit this code ({type(err).__name__}); "
+                        f"retrain it with this version") from None
+    return net
 
 
 def rng_state() -> dict:

@@ -1,10 +1,19 @@
 """User-facing errors: one line naming the file or flag, never a traceback (SPEC section 9)."""
+import argparse
 import functools
 import sys
 
 
 class UserError(Exception):
     """Bad input the user can fix. The message names the file or flag and what to do."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other user error."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def exit_on_user_error(main):
@@ -17,6 +26,7 @@ def exit_on_user_error(main):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted: the last checkpoint is intact; rerun with --resume", file=sys.stderr)
+            print("interrupted: files already written are intact (a training run continues with --resume, "
+                  "reproduce.py by running it again)", file=sys.stderr)
             sys.exit(130)
     return wrapper

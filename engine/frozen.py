@@ -3,7 +3,7 @@ import torch
 
 from nets.unet import UNet
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, rebuild
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -17,6 +17,4 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 def load_teacher(path, device: torch.device, flag: str = "--teacher"):
     """The teacher U-Net of a teacher checkpoint, frozen, with the checkpoint itself."""
     ckpt = load_checkpoint(path, ("teacher",), flag)
-    model = UNet(**ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return freeze(model.to(device)), ckpt
+    return freeze(rebuild(UNet, ckpt, flag, path).to(device)), ckpt

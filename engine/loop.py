@@ -29,11 +29,12 @@ def poly_lr(steps: int, power: float = 0.9):
 
 
 def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_step, validate, save,
-              checkpoint_path, logger: logging.Logger) -> None:
+              checkpoint_path, logger: logging.Logger, saved_at_start: bool = False) -> None:
     """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
-    `val_every` steps and at the end `save(step_done, validate())`."""
+    `val_every` steps and at the end `save(step_done, validate())`. `saved_at_start`: a
+    checkpoint of step `start_step` exists (always so when resuming)."""
     running: dict = {}
-    last_saved = start_step if start_step else None
+    last_saved = start_step if start_step or saved_at_start else None
     bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, dynamic_ncols=True,
                mininterval=1.0)
     for step in bar:
@@ -42,7 +43,7 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
         except NonFiniteLoss as err:
             bar.close()
             logger.info("non-finite %s at step %d", err.name, step)
-            kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is kept" if last_saved
+            kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is kept" if last_saved is not None
                     else "no checkpoint had been written yet")
             raise UserError(f"non-finite {err.name} at step {step}: training stopped; {kept}. "
                             f"Try a lower --lr.") from None

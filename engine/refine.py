@@ -3,7 +3,7 @@ import torch
 
 from nets.cyclegan import ResnetGenerator
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, rebuild
 from .errors import UserError
 from .frozen import freeze
 
@@ -15,8 +15,7 @@ def load_refiner(path, device: torch.device, teacher_ckpt: dict, flag: str = "--
     if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):
         raise UserError(f"{flag} {path} was trained from another teacher (its split or size differ); "
                         f"train it from this teacher")
-    generator = ResnetGenerator(**ckpt["config"]["G_AB"])
-    generator.load_state_dict(ckpt["model"])
+    generator = rebuild(ResnetGenerator, ckpt, flag, path, config=ckpt["config"].get("G_AB"))
     return freeze(generator.to(device)), ckpt
 
 

@@ -16,14 +16,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "data"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def base_parser(description: str, out: str, training: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="dataset root with images/, masks/ and optional splits.json; the repo's data/ folder "
                         "gets the phantom dataset generated on first use")
@@ -39,11 +53,11 @@ def base_parser(description: str, out: str, training: bool = True) -> argparse.A
                    help="network input size, each side a multiple of 16; stages after the teacher take the "
                         "teacher's")
     if training:
-        p.add_argument("--steps", type=int, default=1000, help="training iterations")
-        p.add_argument("--batch-size", type=int, default=4, help="labelled images per step")
-        p.add_argument("--lr", type=float, default=1e-3,
+        p.add_argument("--steps", type=positive_int, default=1000, help="training iterations")
+        p.add_argument("--batch-size", type=positive_int, default=4, help="labelled images per step")
+        p.add_argument("--lr", type=positive_float, default=1e-3,
                        help="peak learning rate of Adam (the schedule is in the description above)")
-        p.add_argument("--val-every", type=int, default=100,
+        p.add_argument("--val-every", type=positive_int, default=100,
                        help="validate and checkpoint every this many steps (and at the end)")
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="bf16 runs the networks under autocast; auto takes bf16 where the device computes it "

@@ -1,7 +1,7 @@
 """The four tables of SPEC section 7, from the per-run results of a reproduction.
 
 Each table cell is the mean over seeds of a run's mean test metric, followed by "± std": the std
-over seeds with several seeds, else the std over the test cases of the one run (the caption says
+over seeds with several seeds, else the std over the scored cases of the one run (the caption says
 which). A row label "group|row" (Table 4) puts the group in the column names instead.
 """
 import csv

@@ -3,7 +3,7 @@
 Each kernel has a plain-torch/scipy reference beside it; `backend.py` says which one runs.
 """
 from .backend import resolve_backend
-from .kd_loss import kd_weight_map, weighted_kd_loss
 from .boundary import boundary_metrics
+from .kd_loss import kd_weight_map, weighted_kd_loss
 
 __all__ = ["weighted_kd_loss", "kd_weight_map", "boundary_metrics", "resolve_backend"]

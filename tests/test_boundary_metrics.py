@@ -14,8 +14,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kernels import boundary_metrics
-from kernels import boundary_reference, boundary_triton
+from kernels import boundary_metrics, boundary_reference, boundary_triton
 
 SHAPE = (29, 43)
 SPACING = (0.5, 1.3)

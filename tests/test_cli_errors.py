@@ -2,7 +2,6 @@
 no traceback, and nothing half-written."""
 import pytest
 import torch
-
 from conftest import TINY, run_script
 
 
@@ -77,3 +76,51 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
         assert ckpt["step"] <= step
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not out.with_name("t.pt.tmp").exists()
+
+
+def test_bad_numbers_are_one_line_errors(tiny_data, tmp_path):
+    proc = run_script("train_teacher.py", "--data", tiny_data, "--out", tmp_path / "t.pt", "--steps", "0",
+                      check=False)
+    assert_one_line_error(proc, "--steps", "not a positive whole number")
+
+
+def test_evaluate_never_replaces_a_folder_it_did_not_write(tiny_data, tiny_teacher, tmp_path):
+    keep = tmp_path / "runs"
+    keep.mkdir()
+    (keep / "precious.pt").write_text("x")
+    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--out", keep, check=False)
+    assert_one_line_error(proc, "--out", "choose a new folder")
+    assert (keep / "precious.pt").exists()
+
+
+def test_evaluate_refuses_a_size_other_than_the_checkpoints(tiny_data, tiny_teacher, tmp_path):
+    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--size", "64", "128",
+                      "--out", tmp_path / "e", check=False)
+    assert_one_line_error(proc, "--size 64 128", "drop --size")
+
+
+def test_splits_json_and_labeled_ratio_conflict(tiny_data, tiny_teacher, tmp_path):
+    import json
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    split = torch.load(tiny_teacher, weights_only=False)["split"]
+    fixed = {k: split[k] for k in ("labeled", "unlabeled", "val", "test")}
+    (data / "splits.json").write_text(json.dumps(fixed))
+    proc = run_script("train_teacher.py", "--data", data, "--out", tmp_path / "t.pt", "--labeled-ratio", "0.5",
+                      *TINY, check=False)
+    assert_one_line_error(proc, "--labeled-ratio 0.5", "splits.json")
+    # a later stage on data whose splits.json disagrees with the teacher's split
+    fixed["val"], fixed["test"] = fixed["test"], fixed["val"]
+    (data / "splits.json").write_text(json.dumps(fixed))
+    proc = run_script("evaluate.py", "--data", data, "--ckpt", tiny_teacher, "--out", tmp_path / "e", check=False)
+    assert_one_line_error(proc, "splits.json", "differs")
+
+
+def test_incompatible_network_config_is_a_one_line_error(tiny_data, tiny_teacher, tmp_path):
+    ckpt = torch.load(tiny_teacher, weights_only=False)
+    ckpt["config"] = dict(ckpt["config"], width=8)          # weights of width 4 no longer fit
+    odd = tmp_path / "teacher.pt"
+    torch.save(ckpt, odd)
+    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", odd, "--out", tmp_path / "e", check=False)
+    assert_one_line_error(proc, "--ckpt", "does not fit")

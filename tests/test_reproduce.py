@@ -6,8 +6,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-
 from conftest import REPO, SCRIPT_ENV
+
 from engine.plan import Planner
 from engine.tables import TABLES, collect, render
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from engine.frozen import load_teacher
 from kernels import weighted_kd_loss
 from nets.unet import UNet

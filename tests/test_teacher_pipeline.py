@@ -7,7 +7,6 @@ import sys
 import time
 
 import torch
-
 from conftest import REPO, SCRIPT_ENV, TINY, run_script
 
 
@@ -73,3 +72,19 @@ def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_data, tiny_teac
     assert "| dice |" in (out / "table.md").read_text()
     assert len(list((out / "overlays").glob("*.png"))) == len(rows)
     assert not out.with_name("eval.tmp").exists()
+
+
+def test_evaluate_scores_only_cases_that_have_masks(tiny_data, tiny_teacher, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    unlabeled = torch.load(tiny_teacher, weights_only=False)["split"]["unlabeled"]
+    for case_id in unlabeled[:2]:                 # real unlabelled images usually have no mask
+        (data / "masks" / f"{case_id}.png").unlink()
+    out = tmp_path / "eval"
+    run_script("evaluate.py", "--data", data, "--ckpt", tiny_teacher, "--split", "unlabeled", "--out", out,
+               "--no-overlays")
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["unscored_without_mask"] == unlabeled[:2]
+    assert meta["ids"] == unlabeled[2:] and meta["n"] == len(unlabeled) - 2
+    assert not (out / "overlays").exists()
