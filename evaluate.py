@@ -87,6 +87,31 @@ def markdown_table(summary: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(args, ckpt, model, refiner, root, ids, size, device, spacing, tmp) -> str:
+    """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
+    overlays = None if args.no_overlays else tmp / "overlays"
+    (overlays or tmp).mkdir(parents=True)
+    rows, unscored = evaluate(model, root, ids, size, device, spacing, args.batch_size, overlays, refiner)
+    if not rows:
+        raise UserError(f"--split {args.split}: none of its {len(ids)} cases has a mask in --data {root}")
+    summary = summary_of(rows)
+    with open(tmp / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], refiner=args.refiner and str(args.refiner),
+                split=args.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
+                size=list(size), spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
+                environment=environment())
+    (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
+    refined = f" refined by {args.refiner.name}" if args.refiner else ""
+    title = f"{args.ckpt.name} ({ckpt['kind']}){refined} on {args.split}, n = {len(rows)}, " \
+            f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
+    table = markdown_table(summary, title)
+    (tmp / "table.md").write_text(table)
+    return table
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -125,32 +150,6 @@ def main(argv=None):
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(table + f"\nwritten to {out}/")
-
-
-def write_results(args, ckpt, model, refiner, root, ids, size, device, spacing, tmp) -> str:
-    """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
-    overlays = None if args.no_overlays else tmp / "overlays"
-    (overlays or tmp).mkdir(parents=True)
-    rows, unscored = evaluate(model, root, ids, size, device, spacing, args.batch_size, overlays, refiner)
-    if not rows:
-        raise UserError(f"--split {args.split}: none of its {len(ids)} cases has a mask in --data {root}")
-    summary = summary_of(rows)
-    with open(tmp / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = dict(checkpoint=str(args.ckpt), kind=ckpt["kind"], refiner=args.refiner and str(args.refiner),
-                split=args.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
-                size=list(size),
-                spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
-                environment=environment())
-    (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
-    refined = f" refined by {args.refiner.name}" if args.refiner else ""
-    title = f"{args.ckpt.name} ({ckpt['kind']}){refined} on {args.split}, n = {len(rows)}, " \
-            f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
-    table = markdown_table(summary, title)
-    (tmp / "table.md").write_text(table)
-    return table
 
 
 if __name__ == "__main__":
