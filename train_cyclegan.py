@@ -28,18 +28,8 @@ from engine.loop import check_finite, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.predict import predict_logits
 from engine.refine import refine_all, teacher_foreground
-from engine.run import (
-    autocast,
-    base_parser,
-    dump_run_config,
-    log_dir_for,
-    memory_format,
-    positive_int,
-    seed_everything,
-    select_device,
-    start_logging,
-    writable_file,
-)
+from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, positive_int, \
+    seed_everything, select_device, start_logging, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState
 from kernels import boundary_metrics

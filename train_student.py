@@ -21,18 +21,8 @@ from engine.frozen import load_teacher
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
 from engine.refine import load_refiner, refined_logits
-from engine.run import (
-    autocast,
-    base_parser,
-    dump_run_config,
-    log_dir_for,
-    memory_format,
-    positive_int,
-    seed_everything,
-    select_device,
-    start_logging,
-    writable_file,
-)
+from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, positive_int, \
+    seed_everything, select_device, start_logging, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from kernels import weighted_kd_loss

@@ -10,19 +10,8 @@ from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import exit_on_user_error
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
-from engine.run import (
-    autocast,
-    base_parser,
-    check_size,
-    dump_run_config,
-    log_dir_for,
-    memory_format,
-    positive_int,
-    seed_everything,
-    select_device,
-    start_logging,
-    writable_file,
-)
+from engine.run import autocast, base_parser, check_size, dump_run_config, log_dir_for, memory_format, positive_int, \
+    seed_everything, select_device, start_logging, writable_file
 from engine.split import new_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from nets.unet import UNet

@@ -8,22 +8,8 @@ ANATOMY lists the structures in drawing order; that order fixes what a seed draw
 """
 import numpy as np
 
-from .shapes import (
-    ASPECT,
-    LEFT,
-    RIGHT,
-    bezier,
-    ellipse,
-    polyline,
-    ridge,
-    rounded_box,
-    sample,
-    segment,
-    smooth_field,
-    smooth_max,
-    smooth_min,
-    smoothstep,
-)
+from .shapes import ASPECT, LEFT, RIGHT, bezier, ellipse, polyline, ridge, rounded_box, sample, segment, smooth_field, \
+    smooth_max, smooth_min, smoothstep
 from .sinus import maxillary_sinus, random_lobe, sinus_floor
 
 # ---------------------------------------------------------------------------------------------

@@ -8,16 +8,8 @@ import pytest
 import torch
 
 import data.dataset
-from data import (
-    augment_geometry,
-    augment_photometric,
-    batch_indices,
-    load_case,
-    load_tensors,
-    prepare_dataset,
-    resolve_split,
-    step_generator,
-)
+from data import augment_geometry, augment_photometric, batch_indices, load_case, load_tensors, prepare_dataset, \
+    resolve_split, step_generator
 from data.dataset import preprocess
 
 # imageio reads TIFF through its vendored tifffile, which warns about its own future removal
