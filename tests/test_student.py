@@ -75,3 +75,31 @@ def test_student_flags_are_checked(tiny_data, tiny_teacher, tmp_path):
     proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "kd",
                       "--size", "64", "64", "--out", tmp_path / "s.pt", check=False)
     assert proc.returncode == 2 and "--size 64 64" in proc.stderr
+
+
+def test_student_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, SCRIPT_ENV
+
+    def command(out, *extra):
+        return [sys.executable, str(REPO / "train_student.py"), "--data", str(tiny_data), "--teacher",
+                str(tiny_teacher), "--method", "wkd", "--out", str(out), "--steps", "16", "--val-every", "2",
+                "--width", "4", "--batch-size", "2", "--unlabeled-batch-size", "2", "--ramp-steps", "4", *extra]
+
+    straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
+    subprocess.run(command(straight), env=SCRIPT_ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(command(resumed), env=SCRIPT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not resumed.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(resumed, weights_only=False)["step"] < 16, "the run finished before it could be interrupted"
+    subprocess.run(command(resumed, "--resume"), env=SCRIPT_ENV, check=True, capture_output=True)
+    a, b = torch.load(straight, weights_only=False), torch.load(resumed, weights_only=False)
+    for key, value in a["train_state"]["model"].items():
+        assert torch.equal(value, b["train_state"]["model"][key]), key
+    assert a["metrics"] == b["metrics"] and b["step"] == 16
