@@ -28,8 +28,8 @@ from engine.loop import check_finite, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.predict import predict_logits
 from engine.refine import refine_all, teacher_foreground
-from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, positive_int, \
-    seed_everything, select_device, start_logging, writable_file
+from engine.run import autocast, base_parser, memory_format, open_run_logs, positive_int, resolved_path, \
+    seed_everything, select_device, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState
 from kernels import boundary_metrics
@@ -43,7 +43,8 @@ RESUME_KEYS = ("data", "teacher", "seed", "size", "steps", "batch_size", "lr", "
 def parse_args(argv=None):
     p = base_parser(__doc__, out="cyclegan.pt")
     p.set_defaults(lr=2e-4, size=None)
-    p.add_argument("--teacher", type=str, required=True, help="teacher checkpoint whose pseudo labels to refine")
+    p.add_argument("--teacher", type=resolved_path, required=True,
+                   help="teacher checkpoint whose pseudo labels to refine")
     p.add_argument("--labeled-ratio", type=float, default=None,
                    help="only checked: the split is the teacher's, and a different ratio is an error")
     p.add_argument("--width", type=positive_int, default=16, help="generator channels at full resolution")
@@ -185,10 +186,7 @@ def main(argv=None):
                        args, split, size, config=config, score="dice_gain")
     start = state.restore(resume) if resume else 0
 
-    logs = log_dir_for(out)
-    logs.mkdir(exist_ok=True)
-    logger = start_logging(logs)
-    dump_run_config(logs, args, split, dict(kind="cyclegan", network=config, teacher=args.teacher))
+    logs, logger = open_run_logs(out, args, split, dict(kind="cyclegan", network=config, teacher=args.teacher))
     logger.info("cyclegan: %d unlabelled (A), %d labelled (B), %d val images at %s on %s%s", len(unlabeled),
                 len(labeled), len(val_images), size, device, f", resumed at step {start}" if start else "")
     seed_a = derive_seed(args.seed, "unlabeled")   # A and B batches walk independent permutations
@@ -234,9 +232,6 @@ def main(argv=None):
         metrics["dice_gain"] = metrics["refined_dice"] - metrics["teacher_dice"]
         return metrics
 
-    if start >= args.steps:
-        print(f"{out}: already trained for {start} steps; nothing to do")
-        return
     if start == 0:
         state.save(0, validate())   # the untrained residual G_AB is the teacher: the baseline to beat
     run_steps(desc="cyclegan", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,

@@ -21,8 +21,8 @@ from engine.frozen import load_teacher
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
 from engine.refine import load_refiner, refined_logits
-from engine.run import autocast, base_parser, dump_run_config, log_dir_for, memory_format, positive_int, \
-    seed_everything, select_device, start_logging, writable_file
+from engine.run import autocast, base_parser, memory_format, open_run_logs, positive_int, resolved_path, \
+    seed_everything, select_device, writable_file
 from engine.split import inherited_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from kernels import weighted_kd_loss
@@ -38,8 +38,10 @@ RESUME_KEYS = ("data", "seed", "steps", "batch_size", "unlabeled_batch_size", "l
 def parse_args(argv=None):
     p = base_parser(__doc__, out="student.pt")
     p.set_defaults(size=None)
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (gives the split and the input size)")
-    p.add_argument("--refiner", default=None, help="SinusCycle-GAN checkpoint; refines the teacher logits")
+    p.add_argument("--teacher", type=resolved_path, required=True,
+                   help="teacher checkpoint (gives the split and the input size)")
+    p.add_argument("--refiner", type=resolved_path, default=None,
+                   help="SinusCycle-GAN checkpoint; refines the teacher logits")
     p.add_argument("--method", choices=METHODS, default="wkd_refine",
                    help="unlabelled objective (see the description above)")
     p.add_argument("--weight", choices=("none", "agree", "ssim"), default=None,
@@ -147,10 +149,7 @@ def main(argv=None):
                        extra=dict(method=args.method, weight=weight, refined=refiner is not None))
     start = state.restore(resume) if resume else 0
 
-    logs = log_dir_for(out)
-    logs.mkdir(exist_ok=True)
-    logger = start_logging(logs)
-    dump_run_config(logs, args, split, dict(kind="student", network=model.config, weight=weight))
+    logs, logger = open_run_logs(out, args, split, dict(kind="student", network=model.config, weight=weight))
     logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s", args.method,
                 weight, refiner is not None, len(images), 0 if unlabeled is None else len(unlabeled),
                 len(val_images), size, device)
@@ -199,9 +198,6 @@ def main(argv=None):
             ema_update(ema, model, step, args.ema_decay)
         return losses
 
-    if start >= args.steps:
-        print(f"{out}: already trained for {start} steps; nothing to do")
-        return
     run_steps(desc=f"student {args.method}", steps=args.steps, start_step=start, val_every=args.val_every,
               train_step=train_step, validate=lambda: validation_dice(model, val_images, val_masks, device),
               save=state.save, checkpoint_path=out, logger=logger)

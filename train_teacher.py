@@ -10,8 +10,8 @@ from engine.checkpoint import check_resume_args, load_checkpoint
 from engine.errors import exit_on_user_error
 from engine.loop import check_finite, poly_lr, run_steps
 from engine.losses import supervised_loss
-from engine.run import autocast, base_parser, check_size, dump_run_config, log_dir_for, memory_format, positive_int, \
-    seed_everything, select_device, start_logging, writable_file
+from engine.run import autocast, base_parser, check_size, memory_format, open_run_logs, positive_int, seed_everything, \
+    select_device, writable_file
 from engine.split import new_split
 from engine.stage import StageState, labeled_batch, validation_dice
 from nets.unet import UNet
@@ -51,10 +51,7 @@ def main(argv=None):
     state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), args, split, size)
     start = state.restore(resume) if resume else 0
 
-    logs = log_dir_for(out)
-    logs.mkdir(exist_ok=True)
-    logger = start_logging(logs)
-    dump_run_config(logs, args, split, dict(kind="teacher", network=model.config))
+    logs, logger = open_run_logs(out, args, split, dict(kind="teacher", network=model.config))
     logger.info("teacher: %d labelled, %d val images at %s on %s%s", len(images), len(val_images), size, device,
                 f", resumed at step {start}" if start else "")
     def train_step(step):
@@ -69,9 +66,6 @@ def main(argv=None):
         sched.step()
         return {"loss": value}
 
-    if start >= args.steps:
-        print(f"{out}: already trained for {start} steps; nothing to do")
-        return
     run_steps(desc="teacher", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,
               validate=lambda: validation_dice(model, val_images, val_masks, device),
               save=state.save, checkpoint_path=out, logger=logger)

@@ -33,6 +33,9 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
     """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
     `val_every` steps and at the end `save(step_done, validate())`. `saved_at_start`: a
     checkpoint of step `start_step` exists (always so when resuming)."""
+    if start_step >= steps:
+        print(f"{checkpoint_path}: already trained for {start_step} steps; nothing to do")
+        return
     running: dict = {}
     last_saved = start_step if start_step or saved_at_start else None
     bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, dynamic_ncols=True,

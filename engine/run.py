@@ -36,9 +36,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def resolved_path(text: str) -> Path:
+    """Paths that --resume compares are stored absolute, so `data` and `./data/` are one run."""
+    return Path(text).resolve()
+
+
 def base_parser(description: str, out: str, training: bool = True) -> argparse.ArgumentParser:
     p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+    p.add_argument("--data", type=resolved_path, default=DEFAULT_DATA,
                    help="dataset root with images/, masks/ and optional splits.json; the repo's data/ folder "
                         "gets the phantom dataset generated on first use")
     p.add_argument("--out", type=Path, default=Path(out),
@@ -184,6 +189,15 @@ def args_record(args) -> dict:
     """The flags as plain JSON-able values, as stored in checkpoints and config.json."""
     plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v  # noqa: E731
     return {k: plain(v) for k, v in vars(args).items()}
+
+
+def open_run_logs(checkpoint: Path, args, split: dict, extra: dict) -> tuple[Path, logging.Logger]:
+    """The `<stem>_logs/` folder beside a checkpoint, with config.json and split.json written and
+    train.log opened."""
+    logs = log_dir_for(checkpoint)
+    logs.mkdir(exist_ok=True)
+    dump_run_config(logs, args, split, extra)
+    return logs, start_logging(logs)
 
 
 def dump_run_config(folder: Path, args, split: dict, extra: dict | None = None) -> None:
