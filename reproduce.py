@@ -9,7 +9,7 @@ Finished runs are reused, so an interrupted reproduction continues where it stop
 redoes everything. Writes into --out: table1..4 as .md and .csv, tables.md with all four, and
 results.json with every per-run number, the environment and each run's wall time.
 """
-import argparse
+import dataclasses
 import importlib
 import json
 import shutil
@@ -19,26 +19,27 @@ from pathlib import Path
 import torch
 
 from data import prepare_dataset
-from engine.errors import OneLineParser, UserError, exit_on_user_error
-from engine.plan import PROFILES, Planner
-from engine.run import DEFAULT_DATA, environment, select_device, writable_dir, write_json
-from engine.tables import TABLES, collect, render
+from engine.cli import DEFAULT_DATA, parse, select_device, setting, writable_dir
+from engine.records import environment, write_json
+from engine.state import read_checkpoint
+from errors import UserError, exit_on_user_error
+from reproduction.plan import PROFILES, Planner
+from reproduction.tables import TABLES, collect, render
 
 # Rough cost of one step relative to a teacher step, for the ETA; refined by measured times.
 STEP_COST = dict(train_teacher=1.0, train_cyclegan=3.0, train_student=2.0)
 EVAL_COST = 40.0
 
 
-def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=list(PROFILES), default="quick",
-                   help="quick: CPU minutes; paper: GPU, full size, three seeds; micro: a seconds-long check")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: the embedded phantom)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: results/<profile>)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run every stage")
-    p.add_argument("--force", action="store_true", help="redo every run instead of reusing finished ones")
-    return p.parse_args(argv)
+@dataclasses.dataclass
+class ReproduceSettings:
+    profile: str = setting("quick", "quick: CPU minutes; paper: GPU, full size, three seeds; micro: a seconds-long "
+                                    "check", choices=tuple(PROFILES))
+    data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
+    out: Path | None = setting(None, "output folder; default: results/<profile>")
+    seeds: int | None = setting(None, "number of seeds; default: the profile's", within="[1, inf)")
+    device: str = setting("auto", "where to run every stage", choices=("auto", "cpu", "cuda"))
+    force: bool = setting(False, "redo every run instead of reusing finished ones")
 
 
 def finished(run) -> bool:
@@ -46,7 +47,7 @@ def finished(run) -> bool:
         return (run.output / "summary.json").is_file()
     if not run.output.is_file():
         return False
-    return torch.load(run.output, map_location="cpu", weights_only=False).get("step", 0) >= run.steps
+    return read_checkpoint(run.output, "--out").get("step", 0) >= run.steps
 
 
 def cost(run) -> float:
@@ -104,10 +105,8 @@ def write_tables(out: Path, results: dict, seeds: int) -> str:
 
 @exit_on_user_error
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse(ReproduceSettings, __doc__, argv)
     device = select_device(args.device)
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: must be at least 1")
     out = writable_dir(args.out or Path("results") / args.profile)
     data = prepare_dataset(args.data)
     planner = Planner(args.profile, data, out, args.seeds, args.device)

@@ -1,9 +1,12 @@
 """Stage 2: train SinusCycle-GAN, the unpaired refiner of the teacher's pseudo labels (SPEC section 5).
 
-Domain A: unlabelled images xu with the frozen teacher's foreground probability qT(xu); domain B:
+Reads --data and the frozen --teacher (whose split and input size it inherits); writes the
+checkpoint --out, holding the refiner G_AB whose refinement gains most validation Dice over the
+teacher, and <out stem>_logs/ beside it.
+
+Domain A: unlabelled images xu with the teacher's foreground probability qT(xu); domain B:
 labelled images xl with their expert masks yl. G_AB(x, q) returns a refined foreground logit r,
 G_BA(x, y) a teacher-like soft mask; the discriminators D_A, D_B judge (image, mask) pairs.
-The checkpoint keeps the G_AB whose refinement gains most validation Dice over the teacher.
 
 Design: each generator is residual by default: it returns the logit of its input mask plus a
 correction whose last layer starts at zero, so an untrained G_AB returns the teacher's own
@@ -14,51 +17,39 @@ short schedules on the phantom it collapsed to an all-background mask (refined v
 against the teacher's 0.83 at 64x128, widths 8/16, 400 steps), while with longer schedules it
 recovered and reached the same peak as the residual design.
 """
-import argparse
+import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import augment_geometry, batch_indices, load_tensors, prepare_dataset, step_generator
-from data.augment import derive_seed
-from engine.checkpoint import check_resume_args, load_checkpoint
-from engine.errors import UserError, exit_on_user_error
-from engine.frozen import load_teacher
-from engine.loop import check_finite, run_steps
+from data import Geometry, augment_geometry, batch_indices, derive_seed, inherited_split, load_tensors, \
+    prepare_dataset, step_generator, strengths
+from engine.cli import Training, autocast, memory_format, parse, select_device, setting, writable_file
+from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics, summarize
-from engine.predict import predict_logits
-from engine.refine import refine_all, teacher_foreground
-from engine.run import autocast, base_parser, memory_format, open_run_logs, positive_int, resolved_path, \
-    seed_everything, select_device, writable_file
-from engine.split import inherited_split
-from engine.stage import StageState
+from engine.records import open_run_logs
+from engine.state import StageState, load_network, resume_from, seed_everything, upstream_size
+from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
-from nets.cyclegan import PatchDiscriminator, ResnetGenerator
-
-RESUME_KEYS = ("data", "teacher", "seed", "size", "steps", "batch_size", "lr", "val_every", "width", "blocks",
-               "residual", "disc_width", "cycle_weight", "identity_weight", "pool_size", "decay_start", "precision",
-               "channels_last", "deterministic")
+from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_probability
 
 
-def parse_args(argv=None):
-    p = base_parser(__doc__, out="cyclegan.pt")
-    p.set_defaults(lr=2e-4, size=None)
-    p.add_argument("--teacher", type=resolved_path, required=True,
-                   help="teacher checkpoint whose pseudo labels to refine")
-    p.add_argument("--labeled-ratio", type=float, default=None,
-                   help="only checked: the split is the teacher's, and a different ratio is an error")
-    p.add_argument("--width", type=positive_int, default=16, help="generator channels at full resolution")
-    p.add_argument("--blocks", type=positive_int, default=4, help="residual blocks in each generator")
-    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
-                   help="generators add the logit of their input mask to their output, so they start as the "
-                        "identity (see the description above)")
-    p.add_argument("--disc-width", type=positive_int, default=16, help="discriminator channels in its first layer")
-    p.add_argument("--cycle-weight", type=float, default=10.0, help="weight of the cycle-consistency L1 losses")
-    p.add_argument("--identity-weight", type=float, default=5.0, help="weight of the identity L1 G_AB(xl, yl) ~ yl")
-    p.add_argument("--pool-size", type=int, default=50, help="fakes kept in each discriminator's history pool")
-    p.add_argument("--decay-start", type=float, default=0.5,
-                   help="fraction of --steps after which the learning rate decays linearly to 0")
-    return p.parse_args(argv)
+@dataclasses.dataclass
+class CycleGANSettings(Training):
+    out: Path = setting(Path("cyclegan.pt"), "checkpoint to write (logs go to a folder beside it)")
+    teacher: Path | None = setting(None, "teacher checkpoint whose pseudo labels to refine", required=True)
+    lr: float = setting(2e-4, "learning rate of both Adam optimisers (betas 0.5, 0.999)", within="(0, inf)")
+    width: int = setting(16, "generator channels at full resolution", within="[1, inf)")
+    blocks: int = setting(4, "residual blocks in each generator", within="[1, inf)")
+    residual: bool = setting(True, "generators add the logit of their input mask to their output, so they start "
+                                   "as the identity (see the description above)")
+    disc_width: int = setting(16, "discriminator channels in its first layer", within="[1, inf)")
+    cycle_weight: float = setting(10.0, "weight of the cycle-consistency L1 losses", within="[0, inf)")
+    identity_weight: float = setting(5.0, "weight of the identity L1 G_AB(xl, yl) ~ yl", within="[0, inf)")
+    pool_size: int = setting(50, "fakes kept in each discriminator's history pool (0: none)", within="[0, inf)")
+    decay_start: float = setting(0.5, "fraction of --steps after which the learning rate decays linearly to 0",
+                                 within="[0, 1]")
 
 
 class HistoryPool:
@@ -90,12 +81,6 @@ class HistoryPool:
         self.items = [t.to(self.device) for t in items]
 
 
-def constant_then_linear(steps: int, decay_start: float):
-    """LambdaLR factor: 1 until `decay_start * steps`, then linear to 0 at `steps`."""
-    start = int(decay_start * steps)
-    return lambda step: 1.0 if step < start else max(0.0, (steps - step) / max(steps - start, 1))
-
-
 def lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(scores, torch.full_like(scores, float(real)))
 
@@ -107,7 +92,7 @@ def pair(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Domain A's mask channel qT(xu); the teacher is a fixed input, never trained here."""
-    return teacher_foreground(teacher(images))
+    return foreground_probability(teacher(images))
 
 
 def generator_loss(nets, xa, qa, xb, yb, cycle_weight: float, identity_weight: float):
@@ -138,95 +123,102 @@ def mask_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
                 hd95=summarize(hd95.tolist())["mean"], hd95_undefined=float(hd95.isnan().sum()))
 
 
+class CycleGAN:
+    """The four networks, their optimisers, schedules and history pools, and one training step."""
+
+    def __init__(self, s: CycleGANSettings, device: torch.device):
+        self.s, self.device = s, device
+        self.nets = torch.nn.ModuleDict(dict(
+            G_AB=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
+            G_BA=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
+            D_A=PatchDiscriminator(width=s.disc_width), D_B=PatchDiscriminator(width=s.disc_width)))
+        self.nets.to(device, memory_format=memory_format(s.channels_last))
+        generators = [*self.nets["G_AB"].parameters(), *self.nets["G_BA"].parameters()]
+        discriminators = [*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]
+        self.opt_g = torch.optim.Adam(generators, lr=s.lr, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(discriminators, lr=s.lr, betas=(0.5, 0.999))
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, constant_then_linear(s.steps, s.decay_start))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, constant_then_linear(s.steps, s.decay_start))
+        self.pool_a, self.pool_b = HistoryPool(s.pool_size, device), HistoryPool(s.pool_size, device)
+
+    def modules(self) -> dict:
+        """Everything whose state --resume needs."""
+        return dict(nets=self.nets, opt_g=self.opt_g, opt_d=self.opt_d, sched_g=self.sched_g,
+                    sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
+
+    def train_step(self, xa, qa, xb, yb, pool_generators) -> dict:
+        """One generator update, then one discriminator update on pooled fakes."""
+        s, nets, device = self.s, self.nets, self.device
+        nets["D_A"].requires_grad_(False)
+        nets["D_B"].requires_grad_(False)
+        with autocast(s.precision, device):
+            loss_g, fake_a, fake_b, parts = generator_loss(nets, xa, qa, xb, yb, s.cycle_weight, s.identity_weight)
+        value_g = check_finite(loss_g, "generator loss")
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+
+        nets["D_A"].requires_grad_(True)
+        nets["D_B"].requires_grad_(True)
+        fake_a = self.pool_a.query(fake_a, pool_generators[0])
+        fake_b = self.pool_b.query(fake_b, pool_generators[1])
+        with autocast(s.precision, device):
+            loss_d = discriminator_loss(nets, pair(xa, qa), pair(xb, yb), fake_a, fake_b)
+        value_d = check_finite(loss_d, "discriminator loss")
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        self.sched_g.step()
+        self.sched_d.step()
+        return dict(g=value_g, d=value_d, **{k: v.item() for k, v in parts.items()})
+
+
 @exit_on_user_error
 def main(argv=None):
-    args = parse_args(argv)
-    device = select_device(args.device)
-    if not 0 <= args.decay_start <= 1:
-        raise UserError(f"--decay-start {args.decay_start}: must be a fraction of --steps in [0, 1]")
-    if args.pool_size < 0:
-        raise UserError(f"--pool-size {args.pool_size}: must be 0 (no pool) or more")
-    out = writable_file(args.out)
-    root = prepare_dataset(args.data)
-    teacher, teacher_ckpt = load_teacher(args.teacher, device)
-    size = tuple(teacher_ckpt["size"])
-    if args.size is not None and tuple(args.size) != size:
-        raise UserError(f"--size {args.size[0]} {args.size[1]} differs from --teacher {args.teacher}, trained at "
-                        f"{size[0]} {size[1]}; drop --size (the refiner works at the teacher's size)")
-    split = inherited_split(teacher_ckpt, "--teacher", args.teacher, args.labeled_ratio, root)
+    s = parse(CycleGANSettings, __doc__, argv)
+    device = select_device(s.device)
+    out = writable_file(s.out)
+    root = prepare_dataset(s.data)
+    teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
+    size = upstream_size(s.size, teacher_ckpt, "--teacher", s.teacher)
+    split = inherited_split(teacher_ckpt, "--teacher", s.teacher, root)
     if not split["unlabeled"]:
-        raise UserError(f"--teacher {args.teacher}: its split has no unlabelled images to refine; retrain the "
+        raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "
                         f"teacher with --labeled-ratio below 1")
-    resume = load_checkpoint(out, ("cyclegan",), "--out") if args.resume and out.exists() else None
-    if resume:
-        check_resume_args(resume, args, RESUME_KEYS)
-    seed_everything(args.seed, args.deterministic)
+    resume = resume_from(out, "cyclegan", s)
+    seed_everything(s.seed, s.deterministic)
 
     unlabeled, _ = load_tensors(root, split["unlabeled"], size, with_masks=False)
     labeled, labels = load_tensors(root, split["labeled"], size)
     val_images, val_masks = load_tensors(root, split["val"], size)
-    val_teacher = predict_logits(teacher, val_images, device)
-    teacher_metrics = mask_metrics(val_teacher, val_masks)
+    teacher_metrics = mask_metrics(predict_logits(teacher, val_images, device), val_masks)
 
-    nets = torch.nn.ModuleDict(dict(
-        G_AB=ResnetGenerator(width=args.width, blocks=args.blocks, residual=args.residual),
-        G_BA=ResnetGenerator(width=args.width, blocks=args.blocks, residual=args.residual),
-        D_A=PatchDiscriminator(width=args.disc_width), D_B=PatchDiscriminator(width=args.disc_width)))
-    nets.to(device, memory_format=memory_format(args))
-    generators = [*nets["G_AB"].parameters(), *nets["G_BA"].parameters()]
-    discriminators = [*nets["D_A"].parameters(), *nets["D_B"].parameters()]
-    opt_g = torch.optim.Adam(generators, lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminators, lr=args.lr, betas=(0.5, 0.999))
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, constant_then_linear(args.steps, args.decay_start))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, constant_then_linear(args.steps, args.decay_start))
-    pool_a, pool_b = HistoryPool(args.pool_size, device), HistoryPool(args.pool_size, device)
-    config = dict(G_AB=nets["G_AB"].config, G_BA=nets["G_BA"].config)
-    state = StageState("cyclegan", out, nets["G_AB"], dict(nets=nets, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
-                                                          sched_d=sched_d, pool_a=pool_a, pool_b=pool_b),
-                       args, split, size, config=config, score="dice_gain")
+    gan = CycleGAN(s, device)
+    config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
+    state = StageState("cyclegan", out, gan.nets["G_AB"], gan.modules(), s, split, size, config=config,
+                       score="dice_gain")
     start = state.restore(resume) if resume else 0
+    geometry = strengths(Geometry, s, "aug_")
 
-    logs, logger = open_run_logs(out, args, split, dict(kind="cyclegan", network=config, teacher=args.teacher))
+    logs, logger = open_run_logs(out, s, split, dict(kind="cyclegan", network=config))
     logger.info("cyclegan: %d unlabelled (A), %d labelled (B), %d val images at %s on %s%s", len(unlabeled),
                 len(labeled), len(val_images), size, device, f", resumed at step {start}" if start else "")
-    seed_a = derive_seed(args.seed, "unlabeled")   # A and B batches walk independent permutations
+    seed_a = derive_seed(s.seed, "unlabeled")   # A and B batches walk independent permutations
 
     def train_step(step):
-        idx_a = batch_indices(len(unlabeled), args.batch_size, seed_a, step)
-        idx_b = batch_indices(len(labeled), args.batch_size, args.seed, step)
-        xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(args.seed, step, "unlabeled"))
+        idx_a = batch_indices(len(unlabeled), s.batch_size, seed_a, step)
+        idx_b = batch_indices(len(labeled), s.batch_size, s.seed, step)
+        xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(s.seed, step, "unlabeled"),
+                                 geometry)
         xb, yb = augment_geometry(labeled[idx_b].to(device), labels[idx_b].to(device),
-                                  step_generator(args.seed, step, "labeled"))
-        with autocast(args, device):
+                                  step_generator(s.seed, step, "labeled"), geometry)
+        with autocast(s.precision, device):
             qa = teacher_pseudo_labels(teacher, xa)
-        yb = yb[:, None].float()
-
-        nets["D_A"].requires_grad_(False)
-        nets["D_B"].requires_grad_(False)
-        with autocast(args, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(nets, xa, qa, xb, yb, args.cycle_weight,
-                                                           args.identity_weight)
-        value_g = check_finite(loss_g, "generator loss")
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-
-        nets["D_A"].requires_grad_(True)
-        nets["D_B"].requires_grad_(True)
-        fake_a = pool_a.query(fake_a, step_generator(args.seed, step, "pool_a"))
-        fake_b = pool_b.query(fake_b, step_generator(args.seed, step, "pool_b"))
-        with autocast(args, device):
-            loss_d = discriminator_loss(nets, pair(xa, qa), pair(xb, yb), fake_a, fake_b)
-        value_d = check_finite(loss_d, "discriminator loss")
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        sched_g.step()
-        sched_d.step()
-        return dict(g=value_g, d=value_d, **{k: v.item() for k, v in parts.items()})
+        pools = (step_generator(s.seed, step, "pool_a"), step_generator(s.seed, step, "pool_b"))
+        return gan.train_step(xa, qa, xb, yb[:, None].float(), pools)
 
     def validate():
-        refined = refine_all(nets["G_AB"], val_images, val_teacher, device)
+        refined = predict_logits(teacher, val_images, device, refiner=gan.nets["G_AB"])
         metrics = {f"teacher_{k}": v for k, v in teacher_metrics.items()}
         metrics.update({f"refined_{k}": v for k, v in mask_metrics(refined, val_masks).items()})
         metrics["dice_gain"] = metrics["refined_dice"] - metrics["teacher_dice"]
@@ -234,7 +226,7 @@ def main(argv=None):
 
     if start == 0:
         state.save(0, validate())   # the untrained residual G_AB is the teacher: the baseline to beat
-    run_steps(desc="cyclegan", steps=args.steps, start_step=start, val_every=args.val_every, train_step=train_step,
+    run_steps(desc="cyclegan", steps=s.steps, start_step=start, val_every=s.val_every, train_step=train_step,
               validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True)
     m = state.best["metrics"]
     print(f"{out}: validation, teacher -> refined (best step {state.best['step']}): "

@@ -1,11 +1,14 @@
-"""Data for sinus-wkd: the dataset-folder contract, preprocessing, deterministic batches and
-augmentation, and the procedural panoramic phantom that is the embedded default dataset.
+"""Data for sinus-wkd: the dataset-folder contract, the split, preprocessing, deterministic batches
+and augmentation, and the procedural panoramic phantom that is the embedded default dataset.
 
 This folder is also the default dataset root: `--data data/` generates the phantom here
 (images/, masks/, phantom.json; git-ignored) on first use.
 """
-from .augment import augment_geometry, augment_photometric, batch_indices, step_generator
-from .dataset import load_case, load_tensors, prepare_dataset, resolve_split
+from .augment import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, derive_seed, \
+    labeled_batch, step_generator, strengths
+from .dataset import load_case, load_tensors, prepare_dataset
+from .split import SPLIT_KEYS, inherited_split, new_split, resolve_split
 
-__all__ = ["prepare_dataset", "resolve_split", "load_case", "load_tensors", "batch_indices",
-           "step_generator", "augment_geometry", "augment_photometric"]
+__all__ = ["prepare_dataset", "load_case", "load_tensors", "SPLIT_KEYS", "new_split", "inherited_split",
+           "resolve_split", "Geometry", "Photometric", "strengths", "batch_indices", "step_generator", "derive_seed",
+           "augment_geometry", "augment_photometric", "labeled_batch"]

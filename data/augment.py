@@ -4,13 +4,37 @@ A resumed run replays the same batches and the same augmentations as an uninterr
 because nothing here carries state from step to step: batch k of a run with seed s is always
 the same indices, and its augmentation generator is seeded from (s, k, stream).
 """
+import dataclasses
 import hashlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from engine.errors import UserError
+from errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Strengths of the random geometric augmentation; its values are the stages' settings."""
+    rotate: float           # maximum rotation, degrees
+    scale: tuple            # zoom range (low, high)
+    shift: float            # maximum translation, fraction of the image size
+    flip: float             # probability of a horizontal flip
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """Strengths of the random intensity augmentation."""
+    gamma: float            # log-gamma drawn from [-gamma, gamma]
+    contrast: tuple         # contrast factor range (low, high)
+    brightness: float       # brightness offset drawn from [-brightness, brightness]
+    noise: float            # Gaussian noise sigma drawn from [0, noise]
+
+
+def strengths(cls, settings, prefix: str):
+    """A Geometry or Photometric from the settings fields named `prefix + field`."""
+    return cls(**{f.name: getattr(settings, prefix + f.name) for f in dataclasses.fields(cls)})
 
 
 def derive_seed(*parts) -> int:
@@ -44,7 +68,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return out
 
 
-def augment_geometry(images, masks, g, max_rotate=5.0, scale=(0.9, 1.1), max_shift=0.05, p_flip=0.5):
+def augment_geometry(images, masks, g, geometry: Geometry):
     """Random rotation, scale, translation and horizontal flip of a batch, one draw per image.
 
     images (N, 1, H, W) are resampled bilinearly (border values extend outwards), masks
@@ -53,10 +77,11 @@ def augment_geometry(images, masks, g, max_rotate=5.0, scale=(0.9, 1.1), max_shi
     left-right symmetric. Runs on the device the images live on.
     """
     n, _, h, w = images.shape
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(max_rotate)
+    scale = geometry.scale
+    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(geometry.rotate)
     zoom = scale[0] + torch.rand(n, generator=g) * (scale[1] - scale[0])
-    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * max_shift * 2     # normalised coords span 2
-    flip = torch.where(torch.rand(n, generator=g) < p_flip, -1.0, 1.0)
+    shift = (torch.rand(n, 2, generator=g) * 2 - 1) * geometry.shift * 2     # normalised coords span 2
+    flip = torch.where(torch.rand(n, generator=g) < geometry.flip, -1.0, 1.0)
     # affine_grid maps output to input in [-1, 1] coordinates; rotate in pixel units (aspect a)
     # so that a rotation stays a rotation on a non-square image
     a = w / h
@@ -71,8 +96,9 @@ def augment_geometry(images, masks, g, max_rotate=5.0, scale=(0.9, 1.1), max_shi
     return images, masks
 
 
-def augment_photometric(images, g, gamma=0.3, contrast=(0.8, 1.2), brightness=0.1, noise=0.03):
+def augment_photometric(images, g, photometric: Photometric):
     """Random gamma, contrast, brightness and Gaussian noise per image; output clamped to [0, 1]."""
+    gamma, contrast, brightness, noise = dataclasses.astuple(photometric)
     n = images.shape[0]
     per_image = (n,) + (1,) * (images.dim() - 1)
 
@@ -88,3 +114,12 @@ def augment_photometric(images, g, gamma=0.3, contrast=(0.8, 1.2), brightness=0.
     device_g = torch.Generator(device=images.device).manual_seed(device_seed)
     x = x + draw(0, noise) * torch.randn(x.shape, generator=device_g, device=x.device, dtype=x.dtype)
     return x.clamp(0, 1)
+
+
+def labeled_batch(images, masks, batch_size: int, seed: int, step: int, device, geometry: Geometry,
+                  photometric: Photometric):
+    """Batch `step` of the labelled stream, geometrically and photometrically augmented."""
+    idx = batch_indices(len(images), batch_size, seed, step)
+    g = step_generator(seed, step, "labeled")
+    x, y = augment_geometry(images[idx].to(device), masks[idx].to(device), g, geometry)
+    return augment_photometric(x, g, photometric), y

@@ -1,4 +1,5 @@
-"""The dataset-folder contract (SPEC section 1): finding, checking, splitting and loading cases.
+"""The dataset-folder contract (SPEC section 1): finding, checking and loading cases; the split
+is drawn in split.py.
 
     DIR/images/<id>.png|jpg|jpeg|tif|tiff   gray or RGB(A), 8 or 16 bit, any size
     DIR/masks/<id>.png                      same size as its image; 0 background, k > 0 sinus
@@ -10,8 +11,6 @@ training size uses bilinear interpolation with antialiasing (area-weighted when 
 a 2900-pixel radiograph does not alias on its way to 512) and the mask nearest-exact, which
 samples at the same pixel centres as the bilinear image.
 """
-import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.errors import UserError
+from errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_PHANTOM = dict(n=300, size=(256, 512), seed=0)
-SPLIT_KEYS = ("labeled", "unlabeled", "val", "test")
-TEST_FRACTION, VAL_FRACTION = 0.2, 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,67 +100,10 @@ def mask_files(root) -> dict:
     return files
 
 
-# ---------------------------------------------------------------------------------------------
-# the split
-
-def _few(ids, k=5):
+def few(ids, k=5):
+    """A short listing of ids for an error message."""
     ids = sorted(ids)
     return ", ".join(ids[:k]) + (f" and {len(ids) - k} more" if len(ids) > k else "")
-
-
-def _round(x):
-    return int(math.floor(x + 0.5))   # half up, unlike Python's round-half-even
-
-
-def resolve_split(root, seed=0, labeled_ratio=0.1) -> dict:
-    """{labeled, unlabeled, val, test}: sorted id lists, from splits.json or drawn by `seed`."""
-    images, masks = image_files(root), mask_files(root)
-    if (Path(root) / "splits.json").exists():
-        return _read_splits(Path(root) / "splits.json", images, masks)
-    if not 0 < labeled_ratio <= 1:
-        raise UserError(f"--labeled-ratio {labeled_ratio}: must be in (0, 1]")
-    masked = sorted(masks)                     # sorted: independent of the file-system order
-    order = [masked[i] for i in np.random.default_rng(seed).permutation(len(masked))]
-    n_test, n_val = _round(TEST_FRACTION * len(masked)), _round(VAL_FRACTION * len(masked))
-    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-    if min(n_test, n_val, len(train)) < 1:
-        raise UserError(f"--data {root}: {len(masked)} masked images are too few to split into "
-                        f"train/val/test (need at least 5); add masks or a splits.json")
-    n_labeled = len(train) if labeled_ratio == 1 else max(1, _round(labeled_ratio * len(train)))
-    unmasked = [i for i in images if i not in masks]
-    return dict(labeled=sorted(train[:n_labeled]), unlabeled=sorted(train[n_labeled:] + unmasked),
-                val=sorted(val), test=sorted(test))
-
-
-def _read_splits(path, images, masks):
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not readable JSON ({err}); fix or remove it")
-    if not isinstance(raw, dict) or set(raw) - set(SPLIT_KEYS) or \
-            not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in raw.values()):
-        raise UserError(f"{path}: must be an object with lists of id strings under "
-                        f"{', '.join(SPLIT_KEYS)}")
-    split = {k: sorted(raw.get(k, [])) for k in SPLIT_KEYS}
-    named = [i for ids in split.values() for i in ids]
-    unknown = sorted(set(named) - set(images))
-    if unknown:
-        raise UserError(f"{path}: unknown ids (no image in images/): {_few(unknown)}")
-    for a, b in [("val", "labeled"), ("val", "unlabeled"), ("test", "labeled"), ("test", "unlabeled"),
-                 ("val", "test"), ("labeled", "unlabeled")]:
-        both = set(split[a]) & set(split[b])
-        if both:
-            raise UserError(f"{path}: ids in both {a} and {b}: {_few(both)}; each id belongs to one list")
-    repeated = sorted({i for i in named if named.count(i) > 1})
-    if repeated:
-        raise UserError(f"{path}: ids listed twice: {_few(repeated)}")
-    for key in ("labeled", "val", "test"):
-        unmasked = [i for i in split[key] if i not in masks]
-        if unmasked:
-            raise UserError(f"{path}: {key} ids without a mask in masks/: {_few(unmasked)}")
-        if not split[key]:
-            raise UserError(f"{path}: the {key} list is empty; it needs at least one id")
-    return split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +192,7 @@ def load_tensors(root, ids, size, with_masks=True):
     missing = [i for i in ids if i not in images] + [i for i in ids if with_masks and i not in masks]
     if missing:
         what = "an image or mask" if with_masks else "an image"
-        raise UserError(f"--data {root}: ids without {what}: {_few(missing)}")
+        raise UserError(f"--data {root}: ids without {what}: {few(missing)}")
 
     def job(case_id):
         image, mask = _load(images[case_id], masks.get(case_id))

@@ -20,7 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 from scipy import ndimage
 
-from engine.errors import OneLineParser, UserError, exit_on_user_error
+from errors import OneLineParser, UserError, exit_on_user_error
 from kernels.boundary_reference import mask_boundary
 
 from .anatomy import ANATOMY, Patient

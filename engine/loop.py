@@ -1,12 +1,16 @@
 """The step loop every training stage shares: progress bar with the running loss, periodic
-validation and checkpointing, and a clean stop on a non-finite loss."""
+validation and checkpointing, a clean stop on a non-finite loss; learning-rate schedules and
+batched inference."""
 import logging
 import math
 
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
+from errors import UserError
+from nets.cyclegan import refine_logits
+
+from .metrics import dice_score
 
 
 class NonFiniteLoss(Exception):
@@ -26,6 +30,32 @@ def check_finite(loss: torch.Tensor, name: str = "loss") -> float:
 def poly_lr(steps: int, power: float = 0.9):
     """LambdaLR factor: polynomial decay from 1 at step 0 to 0 at `steps`."""
     return lambda step: max(0.0, 1.0 - step / steps) ** power
+
+
+def constant_then_linear(steps: int, decay_start: float):
+    """LambdaLR factor: 1 until `decay_start * steps`, then linear to 0 at `steps`."""
+    start = int(decay_start * steps)
+    return lambda step: 1.0 if step < start else max(0.0, (steps - step) / max(steps - start, 1))
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 8,
+                   refiner: torch.nn.Module | None = None) -> torch.Tensor:
+    """Logits for (N, 1, H, W) images in eval mode, refined by a SinusCycle-GAN generator if one is
+    given, returned on the CPU in float32."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        logits = model(x).float()
+        out.append((logits if refiner is None else refine_logits(refiner, x, logits)).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def validation_dice(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, device) -> dict:
+    return {"dice": dice_score(predict_logits(model, images, device), masks).item()}
 
 
 def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_step, validate, save,

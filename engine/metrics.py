@@ -7,11 +7,14 @@ empty ground truth alone gives 0 for the overlap ratio whose denominator is empt
 (undefined) boundary errors.
 """
 import math
+from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 
 from kernels import boundary_metrics
+from kernels.boundary_reference import mask_boundary
 
 OVERLAP = ("dice", "iou", "precision", "recall")
 BOUNDARY = ("hd", "hd95", "hd95_pooled", "assd")
@@ -62,3 +65,16 @@ def summarize(values, penalty=None) -> dict:
 def dice_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean foreground Dice of argmax predictions, for validation during training."""
     return overlap_metrics(logits.argmax(1) == 1, target == 1)["dice"].mean()
+
+
+GREEN, RED, YELLOW = (40, 220, 60), (240, 40, 40), (250, 220, 40)
+
+
+def save_overlay(path: Path, image: np.ndarray, target: np.ndarray, pred: np.ndarray) -> None:
+    """The image in gray with the ground-truth contour green, the predicted red, both yellow."""
+    rgb = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    gt_edge, pred_edge = mask_boundary(target.astype(bool)), mask_boundary(pred.astype(bool))
+    rgb[gt_edge] = GREEN
+    rgb[pred_edge] = RED
+    rgb[gt_edge & pred_edge] = YELLOW
+    iio.imwrite(path, rgb)

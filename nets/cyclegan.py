@@ -78,3 +78,18 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) probability of not-background: the mask channel SinusCycle-GAN refines."""
+    return logits.float().softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def refine_logits(generator: nn.Module, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Teacher logits refined by G_AB: two-class logits [0, r] with r = G_AB(image, qT), whose
+    softmax is [1 - sigmoid(r), sigmoid(r)], so they replace the teacher's anywhere (argmax, KD
+    loss at any temperature)."""
+    q = foreground_probability(teacher_logits).to(images.dtype)
+    r = generator(torch.cat([images, q], dim=1)).float()
+    return torch.cat([torch.zeros_like(r), r], dim=1)

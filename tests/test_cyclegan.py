@@ -12,11 +12,9 @@ import torch
 
 import train_cyclegan
 from data import load_tensors, phantom
-from engine.checkpoint import load_checkpoint
-from engine.errors import UserError
-from engine.frozen import load_teacher
-from engine.refine import load_refiner, refined_logits
-from nets.cyclegan import PatchDiscriminator, ResnetGenerator
+from engine.state import check_same_experiment, load_checkpoint, load_network
+from errors import UserError
+from nets.cyclegan import PatchDiscriminator, ResnetGenerator, refine_logits
 
 REPO = Path(__file__).resolve().parent.parent
 # the scripts must take the fast torch paths, not the Triton interpreter conftest switches on; one
@@ -80,7 +78,7 @@ def test_refined_logits_softmax_is_sigmoid_of_generator():
     torch.manual_seed(0)
     g = ResnetGenerator(width=4, blocks=1).eval()
     images, teacher = torch.rand(2, 1, 20, 28), torch.randn(2, 2, 20, 28) * 3
-    out = refined_logits(g, images, teacher)
+    out = refine_logits(g, images, teacher)
     assert out.shape == (2, 2, 20, 28) and not out.requires_grad
     q = torch.exp(teacher[:, 1]) / torch.exp(teacher).sum(1)
     r = g(torch.stack([images[:, 0], q], 1))
@@ -95,15 +93,15 @@ def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(t
     ckpt = load_checkpoint(path, ("cyclegan",), "--refiner")
     assert ckpt["step"] == 6 and ckpt["size"] == [32, 64]
     assert {k.split(".")[0] for k in ckpt["train_state"]["nets"]} == {"G_AB", "G_BA", "D_A", "D_B"}
-    teacher, teacher_ckpt = load_teacher(tiny / "teacher.pt", torch.device("cpu"))
+    teacher, teacher_ckpt = load_network(tiny / "teacher.pt", ("teacher",), "--teacher", torch.device("cpu"))
     assert ckpt["split"] == teacher_ckpt["split"]
 
     # the stored metrics, recomputed here from the two checkpoints alone
     images, masks = load_tensors(tiny / "ph", ckpt["split"]["val"], (32, 64))
     with torch.no_grad():
         teacher_logits = teacher(images)
-    refiner, _ = load_refiner(path, torch.device("cpu"), teacher_ckpt)
-    refined = refined_logits(refiner, images, teacher_logits)
+    refiner, _ = load_network(path, ("cyclegan",), "--refiner", torch.device("cpu"))
+    refined = refine_logits(refiner, images, teacher_logits)
 
     def dice(pred, target):
         pred, target = pred.flatten(1).float(), target.flatten(1).float()
@@ -138,7 +136,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, full_run):
 
 
 def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
-    teacher, _ = load_teacher(tiny / "teacher.pt", torch.device("cpu"))
+    teacher, _ = load_network(tiny / "teacher.pt", ("teacher",), "--teacher", torch.device("cpu"))
     teacher.requires_grad_(True)            # so that only the training code can keep it out of the graph
     buffers = {k: v.clone() for k, v in teacher.state_dict().items()}
     nets = torch.nn.ModuleDict(dict(G_AB=ResnetGenerator(width=4, blocks=1), G_BA=ResnetGenerator(width=4, blocks=1),
@@ -168,9 +166,8 @@ def refused(capsys, tiny, *args):
 def test_wrong_kind_of_teacher_is_refused_in_one_line(capsys, tiny, full_run):
     stderr = refused(capsys, tiny, "--teacher", full_run[0])
     assert "--teacher" in stderr and "cyclegan checkpoint" in stderr
-    teacher_ckpt = torch.load(tiny / "teacher.pt", weights_only=False)
-    with pytest.raises(UserError, match="--refiner"):
-        load_refiner(tiny / "teacher.pt", torch.device("cpu"), teacher_ckpt)
+    with pytest.raises(UserError, match="--refiner .* teacher checkpoint, expected a cyclegan"):
+        load_network(tiny / "teacher.pt", ("cyclegan",), "--refiner", torch.device("cpu"))
 
 
 def test_size_conflicting_with_the_teacher_is_refused(capsys, tiny):
@@ -179,7 +176,8 @@ def test_size_conflicting_with_the_teacher_is_refused(capsys, tiny):
 
 
 def test_refiner_from_another_teacher_is_refused(tiny, full_run):
-    other = torch.load(tiny / "teacher.pt", weights_only=False)
+    other = torch.load(tiny / "teacher.pt", weights_only=True)
     other["split"] = dict(other["split"], labeled=other["split"]["labeled"][1:])
     with pytest.raises(UserError, match="another teacher"):
-        load_refiner(full_run[0], torch.device("cpu"), other)
+        check_same_experiment(load_checkpoint(full_run[0], ("cyclegan",), "--refiner"), "--refiner", full_run[0],
+                              other)

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 import data.dataset
-from data import augment_geometry, augment_photometric, batch_indices, load_case, load_tensors, prepare_dataset, \
-    resolve_split, step_generator
+from data import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, load_case, \
+    load_tensors, prepare_dataset, resolve_split, step_generator, strengths
 from data.dataset import preprocess
+from train_teacher import TeacherSettings
+
+GEOMETRY = strengths(Geometry, TeacherSettings(), "aug_")          # the stages' defaults
+PHOTOMETRIC = strengths(Photometric, TeacherSettings(), "aug_")
 
 # imageio reads TIFF through its vendored tifffile, which warns about its own future removal
 pytestmark = pytest.mark.filterwarnings("ignore:ImageIO's vendored tifffile:DeprecationWarning")
@@ -188,7 +192,7 @@ def test_augment_geometry_keeps_image_and_mask_aligned():
     images, masks = blob_batch()
     flips = 0
     for seed in range(4):
-        out_img, out_mask = augment_geometry(images, masks, step_generator(seed, 0, "labeled"))
+        out_img, out_mask = augment_geometry(images, masks, step_generator(seed, 0, "labeled"), GEOMETRY)
         assert out_img.shape == images.shape and out_mask.shape == masks.shape
         assert out_mask.dtype == torch.int64 and set(out_mask.unique().tolist()) <= {0, 1}
         # wherever the bilinear image is exactly 0 or 1 (all four neighbours agree) the nearest
@@ -203,16 +207,16 @@ def test_augment_geometry_keeps_image_and_mask_aligned():
 
 def test_augment_geometry_is_reproducible_and_accepts_no_masks():
     images, masks = blob_batch()
-    a, am = augment_geometry(images, masks, step_generator(3, 2, "u"))
-    b, none = augment_geometry(images, None, step_generator(3, 2, "u"))
+    a, am = augment_geometry(images, masks, step_generator(3, 2, "u"), GEOMETRY)
+    b, none = augment_geometry(images, None, step_generator(3, 2, "u"), GEOMETRY)
     assert none is None and torch.equal(a, b)
 
 
 def test_augment_photometric_stays_in_range_and_leaves_inputs_alone():
     images = torch.rand(5, 1, 19, 33)
     before = images.clone()
-    out = augment_photometric(images, step_generator(0, 1, "labeled"))
-    again = augment_photometric(images, step_generator(0, 1, "labeled"))
+    out = augment_photometric(images, step_generator(0, 1, "labeled"), PHOTOMETRIC)
+    again = augment_photometric(images, step_generator(0, 1, "labeled"), PHOTOMETRIC)
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
     assert torch.equal(out, again) and torch.equal(images, before)
     assert not torch.allclose(out, images, atol=1e-3)

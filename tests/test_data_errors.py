@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from data import load_case, load_tensors, prepare_dataset, resolve_split
-from engine.errors import UserError
+from engine.cli import parse
+from errors import UserError
+from train_teacher import TeacherSettings
 
 # imageio reads TIFF through its vendored tifffile, which warns about its own future removal
 pytestmark = pytest.mark.filterwarnings("ignore:ImageIO's vendored tifffile:DeprecationWarning")
@@ -112,10 +114,10 @@ def test_too_few_labelled_images(tmp_path):
     raises(resolve_split, tmp_path, seed=0, labeled_ratio=0.1, must_name=["--data", "3 masked"])
 
 
-def test_labeled_ratio_out_of_range(tmp_path):
-    masked_dataset(tmp_path)
-    for ratio in (0.0, 1.5):
-        raises(resolve_split, tmp_path, seed=0, labeled_ratio=ratio, must_name=["--labeled-ratio"])
+def test_labeled_ratio_out_of_range():
+    for ratio in ("0", "1.5", "nan"):
+        raises(parse, TeacherSettings, "", ["--labeled-ratio", ratio], must_name=[f"--labeled-ratio {float(ratio)}",
+                                                                              "(0, 1]"])
 
 
 def test_mask_without_image_and_non_png_mask(tmp_path):

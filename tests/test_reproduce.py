@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import REPO, SCRIPT_ENV
 
-from engine.plan import Planner
-from engine.tables import TABLES, collect, render
+from reproduction.plan import Planner
+from reproduction.tables import TABLES, collect, render
 
 
 def quick_plan(seeds=1):

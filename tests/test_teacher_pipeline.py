@@ -11,7 +11,7 @@ from conftest import REPO, SCRIPT_ENV, TINY, run_script
 
 
 def test_teacher_checkpoint_holds_what_later_stages_need(tiny_teacher):
-    ckpt = torch.load(tiny_teacher, weights_only=False)
+    ckpt = torch.load(tiny_teacher, weights_only=True)
     assert ckpt["kind"] == "teacher"
     assert ckpt["config"]["width"] == 4 and ckpt["size"] == [32, 64]
     assert set(ckpt["split"]) >= {"labeled", "unlabeled", "val", "test", "seed", "labeled_ratio"}
@@ -41,11 +41,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    interrupted_at = torch.load(resumed, weights_only=False)["step"]
+    interrupted_at = torch.load(resumed, weights_only=True)["step"]
     assert interrupted_at < 24, "the run finished before it could be interrupted"
     subprocess.run(_train(tiny_data, resumed, "--resume"), env=SCRIPT_ENV, check=True, capture_output=True)
 
-    a, b = torch.load(straight, weights_only=False), torch.load(resumed, weights_only=False)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert b["step"] == 24
     for key in a["train_state"]["model"]:
         assert torch.equal(a["train_state"]["model"][key], b["train_state"]["model"][key]), key
@@ -57,7 +57,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tmp_path):
 def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_data, tiny_teacher, tmp_path):
     out = tmp_path / "eval"
     run_script("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--out", out, "--spacing", "0.1")
-    ckpt = torch.load(tiny_teacher, weights_only=False)
+    ckpt = torch.load(tiny_teacher, weights_only=True)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["id"] for r in rows] == ckpt["split"]["test"]
     # scored at the original 64x128, not the 32x64 network size
@@ -78,7 +78,7 @@ def test_evaluate_scores_only_cases_that_have_masks(tiny_data, tiny_teacher, tmp
     import shutil
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    unlabeled = torch.load(tiny_teacher, weights_only=False)["split"]["unlabeled"]
+    unlabeled = torch.load(tiny_teacher, weights_only=True)["split"]["unlabeled"]
     for case_id in unlabeled[:2]:                 # real unlabelled images usually have no mask
         (data / "masks" / f"{case_id}.png").unlink()
     out = tmp_path / "eval"

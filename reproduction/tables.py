@@ -10,18 +10,20 @@ import math
 
 import numpy as np
 
+from objectives import OBJECTIVES
+
+from .plan import KD_CELLS, TABLE4_METHODS, TABLE4_RATIOS, kd_label, percent
+
 TABLES = {
     "table1": dict(title="Table 1: comparison of methods at 10 % labels (test split)",
-                   rows=["supervised", "pseudo_label", "mean_teacher", "kd", "wkd", "wkd_refine",
-                         "supervised (100 % labels)"],
+                   rows=[*OBJECTIVES, "supervised (100 % labels)"],
                    metrics=["dice", "iou", "hd95", "assd", "precision", "recall"]),
     "table2": dict(title="Table 2: ablation of the KD weight and the refinement at 10 % labels (test split)",
-                   rows=[f"{w}, {r}" for r in ("plain", "refined") for w in ("none", "agree", "ssim")],
-                   metrics=["dice", "iou", "hd95", "assd"]),
+                   rows=[kd_label(w, r) for w, r in KD_CELLS], metrics=["dice", "iou", "hd95", "assd"]),
     "table3": dict(title="Table 3: pseudo-label quality on the unlabelled split at 10 % labels",
                    rows=["teacher", "refined"], metrics=["dice", "iou", "hd95", "assd", "precision", "recall"]),
     "table4": dict(title="Table 4: label efficiency (test split)",
-                   rows=[f"{m}|{p} %" for p in (5, 10, 20, 50) for m in ("supervised", "wkd_refine")],
+                   rows=[f"{m}|{percent(r)}" for r in TABLE4_RATIOS for m in TABLE4_METHODS],
                    metrics=["dice", "hd95"]),
 }
 LOWER_IS_BETTER = {"hd", "hd95", "hd95_pooled", "assd"}

@@ -7,12 +7,16 @@ evaluation per trained network (plus the teacher's pseudo labels, plain and refi
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels.kd_reference import WEIGHT_MODES
+from objectives import OBJECTIVES
+
 # Student methods of Table 1 that are not KD cells; KD cells are (weight, refined) pairs.
-BASELINES = ("pseudo_label", "mean_teacher")
-KD_CELLS = [(w, r) for r in (False, True) for w in ("none", "agree", "ssim")]
-KD_METHOD = {("none", False): "kd", ("ssim", False): "wkd", ("ssim", True): "wkd_refine"}
+BASELINES = tuple(name for name, o in OBJECTIVES.items() if o.target is not None and o.weight is None)
+KD_METHOD = {(o.weight, o.refine): name for name, o in OBJECTIVES.items() if o.weight is not None}
+KD_CELLS = [(w, r) for r in (False, True) for w in WEIGHT_MODES]
 TABLE1_RATIO = 0.1
 TABLE4_RATIOS = (0.05, 0.1, 0.2, 0.5)
+TABLE4_METHODS = ("supervised", "wkd_refine")
 
 PROFILES = {
     # End-to-end check of the whole plan in seconds (the test suite runs it on a tiny phantom).
@@ -42,6 +46,15 @@ class Run:
 
 def ratio_tag(ratio: float) -> str:
     return f"r{round(ratio * 100):03d}"
+
+
+def percent(ratio: float) -> str:
+    return f"{round(ratio * 100)} %"
+
+
+def kd_label(weight: str, refined: bool) -> str:
+    """Table 2's row of a KD cell."""
+    return f"{weight}, {'refined' if refined else 'plain'}"
 
 
 class Planner:
@@ -111,13 +124,11 @@ class Planner:
                 self.evaluation(self.kd_student(r, seed, weight, refined), ("table1", method))
             self.evaluation(self.teacher(1.0, seed), ("table1", "supervised (100 % labels)"))
             for weight, refined in KD_CELLS:
-                label = f"{weight}, {'refined' if refined else 'plain'}"
-                self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", label))
+                self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", kd_label(weight, refined)))
             self.evaluation(self.teacher(r, seed), ("table3", "teacher"), split="unlabeled")
             self.evaluation(self.teacher(r, seed), ("table3", "refined"), split="unlabeled",
                             refiner=self.refiner(r, seed))
             for ratio in TABLE4_RATIOS:
-                pct = f"{round(ratio * 100)} %"
-                self.evaluation(self.teacher(ratio, seed), ("table4", f"supervised|{pct}"))
-                self.evaluation(self.kd_student(ratio, seed, "ssim", True), ("table4", f"wkd_refine|{pct}"))
+                self.evaluation(self.teacher(ratio, seed), ("table4", f"supervised|{percent(ratio)}"))
+                self.evaluation(self.kd_student(ratio, seed, "ssim", True), ("table4", f"wkd_refine|{percent(ratio)}"))
         return list(self.runs.values())

@@ -1,0 +1,95 @@
+"""One split per experiment: drawn (or read from splits.json) by the teacher stage, carried by
+every checkpoint after it, so that all stages of one experiment see the same cases.
+
+Without a splits.json the masked ids are shuffled by the seed: a test fraction, a validation
+fraction, the rest train, of which a labelled ratio keeps its labels and the others join the
+images that have no mask as the unlabelled set.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from errors import UserError
+
+from .dataset import few, image_files, mask_files
+
+SPLIT_KEYS = ("labeled", "unlabeled", "val", "test")
+
+
+def _round(x):
+    return int(math.floor(x + 0.5))   # half up, unlike Python's round-half-even
+
+
+def resolve_split(root, seed=0, labeled_ratio=0.1, test_fraction=0.2, val_fraction=0.1) -> dict:
+    """{labeled, unlabeled, val, test}: sorted id lists, from splits.json or drawn by `seed`."""
+    images, masks = image_files(root), mask_files(root)
+    if (Path(root) / "splits.json").exists():
+        return _read_splits(Path(root) / "splits.json", images, masks)
+    masked = sorted(masks)                     # sorted: independent of the file-system order
+    order = [masked[i] for i in np.random.default_rng(seed).permutation(len(masked))]
+    n_test, n_val = _round(test_fraction * len(masked)), _round(val_fraction * len(masked))
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    if min(n_test, n_val, len(train)) < 1:
+        raise UserError(f"--data {root}: {len(masked)} masked images are too few to split into "
+                        f"train/val/test (need at least 5); add masks or a splits.json")
+    n_labeled = len(train) if labeled_ratio == 1 else max(1, _round(labeled_ratio * len(train)))
+    unmasked = [i for i in images if i not in masks]
+    return dict(labeled=sorted(train[:n_labeled]), unlabeled=sorted(train[n_labeled:] + unmasked),
+                val=sorted(val), test=sorted(test))
+
+
+def _read_splits(path, images, masks):
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable JSON ({err}); fix or remove it")
+    if not isinstance(raw, dict) or set(raw) - set(SPLIT_KEYS) or \
+            not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in raw.values()):
+        raise UserError(f"{path}: must be an object with lists of id strings under "
+                        f"{', '.join(SPLIT_KEYS)}")
+    split = {k: sorted(raw.get(k, [])) for k in SPLIT_KEYS}
+    named = [i for ids in split.values() for i in ids]
+    unknown = sorted(set(named) - set(images))
+    if unknown:
+        raise UserError(f"{path}: unknown ids (no image in images/): {few(unknown)}")
+    for a, b in [("val", "labeled"), ("val", "unlabeled"), ("test", "labeled"), ("test", "unlabeled"),
+                 ("val", "test"), ("labeled", "unlabeled")]:
+        both = set(split[a]) & set(split[b])
+        if both:
+            raise UserError(f"{path}: ids in both {a} and {b}: {few(both)}; each id belongs to one list")
+    repeated = sorted({i for i in named if named.count(i) > 1})
+    if repeated:
+        raise UserError(f"{path}: ids listed twice: {few(repeated)}")
+    for key in ("labeled", "val", "test"):
+        unmasked = [i for i in split[key] if i not in masks]
+        if unmasked:
+            raise UserError(f"{path}: {key} ids without a mask in masks/: {few(unmasked)}")
+        if not split[key]:
+            raise UserError(f"{path}: the {key} list is empty; it needs at least one id")
+    return split
+
+
+def new_split(root: Path, seed: int, labeled_ratio: float | None, test_fraction: float, val_fraction: float) -> dict:
+    """The teacher's split: from root/splits.json (which fixes the labelled set, so a
+    --labeled-ratio is an error there), else drawn by `seed` (labelled ratio 0.1 by default)."""
+    fixed = (root / "splits.json").exists()
+    if fixed and labeled_ratio is not None:
+        raise UserError(f"--labeled-ratio {labeled_ratio}: {root / 'splits.json'} fixes the labelled set; "
+                        f"drop the flag or remove splits.json")
+    ratio = None if fixed else 0.1 if labeled_ratio is None else labeled_ratio
+    split = resolve_split(root, seed, ratio or 0.1, test_fraction, val_fraction)
+    return dict(split, seed=seed, labeled_ratio=ratio)
+
+
+def inherited_split(ckpt: dict, flag: str, path, root: Path) -> dict:
+    """The split stored in an upstream checkpoint; a splits.json in --data that disagrees with it
+    is an error."""
+    split = ckpt["split"]
+    if (root / "splits.json").exists():
+        fixed = resolve_split(root)
+        if any(sorted(fixed[k]) != sorted(split[k]) for k in SPLIT_KEYS):
+            raise UserError(f"{root / 'splits.json'} differs from the split {flag} {path} was trained on; "
+                            f"use the --data that network was trained on")
+    return split

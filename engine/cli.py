@@ -1,0 +1,220 @@
+"""Command line and devices: each script's settings are one dataclass, its flags are built from it.
+
+A setting is a dataclass field made by `setting(default, help, within=..., choices=...)`. The
+field name gives the flag (`ema_decay` -> `--ema-decay`), its type the parsing, and `within` an
+interval such as "(0, 1]" that every value is checked against, so a script's defaults, help
+and ranges all sit in one visible block at its top.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from pathlib import Path
+
+import torch
+
+from errors import OneLineParser, UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO / "data"
+
+
+def setting(default, help: str, *, within: str | None = None, choices=None, metavar=None, required=False):
+    """A dataclass field that becomes a command-line flag; `within` is an interval like "[0, 1)"."""
+    return dataclasses.field(default=default, metadata=dict(help=help, within=within, choices=choices,
+                                                            metavar=metavar, required=required))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _interval(text: str):
+    match = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
+    if not match:
+        raise ValueError(f"bad interval {text!r}")
+    left, lo, hi, right = match.groups()
+    return float(lo), float(hi), left == "[", right == "]"
+
+
+def _outside(value: float, within: str) -> bool:
+    lo, hi, closed_lo, closed_hi = _interval(within)
+    if not math.isfinite(value):
+        return True
+    return value < lo or value > hi or (value == lo and not closed_lo) or (value == hi and not closed_hi)
+
+
+def _parts(annotation):
+    """(base type, number of values or None, optional) of a settings field's annotation."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        return args[0], ("+" if args[-1] is Ellipsis else len(args)), optional
+    return annotation, None, optional
+
+
+def _shown(default) -> str:
+    if default is None:
+        return ""
+    if isinstance(default, Path) and default.is_relative_to(REPO):
+        default = f"{default.relative_to(REPO)}/ in the repository"
+    return "; default: " + (" ".join(map(str, default)) if isinstance(default, tuple) else str(default))
+
+
+def build_parser(settings_class, description: str) -> argparse.ArgumentParser:
+    """One flag per field of `settings_class`, with its help, default and choices."""
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(settings_class)
+    for field in dataclasses.fields(settings_class):
+        meta, default = field.metadata, field.default
+        base, nargs, _ = _parts(hints[field.name])
+        help_text = meta["help"] + (f" (in {meta['within']})" if meta["within"] else "")
+        if base is bool:
+            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text + f"; default: {'on' if default else 'off'}")
+            continue
+        parser.add_argument(flag_name(field.name), type=base, nargs=nargs, default=default,
+                            choices=meta["choices"], metavar=meta["metavar"], required=meta["required"],
+                            help=help_text + ("; required" if meta["required"] else _shown(default)))
+    return parser
+
+
+def parse(settings_class, description: str, argv=None):
+    """The settings of one run from `argv`; a value outside its interval is a one-line error."""
+    namespace = build_parser(settings_class, description).parse_args(argv)
+    settings = settings_class(**{k: _normal(v) for k, v in vars(namespace).items()})
+    for field in dataclasses.fields(settings):
+        within, value = field.metadata["within"], getattr(settings, field.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if within and value is not None and any(_outside(float(v), within) for v in numbers):
+            shown = " ".join(map(str, numbers))
+            raise UserError(f"{flag_name(field.name)} {shown}: must be in {within}")
+    return settings
+
+
+def _normal(value):
+    """Lists become tuples; paths become absolute, so `--data data` and `--data ./data/` name one run."""
+    if isinstance(value, list):
+        return tuple(value)
+    return value.resolve() if isinstance(value, Path) else value
+
+
+def record(settings) -> dict:
+    """The settings as plain JSON values, as stored in checkpoints and config.json."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        return list(value) if isinstance(value, tuple) else value
+    return {k: plain(v) for k, v in dataclasses.asdict(settings).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and numerics
+
+def select_device(flag: str) -> torch.device:
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(flag)
+
+
+def bf16_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)   # private; absent means no
+    return bool(check and check())
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of --precision for the training forward passes."""
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_native(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def memory_format(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def check_size(size, stride: int = 16) -> tuple:
+    h, w = size
+    if h <= 0 or w <= 0 or h % stride or w % stride:
+        raise UserError(f"--size {h} {w}: both sides must be positive multiples of the network stride {stride}")
+    return (h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# output paths: checked before any work is done
+
+def writable_file(path: Path, flag: str = "--out") -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create its folder ({err.strerror})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot be written; choose another path")
+    return path
+
+
+def writable_dir(path: Path, flag: str = "--out") -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create the folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: folder is not writable; choose another path")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# settings every script shares
+
+@dataclasses.dataclass
+class Common:
+    data: Path = setting(DEFAULT_DATA, "dataset root with images/, masks/ and an optional splits.json; the "
+                                       "repository's data/ gets the phantom dataset generated on first use")
+    out: Path | None = setting(None, "where the result goes")
+    device: str = setting("auto", "where to run; auto takes CUDA when available", choices=("auto", "cpu", "cuda"))
+    size: tuple[int, int] | None = setting(None, "network input size H W, each a multiple of 16; stages after "
+                                                 "the teacher take the teacher's", metavar=("H", "W"))
+
+
+@dataclasses.dataclass
+class Training(Common):
+    seed: int = setting(0, "seed of the split (teacher), initialisation, batches and augmentation")
+    steps: int = setting(1000, "training iterations", within="[1, inf)")
+    batch_size: int = setting(4, "labelled images per step", within="[1, inf)")
+    lr: float = setting(1e-3, "peak learning rate of Adam (the schedule is in the description above)",
+                        within="(0, inf)")
+    val_every: int = setting(100, "validate and checkpoint every this many steps (and at the end)",
+                             within="[1, inf)")
+    precision: str = setting("auto", "bf16 runs the networks under autocast; auto takes bf16 where the device "
+                                     "computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), fp32 elsewhere",
+                             choices=("auto", "fp32", "bf16"))
+    channels_last: bool = setting(True, "keep activations in the channels-last memory format")
+    deterministic: bool = setting(False, "use deterministic algorithms only (bitwise repeatable on GPU, slower)")
+    resume: bool = setting(False, "continue the run stored at --out from its last checkpoint; the result equals "
+                                  "an uninterrupted run")
+    aug_rotate: float = setting(5.0, "geometric augmentation: maximum rotation in degrees", within="[0, 180]")
+    aug_scale: tuple[float, float] = setting((0.9, 1.1), "geometric augmentation: zoom range", within="(0, 10]",
+                                             metavar=("LOW", "HIGH"))
+    aug_shift: float = setting(0.05, "geometric augmentation: maximum shift, fraction of the image", within="[0, 1]")
+    aug_flip: float = setting(0.5, "geometric augmentation: probability of a left-right flip", within="[0, 1]")
+
+
+@dataclasses.dataclass
+class LabelledPhotometric:
+    aug_gamma: float = setting(0.3, "photometric augmentation of labelled images: log-gamma range +-",
+                               within="[0, 3]")
+    aug_contrast: tuple[float, float] = setting((0.8, 1.2), "photometric augmentation: contrast factor range",
+                                                within="(0, 10]", metavar=("LOW", "HIGH"))
+    aug_brightness: float = setting(0.1, "photometric augmentation: brightness offset range +-", within="[0, 1]")
+    aug_noise: float = setting(0.03, "photometric augmentation: maximum Gaussian noise sigma", within="[0, 1]")

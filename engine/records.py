@@ -1,0 +1,60 @@
+"""What is written beside every run: config.json (settings, code version, environment),
+split.json and train.log, and the environment record results carry."""
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli import REPO, record
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+def environment() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(git=git_hash(), python=platform.python_version(), torch=torch.__version__, triton=triton_version,
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), gpu=gpu,
+                command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict) -> tuple[Path, logging.Logger]:
+    """`<stem>_logs/` beside a checkpoint, with config.json (settings, environment) and split.json
+    written and train.log opened."""
+    logs = checkpoint.with_name(checkpoint.stem + "_logs")
+    logs.mkdir(exist_ok=True)
+    write_json(logs / "config.json", dict(args=record(settings), environment=environment(), **extra))
+    write_json(logs / "split.json", split)
+    logger = logging.getLogger("sinus-wkd")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(logs / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    return logs, logger

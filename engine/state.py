@@ -1,0 +1,207 @@
+"""Run state: checkpoints, random streams, resume, and the records written beside every run.
+
+A checkpoint is one file holding what later stages need (`kind`, `config`, the best weights
+`model`, the resolved `split`, `size`, `metrics`, the settings `args`, `code_version`) and what
+`--resume` needs (`train_state`: current weights, optimizer, scheduler, step, RNG states,
+best-so-far). It holds tensors and plain Python values only, so it loads with
+`torch.load(weights_only=True)`: a checkpoint from a stranger cannot run code when opened.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+from nets.cyclegan import ResnetGenerator
+from nets.unet import UNet
+
+from .cli import record
+from .records import git_hash
+
+# Flags a resumed run may change: where it writes, whether it resumes, and on which device.
+RESUME_MAY_CHANGE = ("out", "resume", "device")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+
+
+def read_checkpoint(path, flag: str) -> dict:
+    """The raw contents of a checkpoint file, opened without running any code it may carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # torch raises several types for foreign or corrupt files
+        unsafe = "unsupported global" in str(err).lower()
+        reason = "it holds Python objects other than tensors and plain values, refused unopened" if unsafe \
+            else f"not a readable checkpoint ({type(err).__name__})"
+        raise UserError(f"{flag} {path}: {reason}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{flag} {path}: not a sinus-wkd checkpoint")
+    return state
+
+
+def load_checkpoint(path, kinds, flag: str) -> dict:
+    """A checkpoint given on the command line as `flag`; it must be of one of `kinds`."""
+    state = read_checkpoint(path, flag)
+    kind = state.get("kind")
+    if kind not in kinds:
+        want = " or ".join(kinds)
+        raise UserError(f"{flag} {path}: is a {kind or 'foreign'} checkpoint, expected a {want} checkpoint")
+    missing = [k for k in ("config", "model", "split", "size", "train_state") if k not in state]
+    if missing:
+        raise UserError(f"{flag} {path}: incomplete {kind} checkpoint (no {', '.join(missing)}); retrain it")
+    return state
+
+
+def rebuild(cls, ckpt: dict, flag: str, path, config: dict | None = None) -> torch.nn.Module:
+    """The network `cls` of a checkpoint with its best weights; a config or weights that do not
+    fit this code are a one-line error, not a traceback."""
+    try:
+        net = cls(**(config or ckpt["config"]))
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"{flag} {path}: its network does not fit this code ({type(err).__name__}); "
+                        f"retrain it with this version") from None
+    return net
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (BatchNorm running statistics) and no gradient, for good."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_network(path, kinds, flag: str, device: torch.device):
+    """The frozen network of a checkpoint (the refiner G_AB of a cyclegan one), and the checkpoint."""
+    ckpt = load_checkpoint(path, kinds, flag)
+    if ckpt["kind"] == "cyclegan":
+        net = rebuild(ResnetGenerator, ckpt, flag, path, config=ckpt["config"].get("G_AB"))
+    else:
+        net = rebuild(UNet, ckpt, flag, path)
+    return freeze(net.to(device)), ckpt
+
+
+def upstream_size(size, ckpt: dict, flag: str, path) -> tuple:
+    """The input size of a later stage: its upstream network's; a different --size is an error."""
+    trained = tuple(ckpt["size"])
+    if size is not None and tuple(size) != trained:
+        raise UserError(f"--size {size[0]} {size[1]} differs from {flag} {path}, trained at {trained[0]} "
+                        f"{trained[1]}; drop --size")
+    return trained
+
+
+def check_same_experiment(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> None:
+    """A refiner must come from this teacher's experiment: the same split and input size."""
+    if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):
+        raise UserError(f"{flag} {path} was trained from another teacher (its split or size differ); "
+                        f"train it from this teacher")
+
+
+def weights_copy(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# random state: stored as tensors, so that checkpoints stay weights-only
+
+def rng_state() -> dict:
+    version, python, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=torch.tensor(python, dtype=torch.int64), python_version=version, python_gauss=gauss,
+                 numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_has_gauss=int(has_gauss),
+                 numpy_cached=float(cached), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)   # also switched off: a process may run several stages
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+def resume_from(out: Path, kind: str, settings) -> dict | None:
+    """The checkpoint a `--resume` run continues, checked to be configured as this run."""
+    if not (settings.resume and out.exists()):
+        return None
+    ckpt = load_checkpoint(out, (kind,), "--out")
+    now = record(settings)
+    for key, value in now.items():
+        then = ckpt["args"].get(key)
+        if key not in RESUME_MAY_CHANGE and then != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value} differs from the run being resumed ({then}); "
+                            f"use the same value or drop --resume")
+    return ckpt
+
+
+class StageState:
+    """Training modules, the best weights so far, and the one checkpoint file that holds both."""
+
+    def __init__(self, kind: str, path, model, modules: dict, settings, split: dict, size,
+                 extra: dict | None = None, config: dict | None = None, score: str = "dice"):
+        """`model` is the network later stages use (its best weights are kept), `modules` everything
+        with a state_dict that --resume needs, `score` the validation metric that picks the best."""
+        self.kind, self.path, self.model, self.modules = kind, path, model, modules
+        self.settings, self.split, self.size, self.extra = settings, split, list(size), extra or {}
+        self.config, self.score = config or model.config, score
+        self.best = dict(score=-float("inf"), step=0, metrics={}, weights=None)
+        self.version = git_hash()
+
+    def restore(self, ckpt: dict) -> int:
+        """Load the training state of `ckpt`; return the step to continue from."""
+        state = ckpt["train_state"]
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        self.best = dict(score=state["best_score"], step=state["best_step"], metrics=ckpt["metrics"],
+                         weights=ckpt["model"])
+        return state["step"]
+
+    def save(self, step: int, metrics: dict) -> None:
+        """Keep the model if its score is the best yet, then write the checkpoint."""
+        score = metrics[self.score]
+        if score > self.best["score"]:
+            self.best.update(score=score, step=step, metrics=dict(metrics, step=step),
+                             weights=weights_copy(self.model))
+        train_state = {name: weights_copy(module) if isinstance(module, torch.nn.Module) else module.state_dict()
+                       for name, module in self.modules.items()}
+        train_state.update(step=step, rng=rng_state(), best_score=self.best["score"], best_step=self.best["step"])
+        save_checkpoint(self.path, dict(
+            kind=self.kind, config=self.config, model=self.best["weights"], split=self.split, size=self.size,
+            metrics=self.best["metrics"], args=record(self.settings), code_version=self.version, step=step,
+            train_state=train_state, **self.extra))

@@ -1,0 +1,1 @@
+"""What reproduce.py runs (plan.py) and how it turns the runs' results into the tables (tables.py)."""
