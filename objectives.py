@@ -27,7 +27,6 @@ class Objective:
     target: str | None        # network giving the targets: "teacher", "ema", or None (no unlabelled term)
     weight: str | None        # default KD pixel weight; None for objectives that are not KD
     refine: bool              # the teacher's logits are refined by SinusCycle-GAN (needs --refiner)
-    input_noise: bool         # student and target inputs get extra Gaussian noise (--noise-sigma)
     summary: str
 
 
@@ -35,10 +34,10 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def objective(name: str, *, target: str | None = "teacher", weight: str | None = None, refine: bool = False,
-              input_noise: bool = False, summary: str | None = None):
+              summary: str | None = None):
     """Register an unlabelled objective under `name`; by default its docstring's first line describes it."""
     def register(loss):
-        OBJECTIVES[name] = Objective(name, loss, target, weight, refine, input_noise,
+        OBJECTIVES[name] = Objective(name, loss, target, weight, refine,
                                      summary or loss.__doc__.strip().splitlines()[0])
         return loss
     return register
@@ -71,7 +70,7 @@ def ramp(step: int, lambda_max: float, ramp_steps: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # unlabelled objectives
 
-OBJECTIVES["supervised"] = Objective("supervised", None, None, None, False, False,
+OBJECTIVES["supervised"] = Objective("supervised", None, None, None, False,
                                      "labelled data only: the supervised control")
 
 
@@ -84,9 +83,9 @@ def pseudo_label_loss(student_logits, teacher_logits, s):
     return (ce * keep).sum() / keep.sum().clamp(min=1.0)
 
 
-@objective("mean_teacher", target="ema", input_noise=True)
+@objective("mean_teacher", target="ema")
 def consistency_loss(student_logits, ema_logits, s):
-    """MSE between the softmax of the student and of its EMA copy (--ema-decay), under input noise"""
+    """MSE between the softmax of the student (noised view) and of its EMA copy (--ema-decay, clean view)"""
     return F.mse_loss(student_logits.float().softmax(1), ema_logits.float().softmax(1))
 
 
@@ -116,9 +115,3 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
             e.mul_(alpha).add_(p, alpha=1.0 - alpha)
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
-
-
-def noisy(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
-    """Additive Gaussian input noise drawn from `g`, clamped to the image range [0, 1]."""
-    noise = torch.randn(x.shape, generator=g).to(x.device) * sigma
-    return (x + noise).clamp(0, 1)

@@ -1,34 +1,49 @@
 """Reproduce the paper's four tables (SPEC section 7) with one command.
 
-    python reproduce.py --profile quick     # CPU, minutes: small size and widths, one seed
-    python reproduce.py --profile paper     # GPU: full phantom resolution, three seeds
+    python reproduce.py --profile quick                    # CPU: small size and widths, three seeds
+    python reproduce.py --profile paper --devices cuda:0,cuda:1,cuda:2,cuda:3
+    python reproduce.py --profile paper --plan-json plan.json   # for a cluster's scheduler
+    python reproduce.py --profile paper --run seed0/r0025/teacher.pt
 
-Runs every stage script each table cell needs, through the scripts' own entry points, sharing
-what rows have in common (one teacher per labelled ratio and seed, one refiner per teacher).
-Finished runs are reused, so an interrupted reproduction continues where it stopped; --force
-redoes everything. Writes into --out: table1..4 as .md and .csv, tables.md with all four, and
-results.json with every per-run number, the environment and each run's wall time.
+Plans every stage run the tables need, sharing what rows have in common (one teacher per
+labelled ratio and seed, one refiner per teacher), and runs them in dependency order, each in a
+worker process pinned to one of --devices (several at once when the devices are several or a
+device is named more than once, or with --jobs-per-device). Finished runs are reused, so an
+interrupted reproduction continues where it stopped (an unfinished training run resumes);
+--force redoes everything. A failing run stops the runs that need it; the others go on.
+
+Reads --data (the embedded phantom by default); writes into --out: table1..4 as .md and .csv,
+tables.md with all four, results.json with every run's per-case numbers, seed, wall time and
+command, and one console log per run beside its output.
 """
+import csv
 import dataclasses
-import importlib
+import hashlib
 import json
+import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from data import prepare_dataset
-from engine.cli import DEFAULT_DATA, parse, select_device, setting, writable_dir
+from engine.cli import DEFAULT_DATA, REPO, parse, setting, writable_dir, writable_file
 from engine.records import environment, write_json
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
 from reproduction.plan import PROFILES, Planner
-from reproduction.tables import TABLES, collect, render
+from reproduction.schedule import execute, run_in_slot, slots_of
+from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
-# Rough cost of one step relative to a teacher step, for the ETA; refined by measured times.
-STEP_COST = dict(train_teacher=1.0, train_cyclegan=3.0, train_student=2.0)
-EVAL_COST = 40.0
+# Estimated seconds per training step and per evaluation, for the ETA and --plan-json. The quick
+# profile's are measured on the project's 2-core CPU (one thread per run); the paper profile's
+# are a FLOP-based estimate for one H100 (see the README), until a GPU run replaces them.
+SECONDS = {"micro": dict(train_teacher=0.02, train_cyclegan=0.05, train_student=0.04, evaluate=1.0),
+           "quick": dict(train_teacher=0.05, train_cyclegan=0.15, train_student=0.1, evaluate=4.0),
+           "paper": dict(train_teacher=0.012, train_cyclegan=0.03, train_student=0.03, evaluate=20.0)}
 
 
 @dataclasses.dataclass
@@ -38,8 +53,32 @@ class ReproduceSettings:
     data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
     out: Path | None = setting(None, "output folder; default: results/<profile>")
     seeds: int | None = setting(None, "number of seeds; default: the profile's", within="[1, inf)")
-    device: str = setting("auto", "where to run every stage", choices=("auto", "cpu", "cuda"))
+    devices: str = setting("auto", "comma-separated devices to run on, e.g. cuda:0,cuda:1 or cpu,cpu; auto: every "
+                                   "GPU, or one CPU slot per core without one")
+    jobs_per_device: int = setting(1, "runs at once on each listed device", within="[1, inf)")
     force: bool = setting(False, "redo every run instead of reusing finished ones")
+    plan_json: Path | None = setting(None, "write the plan (every run's command, output, inputs and estimated cost) "
+                                           "to this file and stop")
+    run: str | None = setting(None, "run exactly this run of the plan (by name, see --plan-json), then stop")
+
+
+def parse_devices(text: str) -> list[str]:
+    if text == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"] * len(os.sched_getaffinity(0))
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        match = re.fullmatch(r"cpu|cuda(?::(\d+))?", d)
+        if not match:
+            raise UserError(f"--devices {text}: {d!r} is not a device; use cpu, cuda or cuda:N")
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--devices {text}: no CUDA device is available; use cpu")
+        if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+            raise UserError(f"--devices {text}: {d} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+    if not devices:
+        raise UserError("--devices: name at least one device")
+    return devices
 
 
 def finished(run) -> bool:
@@ -50,52 +89,79 @@ def finished(run) -> bool:
     return read_checkpoint(run.output, "--out").get("step", 0) >= run.steps
 
 
-def cost(run) -> float:
-    return EVAL_COST if run.script == "evaluate" else STEP_COST[run.script] * run.steps
+def estimate(run, profile: str) -> float:
+    seconds = SECONDS[profile][run.script]
+    return seconds if run.script == "evaluate" else seconds * run.steps
 
 
-def execute(run) -> None:
-    """Call the stage script's main() with the run's arguments; resume a run left unfinished."""
-    argv = [str(a) for a in run.argv]
+def stage_argv(run, device: str) -> list[str]:
+    """The run's arguments for `device`; an unfinished training run resumes."""
+    argv = [str(a) for a in run.argv] + ["--device", device]
     if run.script != "evaluate" and run.output.is_file():
         argv.append("--resume")
-    try:
-        importlib.import_module(run.script).main(argv)
-    except SystemExit as stop:
-        if stop.code:
-            raise UserError(f"run {run.name} stopped (its error is above); fix it and rerun the same command "
-                            f"to continue") from None
+    return argv
 
 
-def record(run, wall: float | None, previous: dict) -> dict:
-    entry = dict(script=run.script, argv=[str(a) for a in run.argv], steps=run.steps, cells=run.cells,
+def log_file(run) -> Path:
+    return run.output.with_name(run.output.name + ".log")
+
+
+def portable(arg, out: Path, data: Path) -> str:
+    """A command-line argument with the machine's paths replaced, for the committed results."""
+    text = str(arg)
+    return text.replace(str(out), "<out>").replace(str(data), "<data>")
+
+
+def record(run, wall: float | None, previous: dict, out: Path, data: Path) -> dict:
+    entry = dict(script=run.script, seed=run.seed, steps=run.steps, cells=run.cells, needs=run.needs,
+                 argv=[portable(a, out, data) for a in run.argv],
                  wall_s=wall if wall is not None else previous.get("wall_s"))
     if run.script == "evaluate":
         summary = json.loads((run.output / "summary.json").read_text())
         entry["metrics"] = {m: {k: s[k] for k in ("mean", "std", "median", "n", "n_undefined")}
                             for m, s in summary["metrics"].items()}
+        with open(run.output / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        entry["cases"] = {"id": [r["id"] for r in rows]}
+        entry["cases"].update({m: [None if r[m] == "nan" else float(r[m]) for r in rows] for m in CASE_METRICS})
     return entry
 
 
+def dataset_name(root: Path) -> str:
+    """The dataset as the tables name it: the phantom's settings, or a fingerprint of the files."""
+    info = root / "phantom.json"
+    if info.is_file():
+        p = json.loads(info.read_text())
+        return f"phantom v{p['format_version']}, {p['n']} cases at {p['size'][0]}x{p['size'][1]}, seed {p['seed']}"
+    listing = sorted(f"{f.relative_to(root)}:{f.stat().st_size}" for f in root.rglob("*") if f.is_file())
+    return f"{root.name} (fingerprint {hashlib.sha256(chr(10).join(listing).encode()).hexdigest()[:12]})"
+
+
 def clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
+        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def caption(results: dict, seeds: int) -> str:
+def caption(results: dict, spec: dict) -> str:
     walls: dict = {}
     for run in results["runs"].values():
         walls[run["script"]] = walls.get(run["script"], 0.0) + (run["wall_s"] or 0.0)
-    spread = "std over seeds" if seeds > 1 else "std over the scored cases (one seed)"
+    seeds = spec["seeds"]
+    spread = f"std over {seeds} seeds" if seeds > 1 else "std over the scored cases (one seed)"
     stages = ", ".join(f"{s.replace('train_', '')} {clock(w)}" for s, w in walls.items())
     env = results["environment"]
-    return (f"Profile `{results['profile']}`, data `{results['data']}`, device {results['device']}, "
-            f"{seeds} seed(s), code {env['git'][:12]}; mean ± {spread}. Wall time by stage: {stages}.")
+    wall, calls = results.get("wall_s"), results.get("invocations", 1)
+    return (f"Profile `{results['profile']}`, data: {results['data']}, device {results['device']} "
+            f"({len(results['slots'])} runs at once, {results['threads_per_run']} thread(s) each), code "
+            f"{env['git'][:12]}; mean ± {spread}. Run time summed by stage: {stages}"
+            + (f"; wall time of the reproduction {clock(wall)}" + (f" over {calls} invocations" if calls > 1 else "")
+               + "." if wall else "."))
 
 
-def write_tables(out: Path, results: dict, seeds: int) -> str:
-    collected, text = collect(results), []
-    for name in TABLES:
-        md, table_csv = render(name, collected[name], caption(results, seeds))
+def write_tables(out: Path, results: dict) -> str:
+    cells, text = collect(results), []
+    for name, spec in table_specs(PROFILES[results["profile"]]).items():
+        md, table_csv = render(name, spec, cells, caption(results, spec))
         (out / f"{name}.md").write_text(md)
         (out / f"{name}.csv").write_text(table_csv)
         text.append(md)
@@ -103,15 +169,48 @@ def write_tables(out: Path, results: dict, seeds: int) -> str:
     return "\n".join(text)
 
 
+def write_plan(path: Path, runs: list, profile: str) -> None:
+    entries = [dict(name=r.name, command=[sys.executable, str(REPO / f"{r.script}.py"), *map(str, r.argv)],
+                    output=str(r.output), needs=r.needs, estimated_seconds=round(estimate(r, profile), 1))
+               for r in runs]
+    total = sum(e["estimated_seconds"] for e in entries)
+    write_json(writable_file(path, "--plan-json"), dict(profile=profile, runs=entries, estimated_seconds=total))
+    print(f"{len(runs)} runs written to {path}; estimated {clock(total)} of device time in all "
+          f"(an estimate from {'measured CPU step times' if profile != 'paper' else 'FLOP counts'})")
+
+
+def run_one(args, runs: list, out: Path) -> None:
+    """--run NAME: exactly one run of the plan, in this process."""
+    run = next((r for r in runs if r.name == args.run), None)
+    if run is None:
+        raise UserError(f"--run {args.run}: no such run in the {args.profile} plan (see --plan-json)")
+    if finished(run) and not args.force:
+        print(f"{run.name}: finished already; nothing to do")
+        return
+    device = parse_devices(args.devices)[0]
+    if device == "cpu":
+        torch.set_num_threads(1)            # as every CPU run of a whole reproduction
+    ok, seconds, last = run_in_slot(run.script, stage_argv(run, device), str(log_file(run)))
+    if not ok:
+        raise UserError(f"run {run.name} failed after {seconds:.0f} s: {last} (log: {log_file(run)})")
+    print(f"{run.name}: done in {clock(seconds)}")
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse(ReproduceSettings, __doc__, argv)
-    device = select_device(args.device)
-    out = writable_dir(args.out or Path("results") / args.profile)
+    out = (args.out or (REPO / "results" / args.profile)).resolve()
     data = prepare_dataset(args.data)
-    planner = Planner(args.profile, data, out, args.seeds, args.device)
+    planner = Planner(args.profile, data, out, args.seeds)
     runs = planner.plan()
-    seeds = len(planner.seeds)
+    if args.plan_json:
+        return write_plan(args.plan_json, runs, args.profile)
+    writable_dir(out)
+    if args.run:
+        return run_one(args, runs, out)
+    slots = slots_of(parse_devices(args.devices), args.jobs_per_device)
+    on_gpu = any(d.startswith("cuda") for d in slots)
+    threads = max(1, len(os.sched_getaffinity(0)) // len(slots)) if on_gpu else 1
     if args.force:
         for run in runs:
             if run.output.is_dir():
@@ -120,32 +219,49 @@ def main(argv=None):
                 run.output.unlink(missing_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.force else {"runs": {}}
-    results.update(profile=args.profile, data=str(data), device=torch.cuda.get_device_name(device)
-                   if device.type == "cuda" else "cpu", settings=PROFILES[args.profile],
-                   environment=environment())
+    results.update(profile=args.profile, data=dataset_name(data), settings=PROFILES[args.profile],
+                   device=torch.cuda.get_device_name(slots[0]) if slots[0].startswith("cuda") else "cpu",
+                   slots=slots, threads_per_run=threads, environment=environment())
+    results["environment"]["command"] = portable(results["environment"]["command"], out, data)
+    done = {r.name for r in runs if finished(r)}
+    todo = [r for r in runs if r.name not in done]
+    print(f"reproduce --profile {args.profile}: {len(runs)} runs, {len(done)} already finished; "
+          f"{len(slots)} at once on {', '.join(sorted(set(slots)))}, {threads} thread(s) each", flush=True)
+    walls, started = {}, time.perf_counter()
+    remaining = {"estimate": sum(estimate(r, args.profile) for r in todo), "spent": 0.0, "estimated_done": 0.0}
 
-    todo = {r.name for r in runs if not finished(r)}
-    remaining = sum(cost(r) for r in runs if r.name in todo)
-    print(f"reproduce --profile {args.profile}: {len(runs)} runs, {len(runs) - len(todo)} already finished")
-    spent, done_cost, start = 0.0, 0.0, time.perf_counter()
-    for i, run in enumerate(runs, 1):
-        previous = results["runs"].get(run.name, {})
-        wall = None
-        if run.name in todo:
-            eta = f", ETA {clock(spent / done_cost * remaining)}" if done_cost else ""
-            cells = "; ".join(f"{t} {label.replace('|', ' ')}" for t, label in run.cells) or "shared"
-            steps = f", {run.steps} steps" if run.steps else ""
-            print(f"[{i}/{len(runs)}] {run.script} {run.name} ({cells}{steps}){eta}", flush=True)
-            t0 = time.perf_counter()
-            execute(run)
-            wall = time.perf_counter() - t0
-            spent, done_cost, remaining = spent + wall, done_cost + cost(run), remaining - cost(run)
-        results["runs"][run.name] = record(run, wall, previous)
-        write_json(results_path, results)
-    results["wall_s_this_invocation"] = time.perf_counter() - start
+    def on_start(run, device):
+        speed = remaining["spent"] / remaining["estimated_done"] if remaining["estimated_done"] else 1.0
+        eta = remaining["estimate"] * speed / len(slots)
+        cells = "; ".join(f"{t} {label.replace('|', ' at ')}" for t, label in run.cells) or "shared"
+        print(f"[{len(walls) + len(done) + 1}/{len(runs)}] {run.script} {run.name} on {device} ({cells})"
+              f", ETA {clock(eta)}", flush=True)
+
+    def on_finish(run, ok, seconds, last):
+        walls[run.name] = seconds if ok else None
+        remaining["estimate"] -= estimate(run, args.profile)
+        remaining["spent"] += seconds
+        remaining["estimated_done"] += estimate(run, args.profile)
+        if not ok:
+            print(f"  FAILED {run.name}: {last} (log: {log_file(run)})", flush=True)
+        else:
+            results["runs"][run.name] = record(run, seconds, {}, out, data)
+            write_json(results_path, results)
+
+    status = execute(todo, done, slots, threads, stage_argv, log_file, on_start, on_finish)
+    for run in runs:
+        if run.name in done:
+            results["runs"][run.name] = record(run, None, results["runs"].get(run.name, {}), out, data)
+    if todo:
+        results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
+        results["invocations"] = results.get("invocations", 0) + 1
     write_json(results_path, results)
-    print("\n" + write_tables(out, results, seeds))
-    print(f"tables and results.json written to {out}/ in {clock(time.perf_counter() - start)}")
+    print("\n" + write_tables(out, results))
+    failed = sorted(n for n, s in status.items() if s != "done")
+    if failed:
+        raise UserError(f"{len(failed)} run(s) did not finish: {', '.join(failed[:5])}"
+                        f"{' ...' if len(failed) > 5 else ''}; see their logs, fix, and run the same command again")
+    print(f"tables and results.json written to {out}/ in {clock(time.perf_counter() - started)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from engine.cli import Training, autocast, memory_format, parse, select_device, 
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.records import open_run_logs
-from engine.state import StageState, load_network, resume_from, seed_everything, upstream_size
+from engine.state import StageState, load_network, resume_from, seed_stage, upstream_size
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
 from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_probability
@@ -186,7 +186,7 @@ def main(argv=None):
         raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "
                         f"teacher with --labeled-ratio below 1")
     resume = resume_from(out, "cyclegan", s)
-    seed_everything(s.seed, s.deterministic)
+    run_seed = seed_stage(s.seed, "cyclegan", s.deterministic)
 
     unlabeled, _ = load_tensors(root, split["unlabeled"], size, with_masks=False)
     labeled, labels = load_tensors(root, split["labeled"], size)
@@ -203,18 +203,18 @@ def main(argv=None):
     logs, logger = open_run_logs(out, s, split, dict(kind="cyclegan", network=config))
     logger.info("cyclegan: %d unlabelled (A), %d labelled (B), %d val images at %s on %s%s", len(unlabeled),
                 len(labeled), len(val_images), size, device, f", resumed at step {start}" if start else "")
-    seed_a = derive_seed(s.seed, "unlabeled")   # A and B batches walk independent permutations
+    seed_a = derive_seed(run_seed, "unlabeled")   # A and B batches walk independent permutations
 
     def train_step(step):
         idx_a = batch_indices(len(unlabeled), s.batch_size, seed_a, step)
-        idx_b = batch_indices(len(labeled), s.batch_size, s.seed, step)
-        xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(s.seed, step, "unlabeled"),
+        idx_b = batch_indices(len(labeled), s.batch_size, run_seed, step)
+        xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(run_seed, step, "unlabeled"),
                                  geometry)
         xb, yb = augment_geometry(labeled[idx_b].to(device), labels[idx_b].to(device),
-                                  step_generator(s.seed, step, "labeled"), geometry)
+                                  step_generator(run_seed, step, "labeled"), geometry)
         with autocast(s.precision, device):
             qa = teacher_pseudo_labels(teacher, xa)
-        pools = (step_generator(s.seed, step, "pool_a"), step_generator(s.seed, step, "pool_b"))
+        pools = (step_generator(run_seed, step, "pool_a"), step_generator(run_seed, step, "pool_b"))
         return gan.train_step(xa, qa, xb, yb[:, None].float(), pools)
 
     def validate():

@@ -7,6 +7,10 @@ KD, the --refiner; writes the checkpoint --out with the weights of the best vali
 and <out stem>_logs/ beside it. --method picks L_unsup from the objectives in objectives.py;
 for the KD methods --weight overrides the method's pixel weight and --refiner switches
 refinement on, so every cell of the ablation grid is one command.
+
+The student is noised: on each unlabelled image the teacher (and refiner, or the EMA copy)
+see the clean view, the student a strongly perturbed one of the same geometry (stronger
+photometric changes, blur, a cutout hole), and the student network has dropout.
 """
 import copy
 import dataclasses
@@ -14,19 +18,18 @@ from pathlib import Path
 
 import torch
 
-from data import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, inherited_split, \
-    labeled_batch, load_tensors, prepare_dataset, step_generator, strengths
+from data import Corruption, Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, corrupt, \
+    derive_seed, inherited_split, labeled_batch, load_tensors, prepare_dataset, step_generator, strengths
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
-from engine.state import StageState, check_same_experiment, load_network, resume_from, seed_everything, \
-    upstream_size
+from engine.state import StageState, check_same_experiment, load_network, resume_from, seed_stage, upstream_size
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
 from nets.cyclegan import refine_logits
 from nets.unet import UNet
-from objectives import OBJECTIVES, ema_update, noisy, ramp, supervised_loss
+from objectives import OBJECTIVES, ema_update, ramp, supervised_loss
 
 
 @dataclasses.dataclass
@@ -46,7 +49,16 @@ class StudentSettings(LabelledPhotometric, Training):
                         choices=("scratch", "teacher"))
     confidence: float = setting(0.9, "pseudo_label: minimum teacher probability of a pixel used", within="[0, 1]")
     ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the student's copy", within="[0, 1)")
-    noise_sigma: float = setting(0.05, "mean_teacher: sigma of the Gaussian input noise", within="[0, 1]")
+    dropout: float = setting(0.1, "noised student: channel dropout on the student's decoder inputs", within="[0, 1)")
+    strong_gamma: float = setting(0.5, "noised student's view: log-gamma range +-", within="[0, 3]")
+    strong_contrast: tuple[float, float] = setting((0.6, 1.4), "noised student's view: contrast factor range",
+                                                   within="(0, 10]", metavar=("LOW", "HIGH"))
+    strong_brightness: float = setting(0.2, "noised student's view: brightness offset range +-", within="[0, 1]")
+    strong_noise: float = setting(0.08, "noised student's view: maximum Gaussian noise sigma", within="[0, 1]")
+    strong_blur: float = setting(0.01, "noised student's view: maximum blur sigma, fraction of the image height",
+                                 within="[0, 0.2]")
+    strong_cutout: float = setting(0.25, "noised student's view: side of one hole per image, fraction of each "
+                                         "side (0: none)", within="[0, 1)")
 
 
 def check_method_flags(s: StudentSettings) -> None:
@@ -74,7 +86,7 @@ def main(argv=None):
         refiner, refiner_ckpt = load_network(s.refiner, ("cyclegan",), "--refiner", device)
         check_same_experiment(refiner_ckpt, "--refiner", s.refiner, teacher_ckpt)
     resume = resume_from(out, "student", s)
-    seed_everything(s.seed, s.deterministic)
+    run_seed = seed_stage(s.seed, "student", s.deterministic)
 
     images, masks = load_tensors(root, split["labeled"], size)
     unlabeled = None if method.target is None else load_tensors(root, split["unlabeled"], size, with_masks=False)[0]
@@ -82,9 +94,9 @@ def main(argv=None):
     if unlabeled is not None and len(unlabeled) == 0:
         raise UserError(f"--method {s.method} needs unlabelled images, but the split of --teacher has none")
     channels = memory_format(s.channels_last)
-    model = UNet(width=s.width).to(device, memory_format=channels)
+    model = UNet(width=s.width, dropout=s.dropout).to(device, memory_format=channels)
     if s.init == "teacher":
-        if model.config != teacher.config:
+        if model.config["width"] != teacher.config["width"]:
             raise UserError(f"--init teacher needs --width {teacher.config['width']} (the teacher's)")
         model.load_state_dict(teacher.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
@@ -98,6 +110,8 @@ def main(argv=None):
                        extra=dict(method=s.method, weight=weight, refined=refiner is not None))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
+    strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")
+    unlabeled_seed = derive_seed(run_seed, "unlabeled")
 
     logs, logger = open_run_logs(out, s, split, dict(kind="student", network=model.config, weight=weight))
     logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s", s.method,
@@ -105,33 +119,30 @@ def main(argv=None):
                 len(val_images), size, device)
 
     @torch.no_grad()
-    def targets(x: torch.Tensor, step: int) -> torch.Tensor:
+    def targets(x: torch.Tensor) -> torch.Tensor:
         """The objective's target logits for the clean unlabelled view `x`."""
         with autocast(s.precision, device):
             if method.target == "ema":
-                return ema(noisy(x, step_generator(s.seed, step, "ema-noise"), s.noise_sigma))
+                return ema(x)
             logits = teacher(x)
             return logits if refiner is None else refine_logits(refiner, x, logits)
 
     def train_step(step):
-        xl, yl = labeled_batch(images, masks, s.batch_size, s.seed, step, device, geometry, photometric)
+        xl, yl = labeled_batch(images, masks, s.batch_size, run_seed, step, device, geometry, photometric)
         parts = [xl]
         if unlabeled is not None:
-            iu = batch_indices(len(unlabeled), s.unlabeled_batch_size, s.seed + 1, step)
-            gu = step_generator(s.seed, step, "unlabeled")
+            iu = batch_indices(len(unlabeled), s.unlabeled_batch_size, unlabeled_seed, step)
+            gu = step_generator(run_seed, step, "unlabeled")
             xu, _ = augment_geometry(unlabeled[iu].to(device), None, gu, geometry)
-            # Photometric changes for the student only: teacher and student see the same geometry.
-            xs = augment_photometric(xu, gu, photometric)
-            if method.input_noise:
-                xs = noisy(xs, step_generator(s.seed, step, "student-noise"), s.noise_sigma)
-            parts.append(xs)
+            # The targets come from the clean view xu; the student sees a strongly perturbed one.
+            parts.append(corrupt(augment_photometric(xu, gu, strong), gu, corruption))
         with autocast(s.precision, device):
             logits = model(torch.cat(parts).contiguous(memory_format=channels))
         sup = supervised_loss(logits[:len(xl)], yl)
         losses = {"sup": check_finite(sup, "supervised loss")}
         loss = sup
         if unlabeled is not None:
-            unsup = method.loss(logits[len(xl):], targets(xu, step), s)
+            unsup = method.loss(logits[len(xl):], targets(xu), s)
             losses["unsup"] = check_finite(unsup, "unlabelled loss")
             loss = sup + ramp(step, s.lambda_max, s.ramp_steps) * unsup
         opt.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from engine.cli import LabelledPhotometric, Training, autocast, check_size, memo
     setting, writable_file
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
-from engine.state import StageState, resume_from, seed_everything
+from engine.state import StageState, resume_from, seed_stage
 from errors import exit_on_user_error
 from nets.unet import UNet
 from objectives import supervised_loss
@@ -40,7 +40,7 @@ def main(argv=None):
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     resume = resume_from(out, "teacher", s)
-    seed_everything(s.seed, s.deterministic)
+    run_seed = seed_stage(s.seed, "teacher", s.deterministic)
     split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction, s.val_fraction)
 
     images, masks = load_tensors(root, split["labeled"], size)
@@ -57,7 +57,7 @@ def main(argv=None):
                 f", resumed at step {start}" if start else "")
 
     def train_step(step):
-        x, y = labeled_batch(images, masks, s.batch_size, s.seed, step, device, geometry, photometric)
+        x, y = labeled_batch(images, masks, s.batch_size, run_seed, step, device, geometry, photometric)
         with autocast(s.precision, device):
             logits = model(x.contiguous(memory_format=memory_format(s.channels_last)))
         loss = supervised_loss(logits, y)

@@ -4,11 +4,11 @@ and augmentation, and the procedural panoramic phantom that is the embedded defa
 This folder is also the default dataset root: `--data data/` generates the phantom here
 (images/, masks/, phantom.json; git-ignored) on first use.
 """
-from .augment import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, derive_seed, \
-    labeled_batch, step_generator, strengths
+from .augment import Corruption, Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, \
+    corrupt, derive_seed, labeled_batch, step_generator, strengths
 from .dataset import load_case, load_tensors, prepare_dataset
 from .split import SPLIT_KEYS, inherited_split, new_split, resolve_split
 
 __all__ = ["prepare_dataset", "load_case", "load_tensors", "SPLIT_KEYS", "new_split", "inherited_split",
-           "resolve_split", "Geometry", "Photometric", "strengths", "batch_indices", "step_generator", "derive_seed",
+           "resolve_split", "Geometry", "Photometric", "Corruption", "strengths", "corrupt", "batch_indices", "step_generator", "derive_seed",
            "augment_geometry", "augment_photometric", "labeled_batch"]

@@ -32,6 +32,14 @@ class Photometric:
     noise: float            # Gaussian noise sigma drawn from [0, noise]
 
 
+@dataclasses.dataclass(frozen=True)
+class Corruption:
+    """Strengths of what the noised student's view of an unlabelled image adds on top of the
+    photometric changes: blur and cutout. The teacher never sees them."""
+    blur: float             # Gaussian blur sigma drawn from [0, blur * image height]
+    cutout: float           # side of one hole per image, as a fraction of each image side (0: none)
+
+
 def strengths(cls, settings, prefix: str):
     """A Geometry or Photometric from the settings fields named `prefix + field`."""
     return cls(**{f.name: getattr(settings, prefix + f.name) for f in dataclasses.fields(cls)})
@@ -114,6 +122,37 @@ def augment_photometric(images, g, photometric: Photometric):
     device_g = torch.Generator(device=images.device).manual_seed(device_seed)
     x = x + draw(0, noise) * torch.randn(x.shape, generator=device_g, device=x.device, dtype=x.dtype)
     return x.clamp(0, 1)
+
+
+def blur(images, sigma: torch.Tensor):
+    """Separable Gaussian blur with one sigma (pixels) per image; sigma 0 leaves an image as it is."""
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.exp(-0.5 * (offsets[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)                       # (N, 2r + 1)
+    n, c, h, w = images.shape
+    x = F.pad(images.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    rows = kernels.repeat_interleave(c, 0)[:, None, :, None]
+    x = F.conv2d(x, rows, groups=n * c)
+    x = F.conv2d(x, rows.transpose(2, 3), groups=n * c)
+    return x.reshape(n, c, h, w)
+
+
+def corrupt(images, g, corruption: Corruption):
+    """Random blur and one cutout hole (filled with the image's mean) per image."""
+    n, _, h, w = images.shape
+    sigma = torch.rand(n, generator=g) * corruption.blur * h
+    x = blur(images, sigma.to(images.device, images.dtype)) if corruption.blur > 0 else images
+    if corruption.cutout > 0:
+        hh, ww = max(1, round(corruption.cutout * h)), max(1, round(corruption.cutout * w))
+        top = (torch.rand(n, generator=g) * (h - hh + 1)).long()
+        left = (torch.rand(n, generator=g) * (w - ww + 1)).long()
+        rows = torch.arange(h)[None, :, None]
+        cols = torch.arange(w)[None, None, :]
+        hole = ((rows >= top[:, None, None]) & (rows < (top + hh)[:, None, None])
+                & (cols >= left[:, None, None]) & (cols < (left + ww)[:, None, None]))[:, None].to(x.device)
+        x = torch.where(hole, x.mean(dim=(1, 2, 3), keepdim=True), x)
+    return x
 
 
 def labeled_batch(images, masks, batch_size: int, seed: int, step: int, device, geometry: Geometry,

@@ -118,8 +118,13 @@ def record(settings) -> dict:
 # devices and numerics
 
 def select_device(flag: str) -> torch.device:
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", flag)
+    if not match:
+        raise UserError(f"--device {flag}: use auto, cpu, cuda or cuda:N")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {flag}: no CUDA device is available; use --device cpu or auto")
+    if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+        raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} GPUs")
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(flag)
@@ -182,7 +187,7 @@ class Common:
     data: Path = setting(DEFAULT_DATA, "dataset root with images/, masks/ and an optional splits.json; the "
                                        "repository's data/ gets the phantom dataset generated on first use")
     out: Path | None = setting(None, "where the result goes")
-    device: str = setting("auto", "where to run; auto takes CUDA when available", choices=("auto", "cpu", "cuda"))
+    device: str = setting("auto", "where to run: auto (CUDA when available), cpu, cuda or cuda:N")
     size: tuple[int, int] | None = setting(None, "network input size H W, each a multiple of 16; stages after "
                                                  "the teacher take the teacher's", metavar=("H", "W"))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import derive_seed
 from errors import UserError
 from nets.cyclegan import ResnetGenerator
 from nets.unet import UNet
@@ -142,13 +143,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def seed_stage(seed: int, stage: str, deterministic: bool) -> int:
+    """Seed every generator for `stage` of the experiment `seed`; return the stage's own seed, from
+    which its batches and augmentations derive. The stages of one experiment therefore draw
+    independent streams: a student does not replay its teacher's initialisation or batches,
+    while all students of one seed share theirs, so that they differ only in their objective."""
+    stage_seed = derive_seed(seed, stage)
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % 2 ** 32)
+    torch.manual_seed(stage_seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)   # also switched off: a process may run several stages
+    return stage_seed
 
 
 # ---------------------------------------------------------------------------------------------

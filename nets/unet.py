@@ -1,7 +1,9 @@
 """U-Net of SPEC section 3: 1 input channel, C output logits, `depth` 2x downsamplings.
 
 Each level doubles the width; decoding upsamples bilinearly and fuses the skip by
-concatenation. BatchNorm follows the usual semi-supervised segmentation setups.
+concatenation. BatchNorm follows the usual semi-supervised segmentation setups. `dropout`
+(channel dropout on every decoder input, in training mode only) is how a
+noised student is made; the teacher has none.
 """
 import torch
 import torch.nn as nn
@@ -16,9 +18,11 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16, depth: int = 4):
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16, depth: int = 4,
+                 dropout: float = 0.0):
         super().__init__()
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth)
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth,
+                           dropout=dropout)
         widths = [width * 2 ** i for i in range(depth + 1)]
         self.down = nn.ModuleList([conv_block(in_channels, widths[0])] +
                                   [conv_block(widths[i], widths[i + 1]) for i in range(depth)])
@@ -39,5 +43,9 @@ class UNet(nn.Module):
         for block in self.up:
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
+            x = block(self.drop(torch.cat([x, skip], dim=1)))
         return self.head(x)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config["dropout"]
+        return F.dropout2d(x, p, self.training) if p > 0 and self.training else x

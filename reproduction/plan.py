@@ -1,8 +1,10 @@
 """What `reproduce.py` runs: the profiles, and every stage run the four tables of SPEC section 7 need.
 
 A run is one call of a stage script. Rows that share a run share it: one teacher per labelled
-ratio and seed, one refiner per teacher, one student per (ratio, weight, refinement) cell, one
-evaluation per trained network (plus the teacher's pseudo labels, plain and refined, for Table 3).
+ratio and seed, one refiner per teacher, one student per (ratio, method or KD cell, seed), one
+evaluation per trained network (plus the teacher's pseudo labels, plain and refined, for Table
+3). Every student of one seed starts from the same initialisation and sees the same labelled
+batches, so the `supervised` student is the paired control of every other row.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,25 +12,27 @@ from pathlib import Path
 from kernels.kd_reference import WEIGHT_MODES
 from objectives import OBJECTIVES
 
+CONTROL = "supervised"          # the student every other row is compared with
+PAPER_METHOD = "wkd_refine"
 # Student methods of Table 1 that are not KD cells; KD cells are (weight, refined) pairs.
-BASELINES = tuple(name for name, o in OBJECTIVES.items() if o.target is not None and o.weight is None)
+BASELINES = tuple(name for name, o in OBJECTIVES.items() if o.weight is None)
 KD_METHOD = {(o.weight, o.refine): name for name, o in OBJECTIVES.items() if o.weight is not None}
 KD_CELLS = [(w, r) for r in (False, True) for w in WEIGHT_MODES]
-TABLE1_RATIO = 0.1
-TABLE4_RATIOS = (0.05, 0.1, 0.2, 0.5)
-TABLE4_METHODS = ("supervised", "wkd_refine")
+TABLE4_METHODS = (CONTROL, PAPER_METHOD)
 
 PROFILES = {
     # End-to-end check of the whole plan in seconds (the test suite runs it on a tiny phantom).
-    "micro": dict(size=(32, 64), seeds=1, teacher=dict(width=4, steps=4, batch=2),
-                  cyclegan=dict(width=4, blocks=1, disc_width=4, steps=4),
+    "micro": dict(size=(32, 64), seeds=1, table2_seeds=1, table4_seeds=1, ratio=0.3, table4_ratios=(0.3, 0.6),
+                  teacher=dict(width=4, steps=4, batch=2), cyclegan=dict(width=4, blocks=1, disc_width=4, steps=4),
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
-    # CPU, minutes: small input and networks, one seed, the default phantom (300 cases).
-    "quick": dict(size=(64, 128), seeds=1, teacher=dict(width=8, steps=600, batch=4),
+    # CPU, minutes: small input and networks, three seeds for Tables 1 and 3.
+    "quick": dict(size=(64, 128), seeds=3, table2_seeds=1, table4_seeds=1, ratio=0.025,
+                  table4_ratios=(0.025, 0.05, 0.2), teacher=dict(width=8, steps=600, batch=4),
                   cyclegan=dict(width=8, blocks=3, disc_width=8, steps=300),
                   student=dict(width=8, steps=600, batch=4, ramp=200), val_every=100),
-    # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds.
-    "paper": dict(size=(256, 512), seeds=3, teacher=dict(width=32, steps=20000, batch=8),
+    # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds everywhere.
+    "paper": dict(size=(256, 512), seeds=3, table2_seeds=3, table4_seeds=3, ratio=0.025,
+                  table4_ratios=(0.025, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
                   cyclegan=dict(width=32, blocks=6, disc_width=64, steps=10000),
                   student=dict(width=32, steps=20000, batch=8, ramp=4000), val_every=1000),
 }
@@ -40,16 +44,18 @@ class Run:
     script: str               # stage module: train_teacher, train_cyclegan, train_student, evaluate
     argv: list
     output: Path              # checkpoint (training) or folder (evaluation) this run writes
+    seed: int
     steps: int = 0            # 0 for evaluations
     cells: list = field(default_factory=list)   # (table, row label) pairs this run's result feeds
+    needs: list = field(default_factory=list)   # names of the runs whose outputs it reads
 
 
 def ratio_tag(ratio: float) -> str:
-    return f"r{round(ratio * 100):03d}"
+    return f"r{round(ratio * 1000):04d}"     # per mille: 0.025 -> r0025
 
 
 def percent(ratio: float) -> str:
-    return f"{round(ratio * 100)} %"
+    return f"{ratio * 100:g} %"
 
 
 def kd_label(weight: str, refined: bool) -> str:
@@ -73,12 +79,15 @@ class Planner:
     def _common(self, seed: int) -> list:
         return ["--data", self.data, "--device", self.device, "--seed", seed, "--val-every", self.p["val_every"]]
 
+    def _name(self, output: Path) -> str:
+        return str(output.relative_to(self.out))
+
     def teacher(self, ratio: float, seed: int) -> Run:
         t = self.p["teacher"]
         out = self.out / f"seed{seed}" / ratio_tag(ratio) / "teacher.pt"
         argv = self._common(seed) + ["--out", out, "--labeled-ratio", ratio, "--size", *self.p["size"],
                                      "--width", t["width"], "--steps", t["steps"], "--batch-size", t["batch"]]
-        return self._add(Run(str(out.relative_to(self.out)), "train_teacher", argv, out, t["steps"]))
+        return self._add(Run(self._name(out), "train_teacher", argv, out, seed, t["steps"]))
 
     def refiner(self, ratio: float, seed: int) -> Run:
         c, teacher = self.p["cyclegan"], self.teacher(ratio, seed)
@@ -86,7 +95,7 @@ class Planner:
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--width", c["width"],
                                      "--blocks", c["blocks"], "--disc-width", c["disc_width"],
                                      "--steps", c["steps"], "--batch-size", self.p["student"]["batch"]]
-        return self._add(Run(str(out.relative_to(self.out)), "train_cyclegan", argv, out, c["steps"]))
+        return self._add(Run(self._name(out), "train_cyclegan", argv, out, seed, c["steps"], needs=[teacher.name]))
 
     def student(self, ratio: float, seed: int, method: str, weight: str | None = None, refined: bool = False):
         s, teacher = self.p["student"], self.teacher(ratio, seed)
@@ -95,40 +104,51 @@ class Planner:
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--method", method,
                                      "--width", s["width"], "--steps", s["steps"], "--batch-size", s["batch"],
                                      "--unlabeled-batch-size", s["batch"], "--ramp-steps", s["ramp"]]
+        needs = [teacher.name]
         if weight is not None:
             argv += ["--weight", weight]
         if refined:
-            argv += ["--refiner", self.refiner(ratio, seed).output]
-        return self._add(Run(str(out.relative_to(self.out)), "train_student", argv, out, s["steps"]))
+            refiner = self.refiner(ratio, seed)
+            argv += ["--refiner", refiner.output]
+            needs.append(refiner.name)
+        return self._add(Run(self._name(out), "train_student", argv, out, seed, s["steps"], needs=needs))
 
     def kd_student(self, ratio: float, seed: int, weight: str, refined: bool) -> Run:
         return self.student(ratio, seed, KD_METHOD.get((weight, refined), "kd"), weight, refined)
+
+    def method_student(self, ratio: float, seed: int, method: str) -> Run:
+        o = OBJECTIVES[method]
+        return self.student(ratio, seed, method) if o.weight is None else self.kd_student(ratio, seed, o.weight,
+                                                                                          o.refine)
 
     def evaluation(self, trained: Run, cell, split: str = "test", refiner: Run | None = None) -> Run:
         suffix = f"_{split}" + ("_refined" if refiner else "")
         out = trained.output.with_name(trained.output.stem + suffix + "_eval")
         argv = ["--data", self.data, "--device", self.device, "--ckpt", trained.output, "--split", split,
                 "--out", out, "--no-overlays"]
+        needs = [trained.name]
         if refiner:
             argv += ["--refiner", refiner.output]
-        return self._add(Run(str(out.relative_to(self.out)), "evaluate", argv, out), cell)
+            needs.append(refiner.name)
+        return self._add(Run(self._name(out), "evaluate", argv, out, trained.seed, needs=needs), cell)
 
     def plan(self) -> list:
         """Every run in an order that satisfies dependencies (each run after the runs it reads)."""
+        r = self.p["ratio"]
         for seed in self.seeds:
-            r = TABLE1_RATIO
-            self.evaluation(self.teacher(r, seed), ("table1", "supervised"))
-            for method in BASELINES:
-                self.evaluation(self.student(r, seed, method), ("table1", method))
-            for (weight, refined), method in KD_METHOD.items():
-                self.evaluation(self.kd_student(r, seed, weight, refined), ("table1", method))
+            self.evaluation(self.teacher(r, seed), ("table1", "teacher"))
+            for method in OBJECTIVES:
+                self.evaluation(self.method_student(r, seed, method), ("table1", method))
             self.evaluation(self.teacher(1.0, seed), ("table1", "supervised (100 % labels)"))
-            for weight, refined in KD_CELLS:
-                self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", kd_label(weight, refined)))
             self.evaluation(self.teacher(r, seed), ("table3", "teacher"), split="unlabeled")
             self.evaluation(self.teacher(r, seed), ("table3", "refined"), split="unlabeled",
                             refiner=self.refiner(r, seed))
-            for ratio in TABLE4_RATIOS:
-                self.evaluation(self.teacher(ratio, seed), ("table4", f"supervised|{percent(ratio)}"))
-                self.evaluation(self.kd_student(ratio, seed, "ssim", True), ("table4", f"wkd_refine|{percent(ratio)}"))
+            if seed < self.p["table2_seeds"]:
+                for weight, refined in KD_CELLS:
+                    self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", kd_label(weight, refined)))
+            if seed < self.p["table4_seeds"]:
+                for ratio in self.p["table4_ratios"]:
+                    for method in TABLE4_METHODS:
+                        self.evaluation(self.method_student(ratio, seed, method),
+                                        ("table4", f"{method}|{percent(ratio)}"))
         return list(self.runs.values())

@@ -1,70 +1,98 @@
-"""The four tables of SPEC section 7, from the per-run results of a reproduction.
+"""The four tables of SPEC section 7 from the per-run results of a reproduction, with paired
+differences from the control and their 95 % intervals.
 
-Each table cell is the mean over seeds of a run's mean test metric, followed by "± std": the std
-over seeds with several seeds, else the std over the scored cases of the one run (the caption says
-which). A row label "group|row" (Table 4) puts the group in the column names instead.
+A cell is the mean over seeds of a run's mean test metric, followed by "± std": the std over
+seeds when there are several, else the std over the scored cases of the one run. Each row with a
+control (the `supervised` student of the same ratio and seed; for Table 3 the unrefined teacher)
+also gets its paired difference: per seed, the mean over the test cases of (row - control) on
+the same cases, then the mean over seeds with a t-interval over the seeds (every seed has its
+own split, initialisation and batches, so the interval covers all three sources of variation).
+With one seed the interval is a paired t-interval over the test cases of that seed alone, which
+ignores training variation; the caption says which.
 """
 import csv
 import io
 import math
 
 import numpy as np
+from scipy import stats
 
 from objectives import OBJECTIVES
 
-from .plan import KD_CELLS, TABLE4_METHODS, TABLE4_RATIOS, kd_label, percent
+from .plan import CONTROL, KD_CELLS, TABLE4_METHODS, kd_label, percent
 
-TABLES = {
-    "table1": dict(title="Table 1: comparison of methods at 10 % labels (test split)",
-                   rows=[*OBJECTIVES, "supervised (100 % labels)"],
-                   metrics=["dice", "iou", "hd95", "assd", "precision", "recall"]),
-    "table2": dict(title="Table 2: ablation of the KD weight and the refinement at 10 % labels (test split)",
-                   rows=[kd_label(w, r) for w, r in KD_CELLS], metrics=["dice", "iou", "hd95", "assd"]),
-    "table3": dict(title="Table 3: pseudo-label quality on the unlabelled split at 10 % labels",
-                   rows=["teacher", "refined"], metrics=["dice", "iou", "hd95", "assd", "precision", "recall"]),
-    "table4": dict(title="Table 4: label efficiency (test split)",
-                   rows=[f"{m}|{percent(r)}" for r in TABLE4_RATIOS for m in TABLE4_METHODS],
-                   metrics=["dice", "hd95"]),
-}
 LOWER_IS_BETTER = {"hd", "hd95", "hd95_pooled", "assd"}
+CASE_METRICS = ("dice", "iou", "hd95", "assd", "precision", "recall")
+DIFFERENCE_METRICS = ("dice", "hd95", "assd")
+
+
+def table_specs(profile: dict) -> dict:
+    """Title, rows, metrics and each row's control row for the four tables of a profile."""
+    r = percent(profile["ratio"])
+    t1_control = ("table1", CONTROL)
+    return {
+        "table1": dict(title=f"Table 1: comparison of methods at {r} labels (test split)",
+                       rows=["teacher", *OBJECTIVES, "supervised (100 % labels)"], metrics=list(CASE_METRICS),
+                       control=lambda row: None if row == CONTROL else t1_control, seeds=profile["seeds"]),
+        "table2": dict(title=f"Table 2: ablation of the KD weight and the refinement at {r} labels (test split)",
+                       rows=[kd_label(w, f) for w, f in KD_CELLS], metrics=["dice", "iou", "hd95", "assd"],
+                       control=lambda row: t1_control, seeds=profile["table2_seeds"]),
+        "table3": dict(title=f"Table 3: pseudo-label quality on the unlabelled split at {r} labels",
+                       rows=["teacher", "refined"], metrics=list(CASE_METRICS),
+                       control=lambda row: ("table3", "teacher") if row == "refined" else None,
+                       seeds=profile["seeds"]),
+        "table4": dict(title="Table 4: label efficiency (test split)",
+                       rows=[f"{m}|{percent(x)}" for x in profile["table4_ratios"] for m in TABLE4_METHODS],
+                       metrics=["dice", "hd95"],
+                       control=lambda row: None if row.startswith(CONTROL + "|")
+                       else ("table4", CONTROL + "|" + row.split("|")[1]),
+                       seeds=profile["table4_seeds"]),
+    }
 
 
 def collect(results: dict) -> dict:
-    """{table: {row label: {metric: [(mean, case std) per seed]}}} from results.json's runs."""
-    tables: dict = {t: {} for t in TABLES}
+    """{(table, row): {seed: run entry}} of every evaluated run in results.json."""
+    cells: dict = {}
     for run in results["runs"].values():
-        for table, label in run.get("cells", []):
-            if "metrics" not in run:
-                continue
-            row = tables[table].setdefault(label, {})
-            for metric, stats in run["metrics"].items():
-                row.setdefault(metric, []).append((stats["mean"], stats["std"]))
-    return tables
+        if "metrics" in run:
+            for table, label in run.get("cells", []):
+                cells.setdefault((table, label), {})[run["seed"]] = run
+    return cells
 
 
-def cell(values) -> tuple:
+def cell(runs: dict, metric: str) -> tuple:
     """(mean, spread) of one cell: spread over seeds, or over cases when there is one seed."""
-    if not values:
+    if not runs:
         return math.nan, math.nan
-    means = np.array([m for m, _ in values])
-    spread = means.std(ddof=1) if len(values) > 1 else values[0][1]
+    means = np.array([r["metrics"][metric]["mean"] for r in runs.values()])
+    spread = means.std(ddof=1) if len(runs) > 1 else next(iter(runs.values()))["metrics"][metric]["std"]
     return float(means.mean()), float(spread)
 
 
-def layout(name: str, rows: dict):
-    """Row names, column names and {(row, column): (mean, spread)} of one table."""
-    spec = TABLES[name]
-    row_names, columns, cells = [], [], {}
-    for label in spec["rows"]:
-        group, row = label.split("|") if "|" in label else ("", label)
-        if row not in row_names:
-            row_names.append(row)
-        for metric in spec["metrics"]:
-            column = f"{group} {metric}".strip()
-            if column not in columns:
-                columns.append(column)
-            cells[row, column] = cell(rows.get(label, {}).get(metric, []))
-    return row_names, columns, cells
+def case_values(run: dict, metric: str) -> dict:
+    return {i: (math.nan if v is None else v) for i, v in zip(run["cases"]["id"], run["cases"][metric])}
+
+
+def paired_difference(runs: dict, controls: dict, metric: str) -> dict | None:
+    """Mean paired difference of a row from its control, its 95 % interval and how it was formed."""
+    seeds = sorted(set(runs) & set(controls))
+    per_seed = []
+    for seed in seeds:
+        a, b = case_values(runs[seed], metric), case_values(controls[seed], metric)
+        d = np.array([a[i] - b[i] for i in a if i in b and math.isfinite(a[i]) and math.isfinite(b[i])])
+        if d.size:
+            per_seed.append(d)
+    if not per_seed:
+        return None
+    if len(per_seed) > 1:
+        values, over = np.array([d.mean() for d in per_seed]), "seeds"
+    else:
+        values, over = per_seed[0], "cases"
+    mean = float(values.mean())
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))) \
+        if len(values) > 1 else math.nan
+    return dict(mean=mean, low=mean - half, high=mean + half, over=over, n=len(values),
+                per_seed=[float(d.mean()) for d in per_seed])
 
 
 def fmt(value: float, spread: float, metric: str) -> str:
@@ -74,17 +102,60 @@ def fmt(value: float, spread: float, metric: str) -> str:
     return f"{value:.{digits}f} ± {spread:.{digits}f}"
 
 
-def render(name: str, rows: dict, caption: str) -> tuple[str, str]:
-    """(markdown, csv) of one table."""
-    row_names, columns, cells = layout(name, rows)
+def fmt_difference(d: dict | None, metric: str) -> str:
+    if d is None:
+        return "–"
+    digits = 2 if metric in LOWER_IS_BETTER else 4
+    excludes_zero = d["low"] > 0 or d["high"] < 0
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]" + (" *" if excludes_zero
+                                                                                          else "")
+
+
+def layout(spec: dict, cells: dict, name: str):
+    """Row names, column names, {(row, column): (mean, spread)} and {(row, metric): difference}."""
+    row_names, columns, values, differences = [], [], {}, {}
+    for label in spec["rows"]:
+        group, row = label.split("|") if "|" in label else ("", label)
+        if row not in row_names:
+            row_names.append(row)
+        runs = cells.get((name, label), {})
+        for metric in spec["metrics"]:
+            column = f"{group} {metric}".strip()
+            if column not in columns:
+                columns.append(column)
+            values[row, column] = cell(runs, metric)
+        control = spec["control"](label)
+        for metric in DIFFERENCE_METRICS:
+            if control is not None and metric in spec["metrics"]:
+                differences[label, metric] = paired_difference(runs, cells.get(control, {}), metric)
+    return row_names, columns, values, differences
+
+
+def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
+    """(markdown, csv) of one table: the cells, then the paired differences from the control."""
+    row_names, columns, values, differences = layout(spec, cells, name)
     arrows = [c + (" ↓" if c.split()[-1] in LOWER_IS_BETTER else " ↑") for c in columns]
-    md = [f"### {TABLES[name]['title']}", "", caption, "", "| | " + " | ".join(arrows) + " |",
+    md = [f"### {spec['title']}", "", caption, "", "| | " + " | ".join(arrows) + " |",
           "|---" * (len(columns) + 1) + "|"]
     for r in row_names:
-        md.append(f"| {r} | " + " | ".join(fmt(*cells[r, c], c) for c in columns) + " |")
+        md.append(f"| {r} | " + " | ".join(fmt(*values[r, c], c) for c in columns) + " |")
+    labels = [label for label in spec["rows"] if any((label, m) in differences for m in DIFFERENCE_METRICS)]
+    metrics = [m for m in DIFFERENCE_METRICS if m in spec["metrics"]]
+    if labels:
+        control = spec["control"](labels[0])[1].split("|")[0]
+        md += ["", f"Paired difference from `{control}` (mean [95 % interval]; * where the interval excludes 0):",
+               "", "| | " + " | ".join(f"Δ {m}" for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for label in labels:
+            md.append(f"| {label.replace('|', ' at ')} | "
+                      + " | ".join(fmt_difference(differences.get((label, m)), m) for m in metrics) + " |")
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["row"] + [f"{c} {k}" for c in columns for k in ("mean", "spread")])
-    for r in row_names:
-        writer.writerow([r] + [f"{v:.6g}" for c in columns for v in cells[r, c]])
+    writer = csv.writer(buf)        # long format: one line per row and metric
+    writer.writerow(["row", "metric", "mean", "spread", "seeds", "delta", "delta_low", "delta_high", "delta_over"])
+    for label in spec["rows"]:
+        runs = cells.get((name, label), {})
+        for metric in spec["metrics"]:
+            d = differences.get((label, metric))
+            writer.writerow([label.replace("|", " at "), metric, *(f"{v:.6g}" for v in cell(runs, metric)),
+                             len(runs), *((f"{d[k]:.6g}" for k in ("mean", "low", "high")) if d else ("", "", "")),
+                             d["over"] if d else ""])
     return "\n".join(md) + "\n", buf.getvalue()

@@ -1,95 +1,155 @@
-"""reproduce.py: the plan shares what rows have in common, tables come out right from fixed
-results, finished runs are skipped, and the micro profile runs end to end."""
+"""reproduce.py: the plan shares what rows have in common and orders runs after their inputs, the
+tables and their paired intervals come out right from fixed results, finished runs are skipped,
+a cluster plan is written, and two workers give the numbers one worker gives."""
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import REPO, SCRIPT_ENV
+from scipy import stats
 
-from reproduction.plan import Planner
-from reproduction.tables import TABLES, collect, render
+from objectives import OBJECTIVES
+from reproduction.plan import PROFILES, Planner
+from reproduction.tables import collect, paired_difference, render, table_specs
 
 
-def quick_plan(seeds=1):
-    return Planner("quick", Path("data"), Path("out"), seeds=seeds).plan()
+def quick_plan(seeds=None):
+    return Planner("quick", Path("/d"), Path("/o"), seeds=seeds).plan()
 
 
 def test_plan_shares_teachers_refiners_and_students():
     runs = quick_plan()
     scripts = Counter(r.script for r in runs)
-    # ratios 5, 10, 20, 50, 100 % -> 5 teachers; a refiner for each ratio but 100 %;
-    # 10 %: 2 baselines + 6 KD cells, other ratios: wkd_refine only -> 11 students
-    assert scripts == {"train_teacher": 5, "train_cyclegan": 4, "train_student": 11, "evaluate": 18}
+    # per seed: teachers at the Table 1 ratio and at 100 %, one refiner, one student per objective;
+    # seed 0 also: three more KD cells (Table 2) and, at two more ratios, a teacher, a refiner and
+    # two students (Table 4)
+    n = len(OBJECTIVES)
+    assert scripts == {"train_teacher": 3 * 2 + 2, "train_cyclegan": 3 + 2, "train_student": 3 * n + 3 + 2 * 2,
+                       "evaluate": 3 * (n + 4) + 3 + 2 * 2}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
-    wkd_refine = next(r for r in runs if r.name == "seed0/r010/student-kd-ssim-refined_test_eval")
+    wkd_refine = next(r for r in runs if r.name == "seed0/r0025/student-kd-ssim-refined_test_eval")
     assert set(wkd_refine.cells) == {("table1", "wkd_refine"), ("table2", "ssim, refined"),
-                                     ("table4", "wkd_refine|10 %")}
-    assert Counter(r.script for r in quick_plan(seeds=3)) == {k: 3 * v for k, v in scripts.items()}
+                                     ("table4", "wkd_refine|2.5 %")}
+    control = next(r for r in runs if r.name == "seed1/r0025/student-supervised_test_eval")
+    assert control.cells == [("table1", "supervised")] and control.seed == 1
 
 
 def test_every_run_comes_after_the_runs_it_reads():
-    written = set()
+    done = set()
+    by_output = {r.output: r.name for r in quick_plan()}
     for run in quick_plan():
-        for arg in run.argv:
-            if isinstance(arg, Path) and arg.suffix == ".pt" and arg != run.output:
-                assert arg in written, f"{run.name} reads {arg} before it is written"
-        written.add(run.output)
+        reads = {by_output[a] for a in run.argv if isinstance(a, Path) and a in by_output and a != run.output}
+        assert reads == set(run.needs) and reads <= done, run.name
+        done.add(run.name)
 
 
 def test_every_table_cell_is_fed_by_a_run():
     fed = {cell for run in quick_plan() for cell in run.cells}
-    for name, spec in TABLES.items():
+    for name, spec in table_specs(PROFILES["quick"]).items():
         for row in spec["rows"]:
             assert (name, row) in fed, (name, row)
 
 
-def fake_results():
-    def run(cells, dice, hd95):
-        metric = lambda mean: dict(mean=mean, std=0.5, median=mean, n=4, n_undefined=0)  # noqa: E731
-        return dict(script="evaluate", cells=cells, wall_s=1.0, metrics=dict(dice=metric(dice), hd95=metric(hd95)))
-    return {"runs": {"a": run([["table1", "kd"]], 0.8, 10.0), "b": run([["table1", "kd"]], 0.6, 14.0),
-                     "c": run([["table4", "wkd_refine|5 %"]], 0.7, 3.0)}}
+def evaluation(cells, seed, values):
+    """A results.json entry of an evaluation whose per-case Dice are `values`."""
+    values = np.asarray(values, dtype=float)
+    stats_of = dict(mean=float(values.mean()), std=float(values.std()), median=float(np.median(values)),
+                    n=len(values), n_undefined=0)
+    return dict(script="evaluate", seed=seed, cells=cells, wall_s=1.0, metrics=dict(dice=stats_of),
+                cases=dict(id=[f"c{i}" for i in range(len(values))], dice=list(values)))
 
 
-def test_tables_average_over_seeds_and_pivot_groups():
-    tables = collect(fake_results())
-    md, csv_text = render("table1", tables["table1"], "caption")
+def test_paired_differences_are_t_intervals_over_seeds_or_over_cases():
+    control = {0: [0.5, 0.6, 0.7], 1: [0.4, 0.6, 0.8], 2: [0.5, 0.5, 0.5]}
+    method = {0: [0.6, 0.6, 0.8], 1: [0.5, 0.7, 0.8], 2: [0.6, 0.6, 0.6]}
+    runs = {s: evaluation([], s, v) for s, v in method.items()}
+    controls = {s: evaluation([], s, v) for s, v in control.items()}
+    d = paired_difference(runs, controls, "dice")
+    per_seed = [np.mean(np.subtract(method[s], control[s])) for s in range(3)]
+    half = stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / math.sqrt(3)
+    assert d["over"] == "seeds" and d["per_seed"] == pytest.approx(per_seed)
+    assert (d["low"], d["mean"], d["high"]) == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed),
+                                                              np.mean(per_seed) + half))
+    one = paired_difference({0: runs[0]}, {0: controls[0]}, "dice")
+    cases = np.subtract(method[0], control[0])
+    assert one["over"] == "cases" and one["high"] - one["mean"] == pytest.approx(
+        stats.t.ppf(0.975, 2) * cases.std(ddof=1) / math.sqrt(3))
+
+
+def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
+    results = {"runs": {
+        "a": evaluation([["table1", "kd"]], 0, [0.8, 0.9, 1.0]), "b": evaluation([["table1", "kd"]], 1, [0.6, 0.6, 0.6]),
+        "c": evaluation([["table1", "supervised"]], 0, [0.7, 0.8, 0.9]),
+        "d": evaluation([["table1", "supervised"]], 1, [0.5, 0.5, 0.5])}}
+    spec = table_specs(PROFILES["quick"])["table1"]
+    spec = dict(spec, metrics=["dice"])
+    md, csv_text = render("table1", spec, collect(results), "caption")
     kd_line = next(line for line in md.splitlines() if line.startswith("| kd |"))
-    # two seeds: mean 0.7, sample std 0.1414
-    assert "0.7000 ± 0.1414" in kd_line and "12.00 ± 2.83" in kd_line
-    assert "| pseudo_label | –" in md            # no run for it: shown as missing, not zero
-    assert csv_text.splitlines()[0].startswith("row,dice mean,dice spread")
-    md4, _ = render("table4", tables["table4"], "caption")
-    assert "wkd_refine dice" in md4.splitlines()[4]
-    five = next(line for line in md4.splitlines() if line.startswith("| 5 % |"))
-    # one seed: the spread is the case-level std of that run
-    assert "0.7000 ± 0.5000" in five and five.count("–") == 2
+    assert "0.7500 ± 0.2121" in kd_line                  # two seeds: mean of 0.9 and 0.6, sample std
+    assert "| pseudo_label | –" in md                    # no run for it: shown as missing, not zero
+    delta = next(line for line in md.splitlines() if line.startswith("| kd |") and "[" in line)
+    assert "+0.1000 [+0.1000, +0.1000] *" in delta       # +0.1 on every case of both seeds
+    assert csv_text.splitlines()[0].startswith("row,metric,mean,spread,seeds,delta")
 
 
-def reproduce(data, out):
+def reproduce(data, out, *extra):
     proc = subprocess.run([sys.executable, str(REPO / "reproduce.py"), "--profile", "micro", "--data", str(data),
-                           "--out", str(out)], env=SCRIPT_ENV, capture_output=True, text=True, timeout=900)
+                           "--out", str(out), *extra], env=SCRIPT_ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_micro_profile_end_to_end_then_skips_finished_runs(tiny_data, tmp_path):
-    out = tmp_path / "micro"
-    first = reproduce(tiny_data, out)
-    assert "38 runs, 0 already finished" in first
-    for name in TABLES:
+def metrics_of(out):
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {name: (run.get("metrics"), run.get("cases")) for name, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def micro(tiny_data, tmp_path_factory):
+    """The micro profile run once with two CPU workers: (output folder, its stdout)."""
+    out = tmp_path_factory.mktemp("micro") / "parallel"
+    return out, reproduce(tiny_data, out, "--devices", "cpu,cpu")
+
+
+def test_micro_profile_end_to_end_then_skips_finished_runs(tiny_data, micro):
+    out, first = micro
+    n = len(Planner("micro", tiny_data, out).plan())
+    assert f"{n} runs, 0 already finished" in first and "2 at once on cpu" in first
+    for name in table_specs(PROFILES["micro"]):
         assert (out / f"{name}.md").is_file() and (out / f"{name}.csv").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert results["profile"] == "micro" and len(results["runs"]) == 38
-    assert all(r["wall_s"] is not None for r in results["runs"].values())
+    assert results["profile"] == "micro" and len(results["runs"]) == n
+    assert str(tiny_data) not in (out / "results.json").read_text()      # no path of this machine
     evaluated = [r for r in results["runs"].values() if r["script"] == "evaluate"]
-    assert all(0.0 <= r["metrics"]["dice"]["mean"] <= 1.0 for r in evaluated)
+    assert all(0.0 <= r["metrics"]["dice"]["mean"] <= 1.0 and len(r["cases"]["dice"]) == r["metrics"]["dice"]["n"]
+               for r in evaluated)
+    assert (out / "seed0/r0300/teacher.pt.log").is_file()
 
     # A lost evaluation is redone, everything else is reused.
-    (out / "seed0/r010/teacher_test_eval/summary.json").unlink()
+    (out / "seed0/r0300/teacher_test_eval/summary.json").unlink()
     second = reproduce(tiny_data, out)
-    assert "38 runs, 37 already finished" in second
-    assert "evaluate seed0/r010/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
+    assert f"{n} runs, {n - 1} already finished" in second
+    assert "evaluate seed0/r0300/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
+
+
+def test_one_worker_gives_the_numbers_two_workers_give(tiny_data, micro, tmp_path):
+    sequential = tmp_path / "sequential"
+    reproduce(tiny_data, sequential, "--devices", "cpu")
+    assert metrics_of(sequential) == metrics_of(micro[0])
+
+
+def test_plan_json_and_single_runs_for_a_cluster(tiny_data, tmp_path):
+    plan_file, out = tmp_path / "plan.json", tmp_path / "cluster"
+    reproduce(tiny_data, out, "--plan-json", plan_file)
+    plan = json.loads(plan_file.read_text())
+    first = plan["runs"][0]
+    assert first["needs"] == [] and first["estimated_seconds"] > 0 and first["command"][1].endswith(".py")
+    assert not out.exists()                            # a plan only: nothing ran
+    assert "done in" in reproduce(tiny_data, out, "--run", first["name"])
+    assert "finished already" in reproduce(tiny_data, out, "--run", first["name"])

@@ -1,0 +1,95 @@
+"""Running the plan: each run in a worker process pinned to one device slot, in dependency order.
+
+A slot is one device (`cpu`, `cuda:0`, ...) with room for one run; a device named K times holds K
+runs at once. Each slot is a process of its own (the operating system's processes, nothing
+home-made), started once, so torch is imported once per slot rather than once per run. Every
+run in a slot uses the same number of CPU threads, whatever else runs, so a result never
+depends on how many runs shared the machine. A run whose inputs failed is not started; the
+others go on.
+"""
+import contextlib
+import importlib
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import torch
+
+
+def _start_slot(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_in_slot(script: str, argv: list, log: str) -> tuple[bool, float, str]:
+    """Call one stage script's main() with its console output in `log`: (ok, seconds, last line)."""
+    start = time.perf_counter()
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            importlib.import_module(script).main(argv)
+            ok = True
+        except SystemExit as stop:
+            ok = not stop.code
+        except Exception as err:   # a failure of one run is reported; the others go on
+            print(f"error: {type(err).__name__}: {err}")
+            ok = False
+    lines = Path(log).read_text(errors="replace").strip().splitlines()
+    return ok, time.perf_counter() - start, lines[-1] if lines else ""
+
+
+def slots_of(devices: list[str], jobs_per_device: int) -> list[str]:
+    return [d for d in devices for _ in range(jobs_per_device)]
+
+
+def _pool(threads: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("spawn")   # fork after torch has started threads can hang
+    return ProcessPoolExecutor(1, mp_context=context, initializer=_start_slot, initargs=(threads,))
+
+
+def execute(runs: list, finished: set, slots: list[str], threads: int, argv_of, log_of, on_start,
+            on_finish) -> dict:
+    """Run `runs` (dependency-ordered, each with `.name` and `.needs`) on `slots`; the runs named in
+    `finished` are done already.
+
+    argv_of(run, device) gives the stage's arguments, log_of(run) its log file; on_start(run,
+    device) and on_finish(run, ok, seconds, last line) report progress. Returns {name: status}
+    with status "done", "failed" or "skipped" (an input failed).
+    """
+    pools = [_pool(threads) for _ in slots]
+    status: dict = {name: "done" for name in finished}
+    pending = list(runs)
+    busy: dict = {}             # future -> (run, slot index)
+    try:
+        while pending or busy:
+            free = [i for i in range(len(slots)) if i not in {slot for _, slot in busy.values()}]
+            for run in list(pending):
+                if any(status.get(n) in ("failed", "skipped") for n in run.needs):
+                    status[run.name] = "skipped"
+                    pending.remove(run)
+                    on_finish(run, False, 0.0, "skipped: an input run failed")
+                elif free and all(status.get(n) == "done" for n in run.needs):
+                    slot = free.pop(0)
+                    pending.remove(run)
+                    on_start(run, slots[slot])
+                    future = pools[slot].submit(run_in_slot, run.script, argv_of(run, slots[slot]), str(log_of(run)))
+                    busy[future] = (run, slot)
+            if not busy:
+                if pending:
+                    raise RuntimeError(f"runs wait for inputs outside the plan: {[r.name for r in pending]}")
+                continue
+            ended, _ = wait(busy, return_when=FIRST_COMPLETED)
+            for future in ended:
+                run, slot = busy.pop(future)
+                try:
+                    ok, seconds, last = future.result()
+                except BrokenProcessPool:      # the worker died (out of memory, a crash): a fresh one
+                    pools[slot] = _pool(threads)
+                    ok, seconds, last = False, 0.0, "its worker process died"
+                status[run.name] = "done" if ok else "failed"
+                on_finish(run, ok, seconds, last)
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+    return status

@@ -1,0 +1,114 @@
+"""How well does a KD pixel weight find the teacher's mistakes? A measurement, not a test.
+
+    python -m reproduction.weight_study --data DIR --teacher teacher.pt \\
+        --student untrained --student 60=s60.pt --student 600=s600.pt --out weight_study.json
+
+For each student (a checkpoint, or `untrained` for a freshly initialised student U-Net), on the
+unlabelled split at training size, it computes the teacher's prediction on the clean images and
+the student's on the clean images and on a noised view (as the student sees them in training,
+with the default strengths of train_student.py), and from each pair every weight variant below.
+A pixel is "wrong" where the teacher's argmax differs from the ground-truth mask (the phantom
+has masks for its unlabelled cases; training never reads them). Reported per variant: the
+AUROC with which 1 - w ranks wrong above right pixels (0.5 = no information), over all pixels
+and within 3 pixels of the teacher's predicted boundary, where the mistakes are; the mean
+weight on wrong and on right pixels; and the share of the loss's weight mass that falls on
+wrong pixels against the share of wrong pixels (a weight that suppresses mistakes puts less).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage, stats
+
+from data import Corruption, Photometric, augment_photometric, corrupt, inherited_split, load_tensors, \
+    prepare_dataset, step_generator, strengths
+from engine.loop import predict_logits
+from engine.state import load_network, seed_stage
+from kernels import kd_weight_map
+from nets.unet import UNet
+from train_student import StudentSettings
+
+# (mode, window, gamma) of each weight variant; ssim-w7-g1 is SPEC section 4's structural weight
+VARIANTS = {"none": ("none", 7, 1.0), "agree": ("agree", 7, 1.0), "agree-g4": ("agree", 7, 4.0),
+            **{f"ssim-w{w}-g{g:g}": ("ssim", w, g) for w in (3, 7, 15) for g in (1.0, 4.0)}}
+BAND = 3      # pixels from the teacher's predicted boundary
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for `positive` labels (Mann-Whitney, ties averaged)."""
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def noised_view(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """The student's view of each image in training: strong photometric changes, blur, cutout."""
+    s = StudentSettings()
+    g = step_generator(seed, 0, "weight-study")
+    return corrupt(augment_photometric(images, g, strengths(Photometric, s, "strong_")), g,
+                   strengths(Corruption, s, "strong_"))
+
+
+def describe(weight: torch.Tensor, wrong: torch.Tensor, band: torch.Tensor) -> dict:
+    w, wrong, band = weight.numpy().ravel(), wrong.numpy().ravel(), band.numpy().ravel()
+    return dict(auroc=auroc(1 - w, wrong), auroc_band=auroc(1 - w[band], wrong[band]),
+                mean_w_wrong=float(w[wrong].mean()), mean_w_right=float(w[~wrong].mean()),
+                weight_share_wrong=float(w[wrong].sum() / w.sum()))
+
+
+def study(teacher, student, images, masks, seed: int) -> dict:
+    device = torch.device("cpu")
+    zt = predict_logits(teacher, images, device)
+    pred = zt.argmax(1)
+    wrong = pred != masks
+    edges = torch.from_numpy(np.stack([_near_boundary(p) for p in pred.numpy()]))
+    out = dict(wrong_share=float(wrong.float().mean()), wrong_share_band=float(wrong[edges].float().mean()))
+    for view, x in (("clean", images), ("noised", noised_view(images, seed))):
+        zs = predict_logits(student, x, device)
+        for name, (mode, window, gamma) in VARIANTS.items():
+            w = kd_weight_map(zs, zt, mode=mode, window=window, gamma=gamma, backend="torch")
+            out[f"{view}/{name}"] = describe(w, wrong, edges)
+    return out
+
+
+def _near_boundary(pred: np.ndarray) -> np.ndarray:
+    """Pixels within BAND of the boundary of a predicted mask (empty mask: none)."""
+    fg = pred.astype(bool)
+    if not fg.any() or fg.all():
+        return np.zeros_like(fg)
+    return np.minimum(ndimage.distance_transform_edt(fg), ndimage.distance_transform_edt(~fg)) <= BAND
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--teacher", type=Path, required=True)
+    p.add_argument("--student", action="append", required=True,
+                   help="LABEL=checkpoint of a student, or `untrained`; repeat for several")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    root = prepare_dataset(args.data)
+    teacher, ckpt = load_network(args.teacher, ("teacher",), "--teacher", torch.device("cpu"))
+    split = inherited_split(ckpt, "--teacher", args.teacher, root)
+    images, masks = load_tensors(root, split["unlabeled"], ckpt["size"])
+    result = dict(teacher=args.teacher.name, cases=len(images), variants=VARIANTS, band_pixels=BAND, students={})
+    for entry in args.student:
+        label, _, path = entry.partition("=")
+        if label == "untrained":
+            seed_stage(ckpt["split"]["seed"], "student", False)
+            student = UNet(width=ckpt["config"]["width"]).eval()
+        else:
+            student, _ = load_network(Path(path), ("student",), "--student", torch.device("cpu"))
+        result["students"][label] = study(teacher, student, images, masks, ckpt["split"]["seed"])
+        print(label, {k: round(v["auroc_band"], 3) for k, v in result["students"][label].items()
+                      if isinstance(v, dict)}, flush=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
