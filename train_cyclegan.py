@@ -50,6 +50,10 @@ class CycleGANSettings(Training):
     pool_size: int = setting(50, "fakes kept in each discriminator's history pool (0: none)", within="[0, inf)")
     decay_start: float = setting(0.5, "fraction of --steps after which the learning rate decays linearly to 0",
                                  within="[0, 1]")
+    binarize: bool = setting(True, "discriminators see every mask thresholded at 0.5 (straight-through), so that "
+                                   "soft fakes cannot be told from binary real masks by softness alone")
+    d_augment: bool = setting(True, "discriminators see real and fake pairs alike randomly translated and cut out "
+                                    "(DiffAugment), so that they cannot memorise the few real masks")
 
 
 class HistoryPool:
@@ -95,14 +99,49 @@ def teacher_pseudo_labels(teacher: torch.nn.Module, images: torch.Tensor) -> tor
     return foreground_probability(teacher(images))
 
 
-def generator_loss(nets, xa, qa, xb, yb, cycle_weight: float, identity_weight: float):
+def straight_through_binary(mask: torch.Tensor) -> torch.Tensor:
+    """The mask thresholded at 0.5 in the forward pass, the identity in the backward pass."""
+    return mask + ((mask > 0.5).to(mask.dtype) - mask).detach()
+
+
+def diff_augment(pairs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random translation (up to 1/8 of each side, zero fill) and a cutout (half of each side) per
+    pair, applied alike to real and fake pairs; differentiable in the pairs' values."""
+    n, _, h, w = pairs.shape
+    shift = ((torch.rand(n, 2, generator=g) * 2 - 1) * torch.tensor([h / 8, w / 8])).round().long()
+    corner = (torch.rand(n, 2, generator=g) * torch.tensor([h - h // 2 + 1, w - w // 2 + 1])).long()
+    rows = torch.arange(h)[None, :, None]
+    cols = torch.arange(w)[None, None, :]
+    src_r, src_c = rows - shift[:, 0, None, None], cols - shift[:, 1, None, None]
+    inside = (src_r >= 0) & (src_r < h) & (src_c >= 0) & (src_c < w)
+    index = (src_r.clamp(0, h - 1) * w + src_c.clamp(0, w - 1)).to(pairs.device)
+    moved = pairs.flatten(2).gather(2, index.flatten(1)[:, None].expand(-1, pairs.shape[1], -1)).view_as(pairs)
+    hole = ((rows >= corner[:, 0, None, None]) & (rows < corner[:, 0, None, None] + h // 2)
+            & (cols >= corner[:, 1, None, None]) & (cols < corner[:, 1, None, None] + w // 2))
+    return moved * (inside & ~hole)[:, None].to(pairs.device, pairs.dtype)
+
+
+class Judge:
+    """What a discriminator sees of (image, mask) pairs: see --binarize and --d-augment."""
+
+    def __init__(self, binarize: bool, augment: bool):
+        self.binarize, self.augment = binarize, augment
+
+    def __call__(self, discriminator, pairs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.binarize:
+            pairs = torch.cat([pairs[:, :1], straight_through_binary(pairs[:, 1:])], dim=1)
+        return discriminator(diff_augment(pairs, g) if self.augment else pairs)
+
+
+def generator_loss(nets, judge, xa, qa, xb, yb, cycle_weight: float, identity_weight: float, g):
     """LSGAN + cycle L1 + identity L1 for both generators -> (loss, fake A pair, fake B pair, parts)."""
     fake_b = torch.sigmoid(nets["G_AB"](pair(xa, qa)))           # refined pseudo label of xu
     fake_a = torch.sigmoid(nets["G_BA"](pair(xb, yb)))           # teacher-like mask of xl
     cycle_a = torch.sigmoid(nets["G_BA"](pair(xa, fake_b)))
     cycle_b = torch.sigmoid(nets["G_AB"](pair(xb, fake_a)))
     same_b = torch.sigmoid(nets["G_AB"](pair(xb, yb)))
-    adversarial = lsgan(nets["D_B"](pair(xa, fake_b)), True) + lsgan(nets["D_A"](pair(xb, fake_a)), True)
+    adversarial = lsgan(judge(nets["D_B"], pair(xa, fake_b), g), True) \
+        + lsgan(judge(nets["D_A"], pair(xb, fake_a), g), True)
     cycle = F.l1_loss(cycle_a, qa) + F.l1_loss(cycle_b, yb)
     identity = F.l1_loss(same_b, yb)
     loss = adversarial + cycle_weight * cycle + identity_weight * identity
@@ -110,9 +149,9 @@ def generator_loss(nets, xa, qa, xb, yb, cycle_weight: float, identity_weight: f
     return loss, pair(xb, fake_a).detach(), pair(xa, fake_b).detach(), parts
 
 
-def discriminator_loss(nets, real_a, real_b, fake_a, fake_b):
-    return 0.5 * (lsgan(nets["D_A"](real_a), True) + lsgan(nets["D_A"](fake_a), False)
-                  + lsgan(nets["D_B"](real_b), True) + lsgan(nets["D_B"](fake_b), False))
+def discriminator_loss(nets, judge, real_a, real_b, fake_a, fake_b, g):
+    return 0.5 * (lsgan(judge(nets["D_A"], real_a, g), True) + lsgan(judge(nets["D_A"], fake_a, g), False)
+                  + lsgan(judge(nets["D_B"], real_b, g), True) + lsgan(judge(nets["D_B"], fake_b, g), False))
 
 
 def mask_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
@@ -140,19 +179,22 @@ class CycleGAN:
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, constant_then_linear(s.steps, s.decay_start))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, constant_then_linear(s.steps, s.decay_start))
         self.pool_a, self.pool_b = HistoryPool(s.pool_size, device), HistoryPool(s.pool_size, device)
+        self.judge = Judge(s.binarize, s.d_augment)
 
     def modules(self) -> dict:
         """Everything whose state --resume needs."""
         return dict(nets=self.nets, opt_g=self.opt_g, opt_d=self.opt_d, sched_g=self.sched_g,
                     sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
 
-    def train_step(self, xa, qa, xb, yb, pool_generators) -> dict:
-        """One generator update, then one discriminator update on pooled fakes."""
+    def train_step(self, xa, qa, xb, yb, generators) -> dict:
+        """One generator update, then one discriminator update on pooled fakes; `generators` holds
+        the step's random streams: the two pools', then the discriminators' augmentation's."""
         s, nets, device = self.s, self.nets, self.device
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(nets, xa, qa, xb, yb, s.cycle_weight, s.identity_weight)
+            loss_g, fake_a, fake_b, parts = generator_loss(nets, self.judge, xa, qa, xb, yb, s.cycle_weight,
+                                                           s.identity_weight, generators[2])
         value_g = check_finite(loss_g, "generator loss")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -160,10 +202,10 @@ class CycleGAN:
 
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
-        fake_a = self.pool_a.query(fake_a, pool_generators[0])
-        fake_b = self.pool_b.query(fake_b, pool_generators[1])
+        fake_a = self.pool_a.query(fake_a, generators[0])
+        fake_b = self.pool_b.query(fake_b, generators[1])
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(nets, pair(xa, qa), pair(xb, yb), fake_a, fake_b)
+            loss_d = discriminator_loss(nets, self.judge, pair(xa, qa), pair(xb, yb), fake_a, fake_b, generators[2])
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -214,8 +256,8 @@ def main(argv=None):
                                   step_generator(run_seed, step, "labeled"), geometry)
         with autocast(s.precision, device):
             qa = teacher_pseudo_labels(teacher, xa)
-        pools = (step_generator(run_seed, step, "pool_a"), step_generator(run_seed, step, "pool_b"))
-        return gan.train_step(xa, qa, xb, yb[:, None].float(), pools)
+        streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge")]
+        return gan.train_step(xa, qa, xb, yb[:, None].float(), streams)
 
     def validate():
         refined = predict_logits(teacher, val_images, device, refiner=gan.nets["G_AB"])

@@ -87,6 +87,17 @@ def test_refined_logits_softmax_is_sigmoid_of_generator():
     torch.testing.assert_close(probs[:, 0:1], 1 - torch.sigmoid(r))
 
 
+def test_discriminators_see_binary_masks_and_augmented_pairs_but_pass_gradients():
+    soft = torch.full((2, 1, 16, 32), 0.7, requires_grad=True)
+    pairs = torch.cat([torch.rand(2, 1, 16, 32), soft], dim=1)
+    seen = []
+    judge = train_cyclegan.Judge(binarize=True, augment=False)
+    judge(lambda x: seen.append(x) or x.sum(), pairs, None).backward()
+    assert set(seen[0][:, 1].unique().tolist()) == {1.0} and soft.grad.abs().min() > 0
+    moved = train_cyclegan.diff_augment(pairs.detach(), torch.Generator().manual_seed(1))
+    assert moved.shape == pairs.shape and (moved == 0).any() and not torch.equal(moved, pairs)
+
+
 def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny, full_run):
     path, stdout = full_run
     assert "Dice" in stdout and "HD95" in stdout
@@ -144,9 +155,10 @@ def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
     xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
     yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
     qa = train_cyclegan.teacher_pseudo_labels(teacher, xa)
-    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, xa, qa, xb, yb, 10.0, 5.0)
+    judge, g = train_cyclegan.Judge(binarize=True, augment=True), torch.Generator().manual_seed(0)
+    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, judge, xa, qa, xb, yb, 10.0, 5.0, g)
     real_a, real_b = train_cyclegan.pair(xa, qa), train_cyclegan.pair(xb, yb)
-    (loss + train_cyclegan.discriminator_loss(nets, real_a, real_b, fake_a, fake_b)).backward()
+    (loss + train_cyclegan.discriminator_loss(nets, judge, real_a, real_b, fake_a, fake_b, g)).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in buffers.items())
     assert all(p.grad is not None for p in nets["G_AB"].parameters())
