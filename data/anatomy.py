@@ -24,7 +24,7 @@ class Patient:
         self.smile = rng.uniform(0.1, 0.55)                # its upward curve; chin-down exaggerates it
         self.palate_v = rng.uniform(0.34, 0.45)
         self.palate_tilt = rng.normal(0, 0.02)
-        self.gain = rng.uniform(0.8, 1.2, size=10)         # per-structure contrast jitter
+        self.gain = rng.uniform(0.65, 1.35, size=10)       # per-structure contrast jitter
         self.bone = smooth_field(rng, (48, 96), 1.0)       # trabecular texture
         self.soft = smooth_field(rng, (6, 12), 1.0)        # slow exposure / soft-tissue variation
         self.sinus = [random_lobe(rng) for _ in (LEFT, RIGHT)]

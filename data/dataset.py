@@ -25,7 +25,7 @@ from errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_PHANTOM = dict(n=300, size=(256, 512), seed=0)
+DEFAULT_PHANTOM = dict(n=600, size=(256, 512), seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

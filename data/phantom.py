@@ -27,14 +27,14 @@ from .anatomy import ANATOMY, Patient
 from .shapes import Canvas
 from .sinus import SINUS
 
-FORMAT_VERSION = 2     # bump when the generator changes what a seed draws
+FORMAT_VERSION = 3     # bump when the generator changes what a seed draws
 SIXTEEN_BIT_EVERY = 10  # every 10th case is written as a 16-bit PNG to exercise that decode path
 GRID_SIZE = (160, 320)  # cells of the contact sheet: small enough to keep docs/ light
 STAGING = ".phantom-partial"  # generate() renders here, then moves the finished dataset into place
 
-ACQUISITION = dict(blur_heights=(0.0015, 0.004), noise=(0.025, 0.06), gamma=(0.7, 1.45),
+ACQUISITION = dict(blur_heights=(0.0015, 0.004), noise=(0.025, 0.06), gamma=(0.6, 1.6),
                    contrast=(0.8, 1.2), vignetting=(0.1, 0.4), p_positioning_error=0.4,
-                   p_poor_exposure=0.3, poor_blur_heights=(0.003, 0.007), poor_noise=(0.05, 0.09),
+                   p_poor_exposure=0.35, poor_blur_heights=(0.003, 0.007), poor_noise=(0.05, 0.09),
                    poor_contrast=(0.55, 0.8))
 
 

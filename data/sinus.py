@@ -14,9 +14,9 @@ from .shapes import ASPECT, LEFT, RIGHT, ellipse, ridge, segment, smooth_min, sm
 # Per-patient ranges of the target structure (also recorded in phantom.json).
 SINUS = dict(
     lateral_wall_u=(0.185, 0.25), medial_wall_u=(0.37, 0.43), roof_v=(0.10, 0.155),
-    floor_v=(0.35, 0.46), air=(0.06, 0.16), roof_edge=(0.015, 0.04), floor_edge=(0.008, 0.02),
-    lobulation=(0.0, 0.025), p_recess=0.6, p_hypoplasia=0.15, p_septum=0.45,
-    opacification=dict(none=0.25, mucosal=0.35, cyst=0.12, fluid=0.13, full=0.15),
+    floor_v=(0.35, 0.46), air=(0.04, 0.16), roof_edge=(0.015, 0.04), floor_edge=(0.008, 0.02),
+    lobulation=(0.0, 0.035), p_recess=0.6, p_hypoplasia=0.2, p_septum=0.45,
+    opacification=dict(none=0.22, mucosal=0.33, cyst=0.12, fluid=0.13, full=0.20),
 )
 
 
