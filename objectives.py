@@ -93,7 +93,7 @@ def kd_loss(weight: str):
     """The weighted KD loss of SPEC section 4 with `weight` as the default pixel weight (--weight overrides)."""
     def loss(student_logits, teacher_logits, s):
         return weighted_kd_loss(student_logits, teacher_logits, weight=weight if s.weight is None else s.weight,
-                                temperature=s.temperature)
+                                temperature=s.temperature, window=s.weight_window, gamma=s.weight_gamma)
     return loss
 
 

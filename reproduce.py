@@ -39,11 +39,15 @@ from reproduction.schedule import execute, run_in_slot, slots_of
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
 # Estimated seconds per training step and per evaluation, for the ETA and --plan-json. The quick
-# profile's are measured on the project's 2-core CPU (one thread per run); the paper profile's
-# are a FLOP-based estimate for one H100 (see the README), until a GPU run replaces them.
+# profile's are measured on the project's 2-core CPU (one thread per run). The paper profile's
+# are an estimate until a GPU run replaces them: torch's FlopCounterMode gives, per 256x512
+# image, 167 GFLOP for a forward and backward pass of the width-32 U-Net (56 forward only), 104
+# (35) for a SinusCycle-GAN generator and 38 (13) for a discriminator; with batches of 8 that is
+# 1.3 TFLOP per teacher step, 3.4 per student step (16 images through the student, the teacher
+# and refiner forward) and 6.4 per refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
 SECONDS = {"micro": dict(train_teacher=0.02, train_cyclegan=0.05, train_student=0.04, evaluate=1.0),
            "quick": dict(train_teacher=0.05, train_cyclegan=0.15, train_student=0.1, evaluate=4.0),
-           "paper": dict(train_teacher=0.012, train_cyclegan=0.03, train_student=0.03, evaluate=20.0)}
+           "paper": dict(train_teacher=0.0134, train_cyclegan=0.064, train_student=0.034, evaluate=30.0)}
 
 
 @dataclasses.dataclass
@@ -169,14 +173,33 @@ def write_tables(out: Path, results: dict) -> str:
     return "\n".join(text)
 
 
+def makespan(runs: list, profile: str, slots: int) -> float:
+    """Estimated wall time of the plan on `slots` devices, scheduled as `execute` does: whenever a
+    device is free it takes the first run, in plan order, whose inputs are done."""
+    ended, pending, running, now = {}, list(runs), [], 0.0
+    while pending or running:
+        for run in [r for r in pending if all(n in ended for n in r.needs)]:
+            if len(running) == slots:
+                break
+            pending.remove(run)
+            running.append((now + estimate(run, profile), run.name))
+        running.sort()
+        now, name = running.pop(0)
+        ended[name] = now
+    return now
+
+
 def write_plan(path: Path, runs: list, profile: str) -> None:
     entries = [dict(name=r.name, command=[sys.executable, str(REPO / f"{r.script}.py"), *map(str, r.argv)],
                     output=str(r.output), needs=r.needs, estimated_seconds=round(estimate(r, profile), 1))
                for r in runs]
     total = sum(e["estimated_seconds"] for e in entries)
-    write_json(writable_file(path, "--plan-json"), dict(profile=profile, runs=entries, estimated_seconds=total))
-    print(f"{len(runs)} runs written to {path}; estimated {clock(total)} of device time in all "
-          f"(an estimate from {'measured CPU step times' if profile != 'paper' else 'FLOP counts'})")
+    walls = {n: round(makespan(runs, profile, n)) for n in (1, 2, 8)}
+    write_json(writable_file(path, "--plan-json"), dict(profile=profile, runs=entries, estimated_seconds=total,
+                                                        estimated_wall_seconds_on_devices=walls))
+    source = "FLOP counts at an assumed 100 TFLOP/s" if profile == "paper" else "CPU step times measured here"
+    print(f"{len(runs)} runs written to {path}; estimated from {source}: {clock(total)} of device time, "
+          + ", ".join(f"{clock(w)} on {n} device{'s' * (n > 1)}" for n, w in walls.items()))
 
 
 def run_one(args, runs: list, out: Path) -> None:

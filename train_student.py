@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from data import Corruption, Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, corrupt, \
-    derive_seed, inherited_split, labeled_batch, load_tensors, prepare_dataset, step_generator, strengths
+from data import Corruption, Geometry, Photometric, inherited_split, labeled_batch, load_tensors, prepare_dataset, \
+    strengths, unlabeled_views
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
@@ -40,6 +40,8 @@ class StudentSettings(LabelledPhotometric, Training):
     method: str = setting("wkd_refine", "unlabelled objective: " + "; ".join(
         f"{o.name}: {o.summary}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES))
     weight: str | None = setting(None, "KD pixel weight; default: the method's", choices=tuple(WEIGHT_MODES))
+    weight_window: int = setting(7, "ssim weight: side of the square window", within="[1, 63]")
+    weight_gamma: float = setting(1.0, "ssim weight: exponent applied to the clamped SSIM", within="(0, inf)")
     temperature: float = setting(1.0, "KD softmax temperature", within="(0, inf)")
     lambda_max: float = setting(1.0, "weight of the unlabelled loss after the ramp-up", within="[0, inf)")
     ramp_steps: int = setting(200, "length of the sigmoid-shaped ramp-up of lambda", within="[1, inf)")
@@ -111,7 +113,6 @@ def main(argv=None):
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
     strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")
-    unlabeled_seed = derive_seed(run_seed, "unlabeled")
 
     logs, logger = open_run_logs(out, s, split, dict(kind="student", network=model.config, weight=weight))
     logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s", s.method,
@@ -131,11 +132,10 @@ def main(argv=None):
         xl, yl = labeled_batch(images, masks, s.batch_size, run_seed, step, device, geometry, photometric)
         parts = [xl]
         if unlabeled is not None:
-            iu = batch_indices(len(unlabeled), s.unlabeled_batch_size, unlabeled_seed, step)
-            gu = step_generator(run_seed, step, "unlabeled")
-            xu, _ = augment_geometry(unlabeled[iu].to(device), None, gu, geometry)
             # The targets come from the clean view xu; the student sees a strongly perturbed one.
-            parts.append(corrupt(augment_photometric(xu, gu, strong), gu, corruption))
+            xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size, run_seed, step, device, geometry, strong,
+                                     corruption)
+            parts.append(xs)
         with autocast(s.precision, device):
             logits = model(torch.cat(parts).contiguous(memory_format=channels))
         sup = supervised_loss(logits[:len(xl)], yl)

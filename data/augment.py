@@ -162,3 +162,13 @@ def labeled_batch(images, masks, batch_size: int, seed: int, step: int, device, 
     g = step_generator(seed, step, "labeled")
     x, y = augment_geometry(images[idx].to(device), masks[idx].to(device), g, geometry)
     return augment_photometric(x, g, photometric), y
+
+
+def unlabeled_views(images, batch_size: int, seed: int, step: int, device, geometry: Geometry,
+                    strong: Photometric, corruption: Corruption):
+    """Batch `step` of the unlabelled stream as (clean view, noised view): one geometry for both, so
+    targets computed on the clean view line up with the student's predictions on the noised one."""
+    idx = batch_indices(len(images), batch_size, derive_seed(seed, "unlabeled"), step)
+    g = step_generator(seed, step, "unlabeled")
+    clean, _ = augment_geometry(images[idx].to(device), None, g, geometry)
+    return clean, corrupt(augment_photometric(clean, g, strong), g, corruption)

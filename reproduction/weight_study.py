@@ -31,7 +31,7 @@ from nets.unet import UNet
 from train_student import StudentSettings
 
 # (mode, window, gamma) of each weight variant; ssim-w7-g1 is SPEC section 4's structural weight
-VARIANTS = {"none": ("none", 7, 1.0), "agree": ("agree", 7, 1.0), "agree-g4": ("agree", 7, 4.0),
+VARIANTS = {"none": ("none", 7, 1.0), "agree": ("agree", 7, 1.0),
             **{f"ssim-w{w}-g{g:g}": ("ssim", w, g) for w in (3, 7, 15) for g in (1.0, 4.0)}}
 BAND = 3      # pixels from the teacher's predicted boundary
 

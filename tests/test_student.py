@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import run_script
 
-from engine.state import load_network
+import train_student
+from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
+from engine.state import load_network, seed_stage
 from kernels import weighted_kd_loss
 from nets.unet import UNet
 
@@ -92,3 +94,63 @@ def test_student_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tiny
     for key, value in a["train_state"]["model"].items():
         assert torch.equal(value, b["train_state"]["model"][key]), key
     assert a["metrics"] == b["metrics"] and b["step"] == 16
+
+
+def test_each_stage_draws_its_own_streams_and_students_share_theirs():
+    inits, batches = {}, {}
+    for stage in ("teacher", "student", "student"):
+        seed = seed_stage(0, stage, False)
+        inits.setdefault(stage, []).append(UNet(width=4).state_dict())
+        batches.setdefault(stage, []).append(batch_indices(50, 8, seed, step=0))
+    t, s = inits["teacher"][0], inits["student"]
+    assert any(not torch.equal(t[k], s[0][k]) for k in t)
+    assert all(torch.equal(s[0][k], s[1][k]) for k in t)
+    assert not torch.equal(batches["teacher"][0], batches["student"][0])
+    assert torch.equal(batches["student"][0], batches["student"][1])
+
+
+def test_a_supervised_student_does_not_replay_its_teacher(tiny_data, tiny_teacher, tmp_path):
+    out = tmp_path / "student.pt"
+    run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "supervised",
+               "--out", out, "--steps", 6, "--val-every", 3, "--width", 4, "--batch-size", 2, "--dropout", 0)
+    teacher = torch.load(tiny_teacher, weights_only=True)["train_state"]["model"]
+    student = torch.load(out, weights_only=True)["train_state"]["model"]
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher if teacher[k].is_floating_point())
+
+
+class Recorder(torch.nn.Module):
+    """A network that keeps every input it is given."""
+
+    def __init__(self, net, inputs):
+        super().__init__()
+        self.net, self.inputs, self.config = net, inputs, net.config
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+def test_the_teacher_sees_the_clean_view_and_the_student_a_noised_one(tiny_data, tiny_teacher, tmp_path,
+                                                                      monkeypatch):
+    teacher_inputs, student_inputs = [], []
+    real_load = train_student.load_network
+
+    def load_recorded(*args):
+        net, ckpt = real_load(*args)
+        return Recorder(net, teacher_inputs), ckpt
+    monkeypatch.setattr(train_student, "load_network", load_recorded)
+    monkeypatch.setattr(train_student, "UNet", lambda **config: Recorder(UNet(**config), student_inputs))
+    monkeypatch.setattr(train_student.StageState, "save", lambda *args: None)
+    train_student.main(["--data", str(tiny_data), "--teacher", str(tiny_teacher), "--method", "kd", "--out",
+                        str(tmp_path / "s.pt"), "--steps", "1", "--width", "4", "--batch-size", "2",
+                        "--unlabeled-batch-size", "3", "--device", "cpu", "--val-every", "5"])
+    clean, noised = teacher_inputs[0], student_inputs[0][2:]      # the student's batch: 2 labelled, 3 unlabelled
+    s = train_student.StudentSettings()
+    split = torch.load(tiny_teacher, weights_only=True)["split"]
+    images, _ = load_tensors(tiny_data, split["unlabeled"], (32, 64), with_masks=False)
+    expected_clean, expected_noised = unlabeled_views(
+        images, 3, seed_stage(0, "student", False), 0, torch.device("cpu"), strengths(Geometry, s, "aug_"),
+        strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_"))
+    torch.testing.assert_close(clean, expected_clean)          # the teacher: geometry only
+    torch.testing.assert_close(noised, expected_noised)        # the student: the same geometry, then noise
+    assert (noised - clean).abs().mean() > 0.02
