@@ -46,18 +46,19 @@ def objective(name: str, *, target: str | None = "teacher", weight: str | None =
 # ---------------------------------------------------------------------------------------------
 # the labelled term and the ramp
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - Dice of the softmax probabilities, pooled over the batch, averaged over foreground classes."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, total=None) -> torch.Tensor:
+    """1 - Dice of the softmax probabilities, pooled over the batch, averaged over foreground classes.
+    `total` sums the pooled counts over the processes of a data-parallel run (a global batch)."""
     probs = logits.float().softmax(dim=1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    counts = torch.stack([(probs * onehot).sum(dim=(0, 2, 3)), probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))])
+    inter, denom = total(counts) if total else counts
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, total=None) -> torch.Tensor:
     """L_sup: cross-entropy plus soft Dice (what the teacher is trained with, too)."""
-    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target)
+    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target, total=total)
 
 
 def ramp(step: int, lambda_max: float, ramp_steps: int) -> float:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from data import Geometry, augment_geometry, batch_indices, derive_seed, inherited_split, load_tensors, \
     prepare_dataset, step_generator, strengths
 from engine.cli import Training, autocast, memory_format, parse, select_device, setting, writable_file
+from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics, summarize
 from engine.records import open_run_logs
@@ -163,15 +164,21 @@ def mask_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
 
 
 class CycleGAN:
-    """The four networks, their optimisers, schedules and history pools, and one training step."""
+    """The four networks, their optimisers, schedules and history pools, and one training step.
 
-    def __init__(self, s: CycleGANSettings, device: torch.device):
-        self.s, self.device = s, device
+    Under torchrun each network is data parallel; the discriminators are called unwrapped while
+    the generators learn (their weights get no gradient then), and the history pools take the
+    fakes of all ranks, so that every rank holds the same pool and rank 0's checkpoint resumes all.
+    """
+
+    def __init__(self, s: CycleGANSettings, device: torch.device, ddp: Distributed = Distributed()):
+        self.s, self.device, self.ddp = s, device, ddp
         self.nets = torch.nn.ModuleDict(dict(
             G_AB=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
             G_BA=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
             D_A=PatchDiscriminator(width=s.disc_width), D_B=PatchDiscriminator(width=s.disc_width)))
         self.nets.to(device, memory_format=memory_format(s.channels_last))
+        self.parallel = {name: ddp.wrap(net) for name, net in self.nets.items()}
         generators = [*self.nets["G_AB"].parameters(), *self.nets["G_BA"].parameters()]
         discriminators = [*self.nets["D_A"].parameters(), *self.nets["D_B"].parameters()]
         self.opt_g = torch.optim.Adam(generators, lr=s.lr, betas=(0.5, 0.999))
@@ -189,11 +196,12 @@ class CycleGAN:
     def train_step(self, xa, qa, xb, yb, generators) -> dict:
         """One generator update, then one discriminator update on pooled fakes; `generators` holds
         the step's random streams: the two pools', then the discriminators' augmentation's."""
-        s, nets, device = self.s, self.nets, self.device
+        s, nets, device, ddp = self.s, self.nets, self.device, self.ddp
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
+        learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(nets, self.judge, xa, qa, xb, yb, s.cycle_weight,
+            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.judge, xa, qa, xb, yb, s.cycle_weight,
                                                            s.identity_weight, generators[2])
         value_g = check_finite(loss_g, "generator loss")
         self.opt_g.zero_grad(set_to_none=True)
@@ -202,10 +210,11 @@ class CycleGAN:
 
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
-        fake_a = self.pool_a.query(fake_a, generators[0])
-        fake_b = self.pool_b.query(fake_b, generators[1])
+        fake_a = ddp.share(self.pool_a.query(ddp.gather(fake_a), generators[0]))
+        fake_b = ddp.share(self.pool_b.query(ddp.gather(fake_b), generators[1]))
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(nets, self.judge, pair(xa, qa), pair(xb, yb), fake_a, fake_b, generators[2])
+            loss_d = discriminator_loss(self.parallel, self.judge, pair(xa, qa), pair(xb, yb), fake_a, fake_b,
+                                        generators[2])
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -218,7 +227,7 @@ class CycleGAN:
 @exit_on_user_error
 def main(argv=None):
     s = parse(CycleGANSettings, __doc__, argv)
-    device = select_device(s.device)
+    ddp, device = join(select_device(s.device))
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
@@ -235,25 +244,29 @@ def main(argv=None):
     val_images, val_masks = load_tensors(root, split["val"], size)
     teacher_metrics = mask_metrics(predict_logits(teacher, val_images, device), val_masks)
 
-    gan = CycleGAN(s, device)
+    gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
     state = StageState("cyclegan", out, gan.nets["G_AB"], gan.modules(), s, split, size, config=config,
                        score="dice_gain")
     start = state.restore(resume) if resume else 0
     geometry = strengths(Geometry, s, "aug_")
 
-    logs, logger = open_run_logs(out, s, split, dict(kind="cyclegan", network=config))
-    logger.info("cyclegan: %d unlabelled (A), %d labelled (B), %d val images at %s on %s%s", len(unlabeled),
-                len(labeled), len(val_images), size, device, f", resumed at step {start}" if start else "")
+    logs, logger = open_run_logs(out, s, split, dict(kind="cyclegan", network=config, processes=ddp.world,
+                                                     global_batch=s.batch_size * ddp.world), ddp.is_main)
+    logger.info("cyclegan: %d unlabelled (A), %d labelled (B), %d val images at %s on %s, global batch %d%s",
+                len(unlabeled), len(labeled), len(val_images), size, device, s.batch_size * ddp.world,
+                f", resumed at step {start}" if start else "")
     seed_a = derive_seed(run_seed, "unlabeled")   # A and B batches walk independent permutations
 
     def train_step(step):
-        idx_a = batch_indices(len(unlabeled), s.batch_size, seed_a, step)
-        idx_b = batch_indices(len(labeled), s.batch_size, run_seed, step)
+        batch = s.batch_size * ddp.world            # every rank draws the global batch and keeps its share
+        idx_a = batch_indices(len(unlabeled), batch, seed_a, step)
+        idx_b = batch_indices(len(labeled), batch, run_seed, step)
         xa, _ = augment_geometry(unlabeled[idx_a].to(device), None, step_generator(run_seed, step, "unlabeled"),
                                  geometry)
         xb, yb = augment_geometry(labeled[idx_b].to(device), labels[idx_b].to(device),
                                   step_generator(run_seed, step, "labeled"), geometry)
+        xa, xb, yb = ddp.share(xa), ddp.share(xb), ddp.share(yb)
         with autocast(s.precision, device):
             qa = teacher_pseudo_labels(teacher, xa)
         streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge")]
@@ -266,10 +279,13 @@ def main(argv=None):
         metrics["dice_gain"] = metrics["refined_dice"] - metrics["teacher_dice"]
         return metrics
 
-    if start == 0:
+    if start == 0 and ddp.is_main:
         state.save(0, validate())   # the untrained residual G_AB is the teacher: the baseline to beat
     run_steps(desc="cyclegan", steps=s.steps, start_step=start, val_every=s.val_every, train_step=train_step,
-              validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True)
+              validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True,
+              writer=ddp.is_main)
+    if not ddp.is_main:
+        return
     m = state.best["metrics"]
     print(f"{out}: validation, teacher -> refined (best step {state.best['step']}): "
           f"Dice {m['teacher_dice']:.4f} -> {m['refined_dice']:.4f}, "

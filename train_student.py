@@ -22,6 +22,7 @@ from data import Corruption, Geometry, Photometric, inherited_split, labeled_bat
     strengths, unlabeled_views
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
+from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
 from engine.state import StageState, check_same_experiment, load_network, resume_from, seed_stage, upstream_size
@@ -77,7 +78,7 @@ def main(argv=None):
     check_method_flags(s)
     method = OBJECTIVES[s.method]
     weight = s.weight or method.weight
-    device = select_device(s.device)
+    ddp, device = join(select_device(s.device))
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
@@ -101,6 +102,7 @@ def main(argv=None):
         if model.config["width"] != teacher.config["width"]:
             raise UserError(f"--init teacher needs --width {teacher.config['width']} (the teacher's)")
         model.load_state_dict(teacher.state_dict())
+    net = ddp.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(s.steps))
     modules = dict(model=model, optimizer=opt, scheduler=sched)
@@ -114,10 +116,14 @@ def main(argv=None):
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
     strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")
 
-    logs, logger = open_run_logs(out, s, split, dict(kind="student", network=model.config, weight=weight))
-    logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s", s.method,
-                weight, refiner is not None, len(images), 0 if unlabeled is None else len(unlabeled),
-                len(val_images), size, device)
+    logs, logger = open_run_logs(out, s, split, dict(kind="student", network=model.config, weight=weight,
+                                                     processes=ddp.world,
+                                                     global_batch=(s.batch_size + s.unlabeled_batch_size) * ddp.world),
+                                 ddp.is_main)
+    logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s, global batch "
+                "%d + %d", s.method, weight, refiner is not None, len(images),
+                0 if unlabeled is None else len(unlabeled), len(val_images), size, device, s.batch_size * ddp.world,
+                s.unlabeled_batch_size * ddp.world)
 
     @torch.no_grad()
     def targets(x: torch.Tensor) -> torch.Tensor:
@@ -129,16 +135,19 @@ def main(argv=None):
             return logits if refiner is None else refine_logits(refiner, x, logits)
 
     def train_step(step):
-        xl, yl = labeled_batch(images, masks, s.batch_size, run_seed, step, device, geometry, photometric)
+        xl, yl = labeled_batch(images, masks, s.batch_size * ddp.world, run_seed, step, device, geometry,
+                               photometric)
+        xl, yl = ddp.share(xl), ddp.share(yl)
         parts = [xl]
         if unlabeled is not None:
             # The targets come from the clean view xu; the student sees a strongly perturbed one.
-            xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size, run_seed, step, device, geometry, strong,
-                                     corruption)
+            xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size * ddp.world, run_seed, step, device, geometry,
+                                     strong, corruption)
+            xu, xs = ddp.share(xu), ddp.share(xs)
             parts.append(xs)
         with autocast(s.precision, device):
-            logits = model(torch.cat(parts).contiguous(memory_format=channels))
-        sup = supervised_loss(logits[:len(xl)], yl)
+            logits = net(torch.cat(parts).contiguous(memory_format=channels))
+        sup = supervised_loss(logits[:len(xl)], yl, ddp.total)
         losses = {"sup": check_finite(sup, "supervised loss")}
         loss = sup
         if unlabeled is not None:
@@ -155,8 +164,9 @@ def main(argv=None):
 
     run_steps(desc=f"student {s.method}", steps=s.steps, start_step=start, val_every=s.val_every,
               train_step=train_step, validate=lambda: validation_dice(model, val_images, val_masks, device),
-              save=state.save, checkpoint_path=out, logger=logger)
-    print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
+              save=state.save, checkpoint_path=out, logger=logger, writer=ddp.is_main)
+    if ddp.is_main:
+        print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
 
 
 if __name__ == "__main__":

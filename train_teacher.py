@@ -12,6 +12,7 @@ import torch
 from data import Geometry, Photometric, labeled_batch, load_tensors, new_split, prepare_dataset, strengths
 from engine.cli import LabelledPhotometric, Training, autocast, check_size, memory_format, parse, select_device, \
     setting, writable_file
+from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
 from engine.state import StageState, resume_from, seed_stage
@@ -35,7 +36,7 @@ class TeacherSettings(LabelledPhotometric, Training):
 @exit_on_user_error
 def main(argv=None):
     s = parse(TeacherSettings, __doc__, argv)
-    device = select_device(s.device)
+    ddp, device = join(select_device(s.device))
     size = check_size(s.size)
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
@@ -46,21 +47,24 @@ def main(argv=None):
     images, masks = load_tensors(root, split["labeled"], size)
     val_images, val_masks = load_tensors(root, split["val"], size)
     model = UNet(width=s.width).to(device, memory_format=memory_format(s.channels_last))
+    net = ddp.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(s.steps))
     state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), s, split, size)
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
 
-    logs, logger = open_run_logs(out, s, split, dict(kind="teacher", network=model.config))
-    logger.info("teacher: %d labelled, %d val images at %s on %s%s", len(images), len(val_images), size, device,
-                f", resumed at step {start}" if start else "")
+    logs, logger = open_run_logs(out, s, split, dict(kind="teacher", network=model.config, processes=ddp.world,
+                                                     global_batch=s.batch_size * ddp.world), ddp.is_main)
+    logger.info("teacher: %d labelled, %d val images at %s on %s, global batch %d%s", len(images), len(val_images),
+                size, device, s.batch_size * ddp.world, f", resumed at step {start}" if start else "")
 
     def train_step(step):
-        x, y = labeled_batch(images, masks, s.batch_size, run_seed, step, device, geometry, photometric)
+        x, y = labeled_batch(images, masks, s.batch_size * ddp.world, run_seed, step, device, geometry, photometric)
+        x, y = ddp.share(x), ddp.share(y)
         with autocast(s.precision, device):
-            logits = model(x.contiguous(memory_format=memory_format(s.channels_last)))
-        loss = supervised_loss(logits, y)
+            logits = net(x.contiguous(memory_format=memory_format(s.channels_last)))
+        loss = supervised_loss(logits, y, ddp.total)
         value = check_finite(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,8 +74,9 @@ def main(argv=None):
 
     run_steps(desc="teacher", steps=s.steps, start_step=start, val_every=s.val_every, train_step=train_step,
               validate=lambda: validation_dice(model, val_images, val_masks, device), save=state.save,
-              checkpoint_path=out, logger=logger)
-    print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
+              checkpoint_path=out, logger=logger, writer=ddp.is_main)
+    if ddp.is_main:
+        print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
 
 
 if __name__ == "__main__":

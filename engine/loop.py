@@ -59,17 +59,19 @@ def validation_dice(model: torch.nn.Module, images: torch.Tensor, masks: torch.T
 
 
 def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_step, validate, save,
-              checkpoint_path, logger: logging.Logger, saved_at_start: bool = False) -> None:
+              checkpoint_path, logger: logging.Logger, saved_at_start: bool = False, writer: bool = True) -> None:
     """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
     `val_every` steps and at the end `save(step_done, validate())`. `saved_at_start`: a
-    checkpoint of step `start_step` exists (always so when resuming)."""
+    checkpoint of step `start_step` exists (always so when resuming). Only the `writer` (the one
+    process, or rank 0 of several) validates, saves and shows progress."""
     if start_step >= steps:
-        print(f"{checkpoint_path}: already trained for {start_step} steps; nothing to do")
+        if writer:
+            print(f"{checkpoint_path}: already trained for {start_step} steps; nothing to do")
         return
     running: dict = {}
     last_saved = start_step if start_step or saved_at_start else None
     bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, dynamic_ncols=True,
-               mininterval=1.0)
+               mininterval=1.0, disable=not writer)
     for step in bar:
         try:
             losses = train_step(step)
@@ -83,7 +85,7 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
         running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
         done = step + 1
-        if done % val_every == 0 or done == steps:
+        if writer and (done % val_every == 0 or done == steps):
             metrics = validate()
             save(done, metrics)
             last_saved = done

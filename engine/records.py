@@ -43,10 +43,16 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict) -> tuple[Path, logging.Logger]:
+def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict, writer: bool = True):
     """`<stem>_logs/` beside a checkpoint, with config.json (settings, environment) and split.json
-    written and train.log opened."""
+    written and train.log opened, by the `writer` alone (rank 0 of several processes); the others
+    get a logger that writes nothing."""
     logs = checkpoint.with_name(checkpoint.stem + "_logs")
+    if not writer:
+        silent = logging.getLogger("sinus-wkd-silent")
+        silent.propagate = False
+        silent.addHandler(logging.NullHandler())
+        return logs, silent
     logs.mkdir(exist_ok=True)
     write_json(logs / "config.json", dict(args=record(settings), environment=environment(), **extra))
     write_json(logs / "split.json", split)

@@ -26,13 +26,13 @@ PROFILES = {
                   teacher=dict(width=4, steps=4, batch=2), cyclegan=dict(width=4, blocks=1, disc_width=4, steps=4),
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
     # CPU, minutes: small input and networks, three seeds for Tables 1 and 3.
-    "quick": dict(size=(64, 128), seeds=3, table2_seeds=1, table4_seeds=1, ratio=0.025,
-                  table4_ratios=(0.025, 0.05, 0.2), teacher=dict(width=8, steps=600, batch=4),
+    "quick": dict(size=(64, 128), seeds=3, table2_seeds=1, table4_seeds=1, ratio=0.02,
+                  table4_ratios=(0.02, 0.05, 0.2), teacher=dict(width=8, steps=600, batch=4),
                   cyclegan=dict(width=8, blocks=3, disc_width=8, steps=300),
                   student=dict(width=8, steps=600, batch=4, ramp=200), val_every=100),
     # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds everywhere.
-    "paper": dict(size=(256, 512), seeds=3, table2_seeds=3, table4_seeds=3, ratio=0.025,
-                  table4_ratios=(0.025, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
+    "paper": dict(size=(256, 512), seeds=3, table2_seeds=3, table4_seeds=3, ratio=0.02,
+                  table4_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
                   cyclegan=dict(width=32, blocks=6, disc_width=64, steps=10000),
                   student=dict(width=32, steps=20000, batch=8, ramp=4000), val_every=1000),
 }

@@ -33,10 +33,10 @@ def test_plan_shares_teachers_refiners_and_students():
                        "evaluate": 3 * (n + 4) + 3 + 2 * 2}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
-    wkd_refine = next(r for r in runs if r.name == "seed0/r0025/student-kd-ssim-refined_test_eval")
+    wkd_refine = next(r for r in runs if r.name == "seed0/r0020/student-kd-ssim-refined_test_eval")
     assert set(wkd_refine.cells) == {("table1", "wkd_refine"), ("table2", "ssim, refined"),
-                                     ("table4", "wkd_refine|2.5 %")}
-    control = next(r for r in runs if r.name == "seed1/r0025/student-supervised_test_eval")
+                                     ("table4", "wkd_refine|2 %")}
+    control = next(r for r in runs if r.name == "seed1/r0020/student-supervised_test_eval")
     assert control.cells == [("table1", "supervised")] and control.seed == 1
 
 
