@@ -19,7 +19,6 @@ or when a mask has more boundary points than its row holds (CAPACITY). Those cas
 computed after the one wait, from host copies of their two masks. The coordinates are exact
 integers and the distances float32, so they match the float64 reference to a relative 1e-6.
 """
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -131,11 +130,12 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     _nearest_kernel[(2 * batch * query_blocks,)](
         points, counts, on_cpu, squared, w, batch, capacity, query_blocks, float(spacing[0]), float(spacing[1]),
         BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS)
-    result = summarize(squared, counts, percentile, mode)
-    packed = torch.stack([result["hd"], result["hd95"], result["assd"], on_cpu.double()]).cpu()  # the one wait
-    out = dict(hd=packed[0], hd95=packed[1], assd=packed[2])
-    cpu_cases = np.flatnonzero(packed[3].numpy())
-    if len(cpu_cases):
+    # a mask over the row capacity is on the CPU list; its clamped count only keeps indices in range
+    result = summarize(squared, counts.clamp(max=capacity), percentile, mode)
+    hd, hd95, assd, flags = torch.stack([result["hd"], result["hd95"], result["assd"], on_cpu.double()]).tolist()
+    out = {name: torch.tensor(value, dtype=torch.float64) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+    cpu_cases = [b for b, flag in enumerate(flags) if flag]
+    if cpu_cases:
         per_case = [case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing) for b in cpu_cases]
         sq, n = padded_rows([pg ** 2 for pg, _ in per_case] + [gp ** 2 for _, gp in per_case])
         for name, value in summarize(sq, n, percentile, mode).items():
