@@ -86,8 +86,9 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr, scale_ptr,
     ring_ts = tl.zeros([RING, LANES], tl.float32)
     acc_wkl = tl.zeros([LANES], tl.float32)
     acc_w = tl.zeros([LANES], tl.float32)
-    # a loop counter from 0 (not from a program-dependent row): older interpreters need it
-    for i in range(0, chunk_rows + 2 * R):
+    # a while loop: triton 3.6's interpreter cannot take a range() bound computed from arguments
+    i = 0
+    while i < chunk_rows + 2 * R:
         # a row index per lane: some interpreters turn a tensor & a scalar bool into integers
         y = y_first - R + i + tl.zeros([LANES], tl.int32)
         row_in = x_in & (y >= 0) & (y < H)
@@ -120,6 +121,7 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr, scale_ptr,
                     tl.static_assert(PHASE == GRAD)
                     store_grad(out_ptr + n * o_n, yo * o_h + x * o_w, o_c, zs, zt, w * tl.load(scale_ptr),
                                inv_t, valid, C, C_P, False)
+        i += 1
 
     if PHASE == LOSS:
         tl.store(part_ptr + pid, tl.sum(acc_wkl, axis=0))

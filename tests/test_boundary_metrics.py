@@ -286,3 +286,13 @@ def test_bad_types_raise_type_error():
         boundary_metrics(np.zeros((5, 6), dtype=bool), torch.zeros(5, 6, dtype=torch.bool))
     with pytest.raises(TypeError):
         boundary_metrics(torch.zeros(5, 6), torch.zeros(5, 6))
+
+
+def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
+    from kernels.bench_boundary import largest_difference
+    finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
+    one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
+    assert largest_difference(finite, one_nan) == float("inf")
+    assert largest_difference(one_nan, one_nan) == 0.0
+    shifted = {k: v + 0.25 for k, v in finite.items()}
+    assert largest_difference(finite, shifted) == 0.25
