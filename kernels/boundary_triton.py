@@ -26,11 +26,11 @@ import triton.language as tl
 from .boundary_reference import case_distances, padded_rows, summarize
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
-# loop is 7 FP32 instructions a pair (sm_90 SASS), an H200 issues 132 SMs x 128 lanes x 1.98 GHz
-# = 3.3e13 a second, taken at half that; the CPU path was measured at 0.21 us a boundary point
-# at best (the KD-tree on smooth sinus boundaries, 2 cores, bench/boundary_cpu.json).
+# loop is about 7 FP32 instructions a pair (counted in the source), an H200 issues 132 SMs x 128 lanes x 1.98 GHz
+# = 3.3e13 a second, taken at half that (an estimate); the CPU path was measured at 1.07 us a
+# boundary point (3.78 ms for a sinus case of ~3 550 boundary points, bench/boundary_cpu.json).
 GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 7
-CPU_SECONDS_PER_POINT = 0.21e-6
+CPU_SECONDS_PER_POINT = 1.07e-6
 GPU_PAIRS_PER_CPU_POINT = GPU_PAIRS_PER_SECOND * CPU_SECONDS_PER_POINT
 MAX_POINTS_PER_MASK = 2 ** 17
 BLOCK_PIXELS = 1024
