@@ -112,34 +112,28 @@ def time_monai(pred, truth, n_images):
     return _summary(times)
 
 
+def _gpu_call_ms(pred, truth) -> float:
+    """One call of the Triton path, CUDA events around it, the device idle before."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    boundary_metrics(pred, truth, spacing=SPACING)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_gpu_single(pred, truth, repeats=3):
     """Per-case times of the Triton path called with one case at a time (not amortised)."""
-    times = []
-    for p, g in zip(pred, truth):
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            boundary_metrics(p, g, spacing=SPACING)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return _summary(times)
+    _gpu_call_ms(pred[0], truth[0])  # warm-up: compile for the (H, W) call
+    return _summary([_gpu_call_ms(p, g) for p, g in zip(pred, truth) for _ in range(repeats)])
 
 
 def time_gpu_batch(pred, truth, repeats, warmup=3):
-    """Times of the Triton path on the whole batch, CUDA events around each call."""
-    times = []
-    for i in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        boundary_metrics(pred, truth, spacing=SPACING)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return _summary(times)
+    """Times of the Triton path on the whole batch."""
+    for _ in range(warmup):
+        _gpu_call_ms(pred, truth)
+    return _summary([_gpu_call_ms(pred, truth) for _ in range(repeats)])
 
 
 def largest_difference(a: dict, b: dict) -> float:

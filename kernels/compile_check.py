@@ -74,7 +74,7 @@ def configurations(quick=False):
                            kd_triton.plan(student, student, phase, mode, weight=weight if mode == "tensor" else None,
                                           out=out, scale=weight, temperature=t), c, None, mode, dtype)
                 for window in windows:
-                    for phase in ("loss", "grad", "weight_map"):
+                    for phase in kd_triton.SSIM_PHASES:
                         yield (f"ssim/{phase}/window={window}/C={c}/{dtype}/{layout}",
                                kd_triton.plan(student, student, phase, "ssim", out=_out(student, phase),
                                               scale=weight, window=window), c, window, "ssim", dtype)
@@ -83,7 +83,7 @@ def configurations(quick=False):
 def _out(student, phase):
     if phase == "grad":
         return torch.empty_like(student)
-    if phase == "weight_map":
+    if phase in ("weight_map", "loss_and_weight"):
         n, _, h, w = student.shape
         return torch.empty((n, h, w), device="meta")
     return None
@@ -115,13 +115,29 @@ def occupancy(regs, shared, warps, arch):
     return min(by_regs, by_smem, limits["warps"] // warps, limits["ctas"])
 
 
+@contextlib.contextmanager
+def _environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def compile_one(launch, arch):
     """Registers, spills, stack, shared memory and occupancy of one launch compiled for `arch`."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(_source(launch, backend), target=target, options=dict(num_warps=launch.num_warps))
+    # a fresh cache, so that ptxas runs (and reports) even for a binary compiled before
+    with tempfile.TemporaryDirectory(prefix="kd-compile-check-") as cache, _environ(
+            TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
+        compiled = triton.compile(_source(launch, backend), target=target, options=launch.options)
     text = log.getvalue()
     spills = _PTXAS_LINE.search(text)
     regs = _REGS.search(text)
@@ -130,21 +146,18 @@ def compile_one(launch, arch):
     stack, spill_stores, spill_loads = map(int, spills.groups())
     shared = compiled.metadata.shared
     return dict(registers=int(regs.group(1)), spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
-                stack_bytes=stack, shared_bytes=shared, warps=launch.num_warps,
-                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.num_warps, arch))
+                stack_bytes=stack, shared_bytes=shared, warps=launch.options["num_warps"],
+                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.options["num_warps"], arch))
 
 
 def run(archs, quick=False):
     """Compile every distinct configuration for each arch; a list of result rows."""
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    # a fresh cache, so that ptxas runs (and reports) for every configuration
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kd-compile-check-")
     rows, seen = [], {}
     for name, launch, c, window, mode, dtype in configurations(quick):
         traffic = kd_traffic((BENCH_SHAPE[0], c) + BENCH_SHAPE[2:], DTYPES[dtype].itemsize, mode,
                              window=window or 7)
         for arch in archs:
-            key = (arch, _source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), launch.num_warps)
+            key = (arch, _source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
             if key not in seen:
                 start = time.perf_counter()
                 seen[key] = compile_one(launch, arch)

@@ -10,8 +10,9 @@ Why the Triton backward reads the logits again instead of saving a gradient in f
 gradient t*w*(pS - pT)*grad_output/Z must be rounded to the input dtype once, after every factor
 is known. Folded into a float16 gradient in forward, 1/Z underflows at realistic sizes before a
 loss scale can rescue it, and grad_output is only known in backward. Recomputing costs the same
-traffic as saving and rescaling (5 units of logit-sized tensors per step, `kd_traffic.py`), and
-neither pass reads a device value on the host, so nothing synchronises.
+traffic as saving and rescaling (5 units of logit-sized tensors per step, `kd_traffic.py`); the
+ssim weight is not recomputed but kept from the forward as a float32 map. Neither pass reads a
+device value on the host, so nothing synchronises.
 """
 import warnings
 
@@ -27,12 +28,13 @@ _warned_modes = set()
 
 
 class _WeightedKDLoss(torch.autograd.Function):
-    """Forward: loss and Z in one pass. Backward: the gradient in one more pass."""
+    """Forward: loss and Z (and the ssim map) in one pass. Backward: the gradient in one more pass."""
 
     @staticmethod
     def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma):
-        tensor_weight = weight if isinstance(weight, torch.Tensor) else None
-        loss, z = kd_triton.loss_and_z(student, teacher, weight, temperature, reduction, window, gamma)
+        loss, z, kept = kd_triton.loss_and_z(student, teacher, weight, temperature, reduction, window, gamma,
+                                             keep_weight=ctx.needs_input_grad[0])
+        tensor_weight = weight if isinstance(weight, torch.Tensor) else kept
         z_tensor = z if isinstance(z, torch.Tensor) else None
         ctx.save_for_backward(student, teacher, tensor_weight, z_tensor)
         ctx.options = (None if tensor_weight is not None else weight, temperature, window, gamma,

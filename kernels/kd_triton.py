@@ -1,11 +1,12 @@
 """Host side of the Triton KD kernels: which kernel and tile a call takes, and its launches.
 
 Forward and backward are separate passes over the logits (see `kd_loss.py` for why):
-- `loss_and_z`: the LOSS phase, partial sums of w*KL and w per program, summed by torch
-  (deterministic, no atomics); returns the loss and Z as device values, never read on the host;
-- `gradient`: the GRAD phase, w * scale * (pS - pT) with scale = grad_output * t / Z read by
-  the kernel from device memory, written into a tensor of the student's memory format;
-- `weight_map`: the WEIGHT_MAP phase.
+- `loss_and_z`: partial sums of w*KL and w per program, summed by torch (deterministic, no
+  atomics); returns the loss and Z as device values, never read on the host. With the ssim
+  weight and a gradient to come, the same pass stores the weight map for the backward;
+- `gradient`: the pixel kernel's GRAD phase, w * scale * (pS - pT) with scale =
+  grad_output * t / Z read from device memory, written in the student's memory format;
+- `weight_map`: the weight map alone.
 `plan` is the single place that decides kernel, tile, grid and meta-parameters; the launches
 and `kernels.inspect` (ahead-of-time compile for sm_90/sm_80) both go through it.
 """
@@ -20,11 +21,17 @@ from .kd_ssim_kernel import kd_ssim_kernel
 from .kd_tiles import GRAD, LOSS, WEIGHT_MAP
 
 TRITON_WEIGHT_MODES = ("none", "agree", "ssim")  # weight modes with a kernel of their own
-PHASES = {"loss": LOSS.value, "grad": GRAD.value, "weight_map": WEIGHT_MAP.value}
+PIXEL_PHASES = {"loss": LOSS.value, "grad": GRAD.value, "weight_map": WEIGHT_MAP.value}
+SSIM_PHASES = {"loss": dict(WITH_LOSS=True, STORE_WEIGHT=False),
+               "loss_and_weight": dict(WITH_LOSS=True, STORE_WEIGHT=True),
+               "weight_map": dict(WITH_LOSS=False, STORE_WEIGHT=True)}
 PIXEL_LANES = 4096   # classes x pixels per program: 2048 pixels at C = 2, 8 per thread
 PIXEL_WARPS = 8
 SSIM_LANES = 128     # columns of a strip, one per thread
 SSIM_WARPS = 4
+# Left to itself, ptxas holds the widest-window channels-last ssim kernels to 168 registers
+# (three CTAs) and spills; with the ceiling at 255 it takes ~200, spill-free, at two CTAs.
+SSIM_MAX_REGISTERS = 255
 SSIM_CHUNK_ROWS = 64  # rows per program: the 2R halo rows re-read per chunk cost 2R/64
 INT32_LIMIT = 2 ** 31
 
@@ -36,11 +43,11 @@ class Launch:
     grid: int
     args: tuple
     constexprs: dict
-    num_warps: int
+    options: dict  # compile options: num_warps, and a register ceiling where ptxas needs one
     parts: torch.Tensor = None  # (2, grid) partial sums of w*KL and w, loss phase only
 
     def __call__(self):
-        self.kernel[(self.grid,)](*self.args, num_warps=self.num_warps, **self.constexprs)
+        self.kernel[(self.grid,)](*self.args, **self.options, **self.constexprs)
 
 
 def pixel_tile(c_pad: int, width: int):
@@ -66,9 +73,10 @@ def _image_strides(x: torch.Tensor, name: str):
 
 def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
          temperature=1.0, window=7, gamma=1.0):
-    """The Launch for `phase` ("loss" | "grad" | "weight_map") and weight `mode`
-    ("none" | "agree" | "ssim" | "tensor", the last with `weight`). `out` receives the gradient
-    or the weight map; the loss phase allocates its partial sums (Launch.parts)."""
+    """The Launch for a phase and weight `mode` ("none" | "agree" | "ssim" | "tensor", the last
+    with `weight`). Phases: "loss" | "grad" | "weight_map" for the pixel kernel, "loss" |
+    "loss_and_weight" | "weight_map" for ssim. `out` receives the gradient or the weight map;
+    a phase with a loss allocates its partial sums (Launch.parts)."""
     n, c, h, w = student.shape
     c_pad = triton.next_power_of_2(c)
     strides = _image_strides(student, "student_logits") + _image_strides(teacher, "teacher_logits")
@@ -83,27 +91,28 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         chunk_rows = min(SSIM_CHUNK_ROWS, h)
         chunks = triton.cdiv(h, chunk_rows)
         grid = n * strips * chunks
-        parts = _parts(student, grid, phase)
-        args = (student, teacher, out, parts, scale, c, h, w, 1.0 / temperature, float(gamma), radius,
-                strips, chunks, chunk_rows, *strides, *out_strides)
-        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), PHASE=PHASES[phase])
-        kernel, warps = kd_ssim_kernel, SSIM_WARPS
+        parts = _parts(student, grid, SSIM_PHASES[phase]["WITH_LOSS"])
+        o_n, _, o_h, o_w = out_strides
+        args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), radius,
+                strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
+        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
+        kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
         rows, cols = pixel_tile(c_pad, w)
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
-        parts = _parts(student, grid, phase)
+        parts = _parts(student, grid, phase == "loss")
         weight_strides = (0, 0, 0) if weight is None else weight.stride()
         weight = student if weight is None else weight
         args = (student, teacher, weight, out, parts, scale, c, h, w, 1.0 / temperature, tiles_h, tiles_w,
                 *strides, *weight_strides, *out_strides)
         # only the agreement weight shares its t = 1 softmax with the loss
-        constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PHASES[phase],
+        constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PIXEL_PHASES[phase],
                           T_IS_ONE=mode == "agree" and temperature == 1.0)
-        kernel, warps = kd_pixel_kernel, PIXEL_WARPS
+        kernel, options = kd_pixel_kernel, dict(num_warps=PIXEL_WARPS)
     if grid >= INT32_LIMIT:
         raise ValueError(f"logits of shape {tuple(student.shape)} need {grid} programs; at most 2**31 - 1")
-    return Launch(kernel, grid, args, constexprs, warps, parts if phase == "loss" else None)
+    return Launch(kernel, grid, args, constexprs, options, None if parts is student else parts)
 
 
 def _with_class_stride(strides_nhw):
@@ -111,8 +120,8 @@ def _with_class_stride(strides_nhw):
     return n, 0, h, w
 
 
-def _parts(student, grid, phase):
-    if phase != "loss":
+def _parts(student, grid, with_loss):
+    if not with_loss:
         return student
     return torch.empty(2, grid, dtype=torch.float32, device=student.device)
 
@@ -127,14 +136,19 @@ def weight_map(student, teacher, mode, window, gamma):
     return out
 
 
-def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma):
-    """The loss (0-dim float32 device tensor) and Z (a float, or a 0-dim device tensor).
+def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, keep_weight=False):
+    """The loss (0-dim float32 device tensor), Z (a float, or a 0-dim device tensor) and, with
+    `keep_weight` and the ssim weight, its (N, H, W) float32 map for the backward (else None).
 
     `weight` is a mode in TRITON_WEIGHT_MODES or an (N, H, W) tensor of any strides and dtype.
     """
     n, _, h, w = student.shape
     mode = weight if isinstance(weight, str) else "tensor"
-    launch = plan(student, teacher, "loss", mode, weight=None if mode != "tensor" else weight,
+    kept = None
+    if mode == "ssim" and keep_weight:
+        kept = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
+    launch = plan(student, teacher, "loss" if kept is None else "loss_and_weight", mode,
+                  weight=None if mode != "tensor" else weight, out=kept,
                   temperature=temperature, window=window, gamma=gamma)
     launch()
     parts = launch.parts
@@ -144,11 +158,12 @@ def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma):
         z = float(n * h * w)
     else:
         z = parts[1].sum().clamp_min(Z_EPS)
-    return temperature * temperature * parts[0].sum() / z, z
+    return temperature * temperature * parts[0].sum() / z, z, kept
 
 
 def gradient(student, teacher, weight, scale, temperature, window, gamma):
-    """w * scale * (pS - pT) in the student's dtype and memory format; `scale` a 0-dim float32 tensor."""
+    """w * scale * (pS - pT) in the student's dtype and memory format; `scale` a 0-dim float32
+    tensor, `weight` "none" | "agree" or an (N, H, W) tensor (the ssim map kept by the forward)."""
     mode = weight if isinstance(weight, str) else "tensor"
     grad = torch.empty_like(student)  # preserves channels-last and any other dense layout
     plan(student, teacher, "grad", mode, weight=None if mode != "tensor" else weight, out=grad,

@@ -14,8 +14,8 @@ def meta(shape, **kwargs):
 def test_batch_beyond_a_grid_axis_and_beyond_int32_plans_one_axis():
     # 2**17 images: more than a CUDA grid's y or z axis holds; 2**33 logits in all
     student = meta((2 ** 17, 2, 128, 256))
-    for mode in ("none", "ssim"):
-        launch = kd_triton.plan(student, student, "grad", mode, out=student, scale=meta(()))
+    for phase, mode, out in (("grad", "none", student), ("loss_and_weight", "ssim", meta((2 ** 17, 128, 256)))):
+        launch = kd_triton.plan(student, student, phase, mode, out=out, scale=meta(()))
         assert launch.grid >= 2 ** 17 and launch.args[0] is student
 
 
