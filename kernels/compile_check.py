@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -162,6 +163,8 @@ def run(archs, quick=False):
                 start = time.perf_counter()
                 seen[key] = compile_one(launch, arch)
                 seen[key]["compile_s"] = round(time.perf_counter() - start, 2)
+                print(f"sm_{arch} {name}: {seen[key]['registers']} registers, "
+                      f"{seen[key]['spill_store_bytes']}/{seen[key]['spill_load_bytes']} B spilled", file=sys.stderr)
             rows.append(dict(config=name, arch=f"sm_{arch}", **seen[key], modelled_traffic=traffic))
     return rows
 

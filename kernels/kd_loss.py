@@ -37,18 +37,17 @@ class _WeightedKDLoss(torch.autograd.Function):
         tensor_weight = weight if isinstance(weight, torch.Tensor) else kept
         z_tensor = z if isinstance(z, torch.Tensor) else None
         ctx.save_for_backward(student, teacher, tensor_weight, z_tensor)
-        ctx.options = (None if tensor_weight is not None else weight, temperature, window, gamma,
-                       None if z_tensor is not None else z)
+        ctx.mode = weight if tensor_weight is None else None  # "none" or "agree": computed again
+        ctx.temperature = temperature
+        ctx.z = z if z_tensor is None else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         student, teacher, tensor_weight, z_tensor = ctx.saved_tensors
-        mode, temperature, window, gamma, z_float = ctx.options
-        z = z_tensor if z_tensor is not None else z_float
-        scale = (grad_output.float() * temperature / z).reshape(())  # stays on the device
-        grad = kd_triton.gradient(student, teacher, tensor_weight if mode is None else mode, scale,
-                                  temperature, window, gamma)
+        z = z_tensor if z_tensor is not None else ctx.z
+        scale = (grad_output.float() * ctx.temperature / z).reshape(())  # stays on the device
+        grad = kd_triton.gradient(student, teacher, ctx.mode or tensor_weight, scale, ctx.temperature)
         return grad, None, None, None, None, None, None
 
 

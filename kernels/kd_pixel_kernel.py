@@ -8,7 +8,7 @@ The grid is one-dimensional, image after image, so the batch size has no grid-ax
 import triton
 import triton.language as tl
 
-from .kd_tiles import GRAD, LOSS, WEIGHT_MAP, load_logits, softmax, store_grad, tempered, weighted_kl
+from .kd_tiles import GRAD, LOSS, WEIGHT_MAP, load_logits, softmax, store_grad, weighted_kl
 
 UNIFORM = tl.constexpr(0)
 AGREE = tl.constexpr(1)

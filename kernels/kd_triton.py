@@ -8,7 +8,7 @@ Forward and backward are separate passes over the logits (see `kd_loss.py` for w
   grad_output * t / Z read from device memory, written in the student's memory format;
 - `weight_map`: the weight map alone.
 `plan` is the single place that decides kernel, tile, grid and meta-parameters; the launches
-and `kernels.inspect` (ahead-of-time compile for sm_90/sm_80) both go through it.
+and `kernels.compile_check` (ahead-of-time compile for sm_90/sm_80) both go through it.
 """
 from dataclasses import dataclass
 
@@ -81,7 +81,7 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
     c_pad = triton.next_power_of_2(c)
     strides = _image_strides(student, "student_logits") + _image_strides(teacher, "teacher_logits")
     out_strides = (0, 0, 0, 0) if out is None else (
-        _image_strides(out, "gradient") if out.dim() == 4 else _with_class_stride(out.stride()))
+        _image_strides(out, "gradient") if out.dim() == 4 else _with_class_stride(_image_strides(out, "weight map")))
     # pointers a phase never touches still need a tensor
     out = student if out is None else out
     scale = student if scale is None else scale
@@ -102,7 +102,7 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
         parts = _parts(student, grid, phase == "loss")
-        weight_strides = (0, 0, 0) if weight is None else weight.stride()
+        weight_strides = (0, 0, 0) if weight is None else _image_strides(weight, "weight")
         weight = student if weight is None else weight
         args = (student, teacher, weight, out, parts, scale, c, h, w, 1.0 / temperature, tiles_h, tiles_w,
                 *strides, *weight_strides, *out_strides)
@@ -161,11 +161,11 @@ def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, 
     return temperature * temperature * parts[0].sum() / z, z, kept
 
 
-def gradient(student, teacher, weight, scale, temperature, window, gamma):
+def gradient(student, teacher, weight, scale, temperature):
     """w * scale * (pS - pT) in the student's dtype and memory format; `scale` a 0-dim float32
     tensor, `weight` "none" | "agree" or an (N, H, W) tensor (the ssim map kept by the forward)."""
     mode = weight if isinstance(weight, str) else "tensor"
     grad = torch.empty_like(student)  # preserves channels-last and any other dense layout
     plan(student, teacher, "grad", mode, weight=None if mode != "tensor" else weight, out=grad,
-         scale=scale, temperature=temperature, window=window, gamma=gamma)()
+         scale=scale, temperature=temperature)()
     return grad
