@@ -172,6 +172,7 @@ def main():
     foreground = truth.flatten(1).float().mean(1)
 
     report = dict(shape=[BATCH, HEIGHT, WIDTH], spacing=SPACING, cpu=_cpu_name(),
+                  load_average_1min=os.getloadavg()[0],  # shared machines make CPU times noisy
                   truth_foreground_fraction=dict(min=float(foreground.min()), max=float(foreground.max())),
                   versions=dict(torch=torch.__version__, triton=triton.__version__, scipy=scipy.__version__,
                                 numpy=np.__version__))
@@ -202,7 +203,7 @@ def main():
         report["ratios"].update(cpu_path_over_triton=cpu_ms / gpu_ms, medpy_over_triton=medpy_ms / gpu_ms)
     else:
         report["device"] = report["cpu"]
-        report["note"] = "no CUDA device: the CPU path and MedPy only, no Triton timing"
+        report["note"] = "no CUDA device: the CPU path, MedPy and MONAI only, no Triton timing"
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
