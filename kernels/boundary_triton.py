@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .boundary_reference import case_distances, padded_rows, summarize
+from .launch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
 # loop is about 7 FP32 instructions a pair (counted in the source), an H200 issues 132 SMs x 128 lanes x 1.98 GHz
@@ -36,6 +37,7 @@ MAX_POINTS_PER_MASK = 2 ** 17
 BLOCK_PIXELS = 1024
 BLOCK_QUERIES = 64
 BLOCK_TARGETS = 64
+WARPS = 4
 
 
 @triton.jit
@@ -104,6 +106,28 @@ def _nearest_kernel(points_ptr, counts_ptr, on_cpu_ptr, out_ptr, W, batch, capac
         tl.store(out_ptr + k.to(tl.int64) * capacity + q, best, mask=q_in)
 
 
+def count_launch(masks, block_counts, blocks_per_mask):
+    _, h, w = masks.shape
+    return Launch(_count_kernel, block_counts.numel(), (masks, block_counts, h, w, blocks_per_mask),
+                  dict(BLOCK=BLOCK_PIXELS), dict(num_warps=WARPS))
+
+
+def compact_launch(masks, block_offsets, points, blocks_per_mask):
+    _, h, w = masks.shape
+    return Launch(_compact_kernel, block_offsets.numel(),
+                  (masks, block_offsets, points, h, w, blocks_per_mask, points.shape[1]),
+                  dict(BLOCK=BLOCK_PIXELS), dict(num_warps=WARPS))
+
+
+def nearest_launch(points, counts, on_cpu, squared, width, spacing):
+    masks, capacity = points.shape
+    query_blocks = triton.cdiv(capacity, BLOCK_QUERIES)
+    return Launch(_nearest_kernel, masks * query_blocks,
+                  (points, counts, on_cpu, squared, width, masks // 2, capacity, query_blocks,
+                   float(spacing[0]), float(spacing[1])),
+                  dict(BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS), dict(num_warps=WARPS))
+
+
 def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
                             mode: str) -> dict:
     """Batched (B, H, W) bool masks (CUDA, or CPU under the interpreter) -> float64 (B,) CPU tensors."""
@@ -114,22 +138,18 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     masks = torch.cat([pred, target]).contiguous()
     blocks_per_mask = triton.cdiv(h * w, BLOCK_PIXELS)
     block_counts = torch.empty((2 * batch, blocks_per_mask), dtype=torch.int32, device=pred.device)
-    _count_kernel[(2 * batch * blocks_per_mask,)](masks, block_counts, h, w, blocks_per_mask, BLOCK=BLOCK_PIXELS)
+    count_launch(masks, block_counts, blocks_per_mask)()
     counts = block_counts.sum(1, dtype=torch.int32)
     block_offsets = (block_counts.cumsum(1, dtype=torch.int32) - block_counts).contiguous()
     capacity = min(h * w, MAX_POINTS_PER_MASK)
     points = torch.empty((2 * batch, capacity), dtype=torch.int32, device=pred.device)
-    _compact_kernel[(2 * batch * blocks_per_mask,)](masks, block_offsets, points, h, w, blocks_per_mask, capacity,
-                                                    BLOCK=BLOCK_PIXELS)
+    compact_launch(masks, block_offsets, points, blocks_per_mask)()
 
     n_pg, n_gp = counts[:batch].long(), counts[batch:].long()
     on_cpu = ((n_pg * n_gp > GPU_PAIRS_PER_CPU_POINT * (n_pg + n_gp))
               | (torch.maximum(n_pg, n_gp) > capacity)).to(torch.int32)
     squared = torch.full((2 * batch, capacity), float("inf"), dtype=torch.float32, device=pred.device)
-    query_blocks = triton.cdiv(capacity, BLOCK_QUERIES)
-    _nearest_kernel[(2 * batch * query_blocks,)](
-        points, counts, on_cpu, squared, w, batch, capacity, query_blocks, float(spacing[0]), float(spacing[1]),
-        BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS)
+    nearest_launch(points, counts, on_cpu, squared, w, spacing)()
     # a mask over the row capacity is on the CPU list; its clamped count only keeps indices in range
     result = summarize(squared, counts.clamp(max=capacity), percentile, mode)
     hd, hd95, assd, flags = torch.stack([result["hd"], result["hd95"], result["assd"], on_cpu.double()]).tolist()

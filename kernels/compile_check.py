@@ -4,7 +4,7 @@ sm_80, without a GPU; write registers, spills, shared memory, occupancy and mode
     python -m kernels.compile_check --out bench/kernels_sm90.json [--arch 90 80] [--quick]
 
 `kd_triton.plan` is asked for the launch of each (kernel, classes, window, phase, weight mode,
-dtype, layout) at the benchmark shape, on meta tensors; the argument types and specialisations
+dtype, layout) at the benchmark shape, on meta tensors, and `boundary_triton` for its three; the argument types and specialisations
 (unit values, 16-divisibility) come from Triton's own `native_specialize_impl`, as a real launch
 would get them. `triton.compile` then lowers the kernel for the target, and the bundled ptxas
 reports registers, spill bytes and stack (Triton's own ptxas run, its log captured). Needs no
@@ -26,11 +26,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import native_specialize_impl
 
-from . import kd_triton
+from . import boundary_triton, kd_triton
 from .kd_reference import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
 
 BENCH_SHAPE = (16, 2, 512, 1024)
+BOUNDARY_SHAPE = (32, 1024, 2048)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 # Per SM: registers, shared memory for CTAs, warps, CTAs (CUDA occupancy tables).
@@ -51,7 +52,7 @@ def ptxas_available() -> bool:
 
 
 def configurations(quick=False):
-    """(name, Launch, classes, window, mode, dtype) for every choice the dispatch can make.
+    """(name, Launch, modelled traffic) for every choice the dispatch can make.
 
     Classes 2..8 fall into padded sizes 2, 4, 8 (C itself is a runtime value); windows share a
     binary when they share a ring size and radius specialisation, so duplicates are dropped by
@@ -73,12 +74,30 @@ def configurations(quick=False):
                     out = _out(student, phase)
                     yield (f"pixel/{mode}/{phase}/t={t:g}/C={c}/{dtype}/{layout}",
                            kd_triton.plan(student, student, phase, mode, weight=weight if mode == "tensor" else None,
-                                          out=out, scale=weight, temperature=t), c, None, mode, dtype)
+                                          out=out, scale=weight, temperature=t),
+                           kd_traffic(student.shape, student.element_size(), mode))
                 for window in windows:
                     for phase in kd_triton.SSIM_PHASES:
                         yield (f"ssim/{phase}/window={window}/C={c}/{dtype}/{layout}",
                                kd_triton.plan(student, student, phase, "ssim", out=_out(student, phase),
-                                              scale=weight, window=window), c, window, "ssim", dtype)
+                                              scale=weight, window=window),
+                               kd_traffic(student.shape, student.element_size(), "ssim", window))
+    yield from boundary_configurations()
+
+
+def boundary_configurations():
+    """The three boundary-metric launches of a benchmark batch (32 cases of 1024 x 2048)."""
+    batch, h, w = BOUNDARY_SHAPE
+    masks = torch.empty((2 * batch, h, w), dtype=torch.bool, device="meta")
+    blocks = triton.cdiv(h * w, boundary_triton.BLOCK_PIXELS)
+    capacity = min(h * w, boundary_triton.MAX_POINTS_PER_MASK)
+    table = torch.empty((2 * batch, blocks), dtype=torch.int32, device="meta")
+    points = torch.empty((2 * batch, capacity), dtype=torch.int32, device="meta")
+    counts = torch.empty(2 * batch, dtype=torch.int32, device="meta")
+    squared = torch.empty((2 * batch, capacity), device="meta")
+    yield "boundary/count", boundary_triton.count_launch(masks, table, blocks), None
+    yield "boundary/compact", boundary_triton.compact_launch(masks, table, points, blocks), None
+    yield "boundary/nearest", boundary_triton.nearest_launch(points, counts, counts[:batch], squared, w, (0.1, 0.1)), None
 
 
 def _out(student, phase):
@@ -154,9 +173,7 @@ def compile_one(launch, arch):
 def run(archs, quick=False):
     """Compile every distinct configuration for each arch; a list of result rows."""
     rows, seen = [], {}
-    for name, launch, c, window, mode, dtype in configurations(quick):
-        traffic = kd_traffic((BENCH_SHAPE[0], c) + BENCH_SHAPE[2:], DTYPES[dtype].itemsize, mode,
-                             window=window or 7)
+    for name, launch, traffic in configurations(quick):
         for arch in archs:
             key = (arch, _source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
             if key not in seen:

@@ -10,8 +10,6 @@ Forward and backward are separate passes over the logits (see `kd_loss.py` for w
 `plan` is the single place that decides kernel, tile, grid and meta-parameters; the launches
 and `kernels.compile_check` (ahead-of-time compile for sm_90/sm_80) both go through it.
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 
@@ -19,6 +17,7 @@ from .kd_pixel_kernel import WEIGHT_CODES, kd_pixel_kernel
 from .kd_reference import Z_EPS
 from .kd_ssim_kernel import kd_ssim_kernel
 from .kd_tiles import GRAD, LOSS, WEIGHT_MAP
+from .launch import Launch
 
 TRITON_WEIGHT_MODES = ("none", "agree", "ssim")  # weight modes with a kernel of their own
 PIXEL_PHASES = {"loss": LOSS.value, "grad": GRAD.value, "weight_map": WEIGHT_MAP.value}
@@ -34,20 +33,6 @@ SSIM_WARPS = 4
 SSIM_MAX_REGISTERS = 255
 SSIM_CHUNK_ROWS = 64  # rows per program: the 2R halo rows re-read per chunk cost 2R/64
 INT32_LIMIT = 2 ** 31
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: what `plan` decided."""
-    kernel: object
-    grid: int
-    args: tuple
-    constexprs: dict
-    options: dict  # compile options: num_warps, and a register ceiling where ptxas needs one
-    parts: torch.Tensor = None  # (2, grid) partial sums of w*KL and w, loss phase only
-
-    def __call__(self):
-        self.kernel[(self.grid,)](*self.args, **self.options, **self.constexprs)
 
 
 def pixel_tile(c_pad: int, width: int):
