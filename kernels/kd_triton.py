@@ -35,9 +35,11 @@ SSIM_CHUNK_ROWS = 64  # rows per program: the 2R halo rows re-read per chunk cos
 INT32_LIMIT = 2 ** 31
 
 
-def pixel_tile(c_pad: int, width: int):
-    """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget."""
-    lanes = PIXEL_LANES // c_pad
+def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
+    """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget. Where a row's
+    pixels are not contiguous (channels-last, strided views) every element needs its own 64-bit
+    address, so the tile is halved to stay within 128 registers (two 8-warp CTAs, no spills)."""
+    lanes = PIXEL_LANES // c_pad // (1 if rows_contiguous else 2)
     cols = min(triton.next_power_of_2(width), lanes)
     return lanes // cols, cols
 
@@ -83,7 +85,7 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
-        rows, cols = pixel_tile(c_pad, w)
+        rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
         parts = _parts(student, grid, phase == "loss")

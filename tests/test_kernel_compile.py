@@ -17,7 +17,8 @@ needs_ptxas = pytest.mark.skipif(not compile_check.ptxas_available(),
 # The largest window ring, the most classes and the fewest: the register-heaviest choices.
 WORST = ["ssim/loss/window=15/C=8/float32/contiguous", "ssim/loss_and_weight/window=15/C=8/bfloat16/channels_last",
          "ssim/weight_map/window=15/C=2/float32/contiguous", "ssim/loss_and_weight/window=7/C=2/float16/contiguous",
-         "pixel/agree/loss/t=2/C=8/float32/channels_last", "pixel/tensor/grad/t=1/C=8/float16/contiguous"]
+         "pixel/agree/loss/t=2/C=8/float32/channels_last", "pixel/agree/loss/t=1/C=2/bfloat16/channels_last",
+         "pixel/tensor/grad/t=1/C=8/float16/contiguous"]
 SCRIPT = """
 import json, sys
 from kernels import compile_check as cc
@@ -43,7 +44,8 @@ def test_worst_configurations_compile_for_sm90_without_spills():
 def test_committed_report_covers_every_configuration_without_spills():
     report = json.loads((REPO / "bench" / "kernels_sm90.json").read_text())
     rows = report["configurations"]
-    names = {r["config"] for r in rows if r["arch"] == "sm_90"}
-    assert names == {name for name, *_ in compile_check.configurations()}
+    for arch in ("sm_90", "sm_80"):
+        names = {r["config"] for r in rows if r["arch"] == arch}
+        assert names == {name for name, *_ in compile_check.configurations()}, arch
     assert all(r["spill_store_bytes"] == r["spill_load_bytes"] == 0 for r in rows)
     assert min(r["ctas_per_sm"] for r in rows) >= compile_check.MIN_CTAS_PER_SM
