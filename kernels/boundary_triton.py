@@ -27,10 +27,11 @@ from .boundary_reference import case_distances, padded_rows, summarize
 from .launch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
-# loop is about 7 FP32 instructions a pair (counted in the source), an H200 issues 132 SMs x 128 lanes x 1.98 GHz
-# = 3.3e13 a second, taken at half that (an estimate); the CPU path was measured at 1.07 us a
-# boundary point (3.78 ms for a sinus case of ~3 550 boundary points, bench/boundary_cpu.json).
-GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 7
+# loop is 9.2 instructions a pair in the sm_90 SASS (294 for a thread's 32 pairs of a 64 x 64
+# tile), an H200 issues 132 SMs x 128 lanes x 1.98 GHz = 3.3e13 a second, taken at half that (an
+# estimate); the CPU path was measured at 1.07 us a boundary point (3.78 ms for a sinus case of
+# ~3 550 boundary points, bench/boundary_cpu.json at 96203b4).
+GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 9.2
 CPU_SECONDS_PER_POINT = 1.07e-6
 GPU_PAIRS_PER_CPU_POINT = GPU_PAIRS_PER_SECOND * CPU_SECONDS_PER_POINT
 MAX_POINTS_PER_MASK = 2 ** 17
@@ -91,7 +92,9 @@ def _nearest_kernel(points_ptr, counts_ptr, on_cpu_ptr, out_ptr, W, batch, capac
         qy = (qp // W).to(tl.float32)
         qx = (qp % W).to(tl.float32)
         targets = points_ptr + partner.to(tl.int64) * capacity
-        best = tl.full([BLOCK_Q], float("inf"), tl.float32)
+        # elementwise minima over the tiles, reduced across the tile once at the end: no
+        # cross-thread reduction inside the loop
+        nearest = tl.full([BLOCK_Q, BLOCK_T], float("inf"), tl.float32)
         start = n_targets * 0
         while start < n_targets:  # a loaded bound: a while loop, which every interpreter runs
             t = start + tl.arange(0, BLOCK_T)
@@ -100,9 +103,9 @@ def _nearest_kernel(points_ptr, counts_ptr, on_cpu_ptr, out_ptr, W, batch, capac
             # integer coordinates: the differences are exact, only the spacing rounds
             dy = (qy[:, None] - (tp // W).to(tl.float32)[None, :]) * sy
             dx = (qx[:, None] - (tp % W).to(tl.float32)[None, :]) * sx
-            d2 = tl.where(t_in[None, :], dy * dy + dx * dx, float("inf"))
-            best = tl.minimum(best, tl.min(d2, axis=1))
+            nearest = tl.minimum(nearest, tl.where(t_in[None, :], dy * dy + dx * dx, float("inf")))
             start += BLOCK_T
+        best = tl.min(nearest, axis=1)
         tl.store(out_ptr + k.to(tl.int64) * capacity + q, best, mask=q_in)
 
 

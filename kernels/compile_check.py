@@ -203,9 +203,7 @@ def main():
                              min_ctas_per_sm=min(r["ctas_per_sm"] for r in rows if r["arch"] == f"sm_{a}"))
              for a in args.arch}
     report = dict(triton=triton.__version__, torch=torch.__version__, shape=list(BENCH_SHAPE),
-                  min_ctas_per_sm_required=MIN_CTAS_PER_SM, summary=worst,
-                  distinct_binaries=len({(r["arch"], r["registers"], r["config"]) for r in rows}),
-                  configurations=rows)
+                  min_ctas_per_sm_required=MIN_CTAS_PER_SM, summary=worst, configurations=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
