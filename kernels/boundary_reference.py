@@ -29,7 +29,6 @@ than a tenth of the crop's pixels, the transform for speckled masks whose bounda
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -87,56 +86,61 @@ def case_distances(pred: np.ndarray, target: np.ndarray, spacing) -> tuple[np.nd
     return _nearest_distances(mask_boundary(pred[box]), mask_boundary(target[box]), spacing)
 
 
-def _segment_percentile(values, segment, counts, percentile: float) -> torch.Tensor:
-    """Percentile (numpy's linear interpolation) of the values of each segment; empty segments give 0."""
-    by_value = torch.sort(values).indices
-    order = by_value[torch.sort(segment[by_value], stable=True).indices]  # by segment, then value
-    # a trailing 0 keeps the indices of a trailing empty segment in range
-    ordered = F.pad(values[order], (0, 1))
+def _row_percentile(sorted_squared: torch.Tensor, counts: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Percentile (numpy's linear interpolation, of distances) of the first counts[k] squared
+    distances of each sorted row; 0 for an empty row."""
     last = (counts - 1).clamp(min=0)
-    starts = torch.cumsum(counts, 0) - counts
     position = last.double() * (percentile / 100.0)
     low = position.floor().long()
     high = torch.minimum(low + 1, last)
-    below, above = ordered[starts + low], ordered[starts + high]
+    below = sorted_squared.gather(1, low[:, None])[:, 0].double().sqrt()
+    above = sorted_squared.gather(1, high[:, None])[:, 0].double().sqrt()
     value = below + (above - below) * (position - low)
     return torch.where(counts > 0, value, torch.zeros_like(value))
 
 
-def summarize(d_pg, n_pg, d_gp, n_gp, percentile: float = 95.0, mode: str = "max") -> dict:
-    """HD, HD95 and ASSD per case from the distances of a batch laid out case after case.
+def summarize(squared: torch.Tensor, counts: torch.Tensor, percentile: float = 95.0, mode: str = "max") -> dict:
+    """HD, HD95 and ASSD per case from squared nearest-boundary distances, one padded row per mask.
 
-    d_pg holds D_PG of case 0, then case 1, ... with n_pg[b] values for case b (the number of
-    boundary pixels of its prediction); d_gp and n_gp likewise. Returns float64 tensors (B,)
-    on the device of the inputs, with the empty-mask policy of the module docstring applied.
+    squared: (2B, L) rows; row b < B holds D_PG^2 of case b (its prediction's boundary pixels),
+    row B + b holds D_GP^2, each in its first counts[k] entries, the rest ignored. Every step has
+    a static size, so on a GPU nothing here waits for the device. Returns float64 tensors (B,) on
+    the inputs' device, with the empty-mask policy of the module docstring applied.
     """
-    d_pg, d_gp = d_pg.double(), d_gp.double()
-    cases = torch.arange(len(n_pg), device=d_pg.device)
-    case_pg, case_gp = cases.repeat_interleave(n_pg), cases.repeat_interleave(n_gp)
-    d_all, case_all, n_all = torch.cat([d_pg, d_gp]), torch.cat([case_pg, case_gp]), n_pg + n_gp
-
-    zeros = torch.zeros(len(cases), dtype=torch.float64, device=d_pg.device)
-    hd = zeros.scatter_reduce(0, case_all, d_all, "amax")  # distances are >= 0: the zero start is neutral
-    assd = zeros.index_add(0, case_all, d_all) / n_all.clamp(min=1)
+    batch = len(counts) // 2
+    counts = counts.long()
+    valid = torch.arange(squared.shape[1], device=squared.device) < counts[:, None]
+    # +inf beyond the counts: sorting puts the padding last
+    padded = torch.where(valid, squared, torch.full_like(squared, float("inf")))
+    distances = torch.where(valid, padded.double().sqrt(), torch.zeros((), dtype=torch.float64, device=squared.device))
+    n_pg, n_gp = counts[:batch], counts[batch:]
+    hd = torch.maximum(distances[:batch].amax(1), distances[batch:].amax(1))  # distances are >= 0
+    assd = (distances[:batch].sum(1) + distances[batch:].sum(1)) / (n_pg + n_gp).clamp(min=1)
     if mode == "max":
-        hd95 = torch.maximum(_segment_percentile(d_pg, case_pg, n_pg, percentile),
-                             _segment_percentile(d_gp, case_gp, n_gp, percentile))
+        directed = _row_percentile(padded.sort(dim=1).values, counts, percentile)
+        hd95 = torch.maximum(directed[:batch], directed[batch:])
     else:
-        hd95 = _segment_percentile(d_all, case_all, n_all, percentile)
-
+        pooled = torch.cat([padded[:batch], padded[batch:]], dim=1).sort(dim=1).values
+        hd95 = _row_percentile(pooled, n_pg + n_gp, percentile)
     one_empty = (n_pg == 0) != (n_gp == 0)
-    out = {}
-    for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd)):
-        # both empty: every segment is empty and the value above is already 0
-        out[name] = torch.where(one_empty, torch.full_like(value, float("nan")), value)
-    return out
+    # both empty: every row is empty and the values above are already 0
+    nan = torch.full_like(hd, float("nan"))
+    return {name: torch.where(one_empty, nan, value) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+
+
+def padded_rows(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length 1-D float64 arrays -> ((len, L) zero-padded tensor, (len,) counts)."""
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.zeros((len(rows), max(1, int(counts.max()) if len(rows) else 1)), dtype=torch.float64)
+    for k, r in enumerate(rows):
+        out[k, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.float64))
+    return out, counts
 
 
 def boundary_metrics_reference(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
                                mode: str) -> dict:
     """Batched (B, H, W) bool CPU masks -> dict of float64 (B,) tensors `hd`, `hd95`, `assd`."""
     per_case = [case_distances(p, g, spacing) for p, g in zip(pred.numpy(), target.numpy())]
-    d_pg = [torch.from_numpy(pg) for pg, _ in per_case]
-    d_gp = [torch.from_numpy(gp) for _, gp in per_case]
-    return summarize(torch.cat(d_pg), torch.tensor([len(d) for d in d_pg]),
-                     torch.cat(d_gp), torch.tensor([len(d) for d in d_gp]), percentile, mode)
+    # squared, as the GPU path hands them over; the square root of a square is exact to rounding
+    squared, counts = padded_rows([pg ** 2 for pg, _ in per_case] + [gp ** 2 for _, gp in per_case])
+    return summarize(squared, counts, percentile, mode)

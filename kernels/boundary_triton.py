@@ -1,121 +1,166 @@
 """Exact boundary metrics (HD, HD95, ASSD) for a batch of masks on the GPU (SPEC sections 7 and 8).
 
-One call handles the whole batch:
-1. boundaries of all 2B masks at once with torch (`mask_boundary`, shared with the reference);
-2. their pixel coordinates in CSR layout: `torch.nonzero` lists the points of prediction 0..B-1,
-   then of target 0..B-1, each in row-major order, and a bincount gives each mask's count;
-3. a Triton kernel finds, for each point, the squared spaced distance to the nearest boundary
-   point of the other mask of its case by tiled brute force: a program owns a block of query
-   points and sweeps the partner's points tile by tile, keeping a running minimum;
-4. HD, HD95 and ASSD per case by the reference's `summarize` (sort + linear interpolation in torch).
+One call, one wait for the device: every size below is known on the host before the launch,
+so the host reads nothing back until the final (4, B) result.
+1. `_count_kernel`: boundary pixels (`M XOR erode(M)`, 4-neighbour cross, outside = background)
+   of all 2B masks, counted per block of pixels;
+2. exclusive cumsum of the block counts (torch), then `_compact_kernel` writes each mask's
+   boundary pixels, row-major, into its own row of a (2B, CAPACITY) table;
+3. `_nearest_kernel`: for each point, the squared spaced distance to the nearest boundary point
+   of the other mask of its case, by tiled brute force (a program owns a block of query points
+   and sweeps the partner's points tile by tile, keeping a running minimum);
+4. HD, HD95 and ASSD per case by the reference's `summarize`, on the padded rows;
+5. one copy to the host of HD, HD95, ASSD and a per-case "on the CPU" flag.
 
-Brute force costs n_P * n_G per case and does not depend on the image size: a sinus case has a
-few thousand boundary points, a few million pairs. The coordinates are exact integers and the
-distances float32, so they match the float64 reference to a relative 1e-6 (a few 1e-4 pixels on
-a 2048-wide image). The crop to the union bounding box, which the CPU path needs to keep its
-distance transform small, buys nothing here: step 1 is a memory-bound pass of a few microseconds
-per mask and the kernel only ever sees boundary points.
-
-Exact fallback: a case whose boundaries hold so many points (speckled predictions) that n_P * n_G
-exceeds MAX_PAIRS_PER_CASE goes to the CPU reference, whose distance transform is linear in the
-pixels; its distances are written back in the same layout, so the summary does not know.
+Brute force costs n_P * n_G per case; the CPU path (boundary_reference.py) costs about
+CPU_SECONDS_PER_POINT per boundary point at best. A case goes to the CPU path instead when the
+model says the CPU is faster, n_P * n_G / GPU_PAIRS_PER_SECOND > CPU_SECONDS_PER_POINT * (n_P + n_G),
+or when a mask has more boundary points than its row holds (CAPACITY). Those cases are
+computed after the one wait, from host copies of their two masks. The coordinates are exact
+integers and the distances float32, so they match the float64 reference to a relative 1e-6.
 """
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .boundary_reference import case_distances, mask_boundary, summarize
+from .boundary_reference import case_distances, padded_rows, summarize
+from .launch import Launch
 
-# At a few 1e12 pairs per second on an H100 (an estimate), 2**36 pairs are some 30 ms of brute
-# force, still below the 0.1-0.2 s the CPU distance transform takes for a whole 1024 x 2048 case;
-# beyond it the transform's cost, linear in the pixels, wins.
-MAX_PAIRS_PER_CASE = 2 ** 36
+# Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
+# loop is 9.2 instructions a pair in the sm_90 SASS (294 for a thread's 32 pairs of a 64 x 64
+# tile), an H200 issues 132 SMs x 128 lanes x 1.98 GHz = 3.3e13 a second, taken at half that (an
+# estimate); the CPU path was measured at 1.07 us a boundary point (3.78 ms for a sinus case of
+# ~3 550 boundary points, bench/boundary_cpu.json at 96203b4).
+GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 9.2
+CPU_SECONDS_PER_POINT = 1.07e-6
+GPU_PAIRS_PER_CPU_POINT = GPU_PAIRS_PER_SECOND * CPU_SECONDS_PER_POINT
+MAX_POINTS_PER_MASK = 2 ** 17
+BLOCK_PIXELS = 1024
 BLOCK_QUERIES = 64
 BLOCK_TARGETS = 64
+WARPS = 4
 
 
 @triton.jit
-def _nearest_boundary_kernel(ys_ptr, xs_ptr, blocks_ptr, n_blocks, out_ptr, sy, sx,
-                             BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Program p: query points [q_start, q_end) of block p against target points [t_start, t_end).
+def _boundary_flags(mask_ptr, k, p, H, W):
+    """Boundary flags of pixels p (flat, row-major) of mask k: foreground with a background
+    4-neighbour, pixels outside the image counting as background."""
+    y = p // W
+    x = p % W
+    inside = p < H * W
+    base = mask_ptr + k.to(tl.int64) * H * W
+    fg = tl.load(base + p, mask=inside, other=0) != 0
+    up = tl.load(base + p - W, mask=inside & (y > 0), other=0) != 0
+    down = tl.load(base + p + W, mask=inside & (y < H - 1), other=0) != 0
+    left = tl.load(base + p - 1, mask=inside & (x > 0), other=0) != 0
+    right = tl.load(base + p + 1, mask=inside & (x < W - 1), other=0) != 0
+    return fg & ~(up & down & left & right)
 
-    blocks_ptr is an int32 (4, n_blocks) table of q_start, q_end, t_start, t_end; the output is
-    the squared spaced distance to the nearest target point (inf when there is none).
-    """
+
+@triton.jit
+def _count_kernel(mask_ptr, block_counts_ptr, H, W, blocks_per_mask, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    q_start = tl.load(blocks_ptr + pid)
-    q_end = tl.load(blocks_ptr + n_blocks + pid)
-    t_start = tl.load(blocks_ptr + 2 * n_blocks + pid)
-    t_end = tl.load(blocks_ptr + 3 * n_blocks + pid)
-
-    q = q_start + tl.arange(0, BLOCK_Q)
-    q_in = q < q_end
-    qy = tl.load(ys_ptr + q, mask=q_in, other=0).to(tl.float32)
-    qx = tl.load(xs_ptr + q, mask=q_in, other=0).to(tl.float32)
-    best = tl.full([BLOCK_Q], float("inf"), tl.float32)
-    for tile in range(t_start, t_end, BLOCK_T):
-        t = tile + tl.arange(0, BLOCK_T)
-        t_in = t < t_end
-        ty = tl.load(ys_ptr + t, mask=t_in, other=0).to(tl.float32)
-        tx = tl.load(xs_ptr + t, mask=t_in, other=0).to(tl.float32)
-        # integer coordinates: the differences are exact, only the spacing rounds
-        dy = (qy[:, None] - ty[None, :]) * sy
-        dx = (qx[:, None] - tx[None, :]) * sx
-        d2 = tl.where(t_in[None, :], dy * dy + dx * dx, float("inf"))
-        best = tl.minimum(best, tl.min(d2, axis=1))
-    tl.store(out_ptr + q, best, mask=q_in)
+    p = pid % blocks_per_mask * BLOCK + tl.arange(0, BLOCK)
+    flags = _boundary_flags(mask_ptr, pid // blocks_per_mask, p, H, W)
+    tl.store(block_counts_ptr + pid, tl.sum(flags.to(tl.int32), axis=0))
 
 
-def _block_table(counts: np.ndarray, on_gpu: np.ndarray) -> np.ndarray:
-    """int32 (4, n_blocks) table of query and target ranges for the masks listed in `on_gpu`.
+@triton.jit
+def _compact_kernel(mask_ptr, block_offsets_ptr, points_ptr, H, W, blocks_per_mask, capacity,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    k = pid // blocks_per_mask
+    p = pid % blocks_per_mask * BLOCK + tl.arange(0, BLOCK)
+    flags = _boundary_flags(mask_ptr, k, p, H, W)
+    slot = tl.load(block_offsets_ptr + pid) + tl.cumsum(flags.to(tl.int32), axis=0) - 1
+    tl.store(points_ptr + k.to(tl.int64) * capacity + slot, p, mask=flags & (slot < capacity))
 
-    `counts` holds the boundary point counts of the 2B masks (predictions, then targets) in the
-    CSR order of the points; mask k is measured against mask (k + B) mod 2B.
-    """
-    n_masks = len(counts)
-    starts = np.cumsum(counts) - counts
-    partner = (np.arange(n_masks) + n_masks // 2) % n_masks
-    blocks_per_mask = np.where(on_gpu, -(-counts // BLOCK_QUERIES), 0)
-    mask_of_block = np.repeat(np.arange(n_masks), blocks_per_mask)
-    first_block = np.cumsum(blocks_per_mask) - blocks_per_mask
-    q_start = starts[mask_of_block] + (np.arange(len(mask_of_block)) - first_block[mask_of_block]) * BLOCK_QUERIES
-    q_end = starts[mask_of_block] + counts[mask_of_block]
-    t_start = starts[partner[mask_of_block]]
-    t_end = t_start + counts[partner[mask_of_block]]
-    return np.stack([q_start, q_end, t_start, t_end]).astype(np.int32)
+
+@triton.jit
+def _nearest_kernel(points_ptr, counts_ptr, on_cpu_ptr, out_ptr, W, batch, capacity, blocks_per_mask, sy, sx,
+                    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program: query block j of mask k against every boundary point of mask (k + B) mod 2B."""
+    pid = tl.program_id(0)
+    k = pid // blocks_per_mask
+    partner = (k + batch) % (2 * batch)
+    n_queries = tl.load(counts_ptr + k)
+    n_targets = tl.load(counts_ptr + partner)
+    q = pid % blocks_per_mask * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if (tl.load(on_cpu_ptr + k % batch) == 0) & (pid % blocks_per_mask * BLOCK_Q < n_queries):
+        q_in = q < n_queries
+        qp = tl.load(points_ptr + k.to(tl.int64) * capacity + q, mask=q_in, other=0)
+        qy = (qp // W).to(tl.float32)
+        qx = (qp % W).to(tl.float32)
+        targets = points_ptr + partner.to(tl.int64) * capacity
+        # elementwise minima over the tiles, reduced across the tile once at the end: no
+        # cross-thread reduction inside the loop
+        nearest = tl.full([BLOCK_Q, BLOCK_T], float("inf"), tl.float32)
+        start = n_targets * 0
+        while start < n_targets:  # a loaded bound: a while loop, which every interpreter runs
+            t = start + tl.arange(0, BLOCK_T)
+            t_in = t < n_targets
+            tp = tl.load(targets + t, mask=t_in, other=0)
+            # integer coordinates: the differences are exact, only the spacing rounds
+            dy = (qy[:, None] - (tp // W).to(tl.float32)[None, :]) * sy
+            dx = (qx[:, None] - (tp % W).to(tl.float32)[None, :]) * sx
+            nearest = tl.minimum(nearest, tl.where(t_in[None, :], dy * dy + dx * dx, float("inf")))
+            start += BLOCK_T
+        best = tl.min(nearest, axis=1)
+        tl.store(out_ptr + k.to(tl.int64) * capacity + q, best, mask=q_in)
+
+
+def count_launch(masks, block_counts, blocks_per_mask):
+    _, h, w = masks.shape
+    return Launch(_count_kernel, block_counts.numel(), (masks, block_counts, h, w, blocks_per_mask),
+                  dict(BLOCK=BLOCK_PIXELS), dict(num_warps=WARPS))
+
+
+def compact_launch(masks, block_offsets, points, blocks_per_mask):
+    _, h, w = masks.shape
+    return Launch(_compact_kernel, block_offsets.numel(),
+                  (masks, block_offsets, points, h, w, blocks_per_mask, points.shape[1]),
+                  dict(BLOCK=BLOCK_PIXELS), dict(num_warps=WARPS))
+
+
+def nearest_launch(points, counts, on_cpu, squared, width, spacing):
+    masks, capacity = points.shape
+    query_blocks = triton.cdiv(capacity, BLOCK_QUERIES)
+    return Launch(_nearest_kernel, masks * query_blocks,
+                  (points, counts, on_cpu, squared, width, masks // 2, capacity, query_blocks,
+                   float(spacing[0]), float(spacing[1])),
+                  dict(BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS), dict(num_warps=WARPS))
 
 
 def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
                             mode: str) -> dict:
     """Batched (B, H, W) bool masks (CUDA, or CPU under the interpreter) -> float64 (B,) CPU tensors."""
-    batch = pred.shape[0]
-    if 2 * pred.numel() >= 2 ** 31:
-        raise ValueError(f"boundary_metrics: a batch of shape {tuple(pred.shape)} exceeds the kernel's int32 "
-                         "point indices; pass fewer cases per call")
-    points = torch.nonzero(mask_boundary(torch.cat([pred, target])))  # (N, 3): mask, y, x
-    counts_dev = torch.bincount(points[:, 0], minlength=2 * batch)
-    counts = counts_dev.cpu().numpy()
-    pairs = counts[:batch].astype(np.int64) * counts[batch:]
-    on_cpu = np.flatnonzero(pairs > MAX_PAIRS_PER_CASE)
+    batch, h, w = pred.shape
+    if h * w >= 2 ** 31:
+        raise ValueError(f"boundary_metrics: an image of {h} x {w} pixels exceeds the kernels' int32 "
+                         "pixel indices")
+    masks = torch.cat([pred, target]).contiguous()
+    blocks_per_mask = triton.cdiv(h * w, BLOCK_PIXELS)
+    block_counts = torch.empty((2 * batch, blocks_per_mask), dtype=torch.int32, device=pred.device)
+    count_launch(masks, block_counts, blocks_per_mask)()
+    counts = block_counts.sum(1, dtype=torch.int32)
+    block_offsets = (block_counts.cumsum(1, dtype=torch.int32) - block_counts).contiguous()
+    capacity = min(h * w, MAX_POINTS_PER_MASK)
+    points = torch.empty((2 * batch, capacity), dtype=torch.int32, device=pred.device)
+    compact_launch(masks, block_offsets, points, blocks_per_mask)()
 
-    squared = torch.empty(len(points), dtype=torch.float32, device=pred.device)
-    blocks = _block_table(counts, np.tile(pairs <= MAX_PAIRS_PER_CASE, 2))
-    if blocks.shape[1] > 0:
-        ys = points[:, 1].to(torch.int32).contiguous()
-        xs = points[:, 2].to(torch.int32).contiguous()
-        _nearest_boundary_kernel[(blocks.shape[1],)](
-            ys, xs, torch.from_numpy(blocks).to(pred.device), blocks.shape[1], squared,
-            float(spacing[0]), float(spacing[1]), BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS)
-    distances = squared.double().sqrt()
-
-    starts = np.cumsum(counts) - counts
-    for b in on_cpu:
-        # the reference lists each boundary in row-major order too, so its values drop in place
-        for k, d in zip((b, b + batch), case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing)):
-            distances[starts[k]:starts[k] + counts[k]] = torch.from_numpy(d).to(distances.device)
-
-    n_pred_points = int(counts[:batch].sum())
-    result = summarize(distances[:n_pred_points], counts_dev[:batch], distances[n_pred_points:],
-                       counts_dev[batch:], percentile, mode)
-    return {name: value.cpu() for name, value in result.items()}
+    n_pg, n_gp = counts[:batch].long(), counts[batch:].long()
+    on_cpu = ((n_pg * n_gp > GPU_PAIRS_PER_CPU_POINT * (n_pg + n_gp))
+              | (torch.maximum(n_pg, n_gp) > capacity)).to(torch.int32)
+    squared = torch.full((2 * batch, capacity), float("inf"), dtype=torch.float32, device=pred.device)
+    nearest_launch(points, counts, on_cpu, squared, w, spacing)()
+    # a mask over the row capacity is on the CPU list; its clamped count only keeps indices in range
+    result = summarize(squared, counts.clamp(max=capacity), percentile, mode)
+    hd, hd95, assd, flags = torch.stack([result["hd"], result["hd95"], result["assd"], on_cpu.double()]).tolist()
+    out = {name: torch.tensor(value, dtype=torch.float64) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+    cpu_cases = [b for b, flag in enumerate(flags) if flag]
+    if cpu_cases:
+        per_case = [case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing) for b in cpu_cases]
+        sq, n = padded_rows([pg ** 2 for pg, _ in per_case] + [gp ** 2 for _, gp in per_case])
+        for name, value in summarize(sq, n, percentile, mode).items():
+            out[name][cpu_cases] = value
+    return out

@@ -4,40 +4,51 @@
 kernels (`kd_triton.py`, compiled on CUDA or interpreted on CPU) or the torch reference
 (`kd_reference.py`), as `backend.resolve_backend` decides. Both paths return the loss in
 float32 (float64 for float64 inputs on the torch path) and give the student logits a gradient
-in their own dtype; the teacher never gets one.
+in their own dtype and memory format; the teacher never gets one.
+
+Why the Triton backward reads the logits again instead of saving a gradient in forward: the
+gradient t*w*(pS - pT)*grad_output/Z must be rounded to the input dtype once, after every factor
+is known. Folded into a float16 gradient in forward, 1/Z underflows at realistic sizes before a
+loss scale can rescue it, and grad_output is only known in backward. Recomputing costs the same
+traffic as saving and rescaling (5 units of logit-sized tensors per step, `kd_traffic.py`); the
+ssim weight is not recomputed but kept from the forward as a float32 map. Neither pass reads a
+device value on the host, so nothing synchronises.
 """
+import warnings
+
 import torch
 
 from . import kd_triton
 from .backend import resolve_backend
-from .kd_reference import REDUCTIONS, WEIGHT_MODES, kd_loss_reference, weight_map_reference
+from .kd_reference import (REDUCTIONS, SSIM_MAX_WINDOW, WEIGHT_MODES, kd_loss_reference,
+                           weight_map_reference)
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned_modes = set()
 
 
 class _WeightedKDLoss(torch.autograd.Function):
-    """Forward computes loss and student gradient in one pass; backward only rescales it."""
+    """Forward: loss and Z (and the ssim map) in one pass. Backward: the gradient in one more pass."""
 
     @staticmethod
     def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma):
-        loss, grad, owed = kd_triton.kd_loss_forward(
-            student, teacher, weight, temperature, reduction, window, gamma,
-            need_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad, owed)
+        loss, z, kept = kd_triton.loss_and_z(student, teacher, weight, temperature, reduction, window, gamma,
+                                             keep_weight=ctx.needs_input_grad[0])
+        tensor_weight = weight if isinstance(weight, torch.Tensor) else kept
+        z_tensor = z if isinstance(z, torch.Tensor) else None
+        ctx.save_for_backward(student, teacher, tensor_weight, z_tensor)
+        ctx.mode = weight if tensor_weight is None else None  # "none" or "agree": computed again
+        ctx.temperature = temperature
+        ctx.z = z if z_tensor is None else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, owed = ctx.saved_tensors
-        if owed is None:
-            # Reading one scalar is far cheaper than a multiply over the whole gradient, and
-            # grad_output is exactly 1 for the usual `loss.backward()`.
-            if float(grad_output) == 1.0:
-                return grad, None, None, None, None, None, None
-            scale = grad_output
-        else:
-            scale = grad_output * owed
-        return grad * scale, None, None, None, None, None, None
+        student, teacher, tensor_weight, z_tensor = ctx.saved_tensors
+        z = z_tensor if z_tensor is not None else ctx.z
+        scale = (grad_output.float() * ctx.temperature / z).reshape(())  # stays on the device
+        grad = kd_triton.gradient(student, teacher, ctx.mode or tensor_weight, scale, ctx.temperature)
+        return grad, None, None, None, None, None, None
 
 
 def _check_logits(student_logits, teacher_logits):
@@ -65,31 +76,41 @@ def _check_weight_options(mode, window, gamma):
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)} "
                          "or pass an (N, H, W) tensor")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window={window!r} must be an odd positive integer")
+    if (isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= SSIM_MAX_WINDOW
+            or window % 2 == 0):
+        raise ValueError(f"window={window!r} must be an odd integer from 1 to {SSIM_MAX_WINDOW}")
     if not gamma > 0:
         raise ValueError(f"gamma={gamma!r} must be positive")
 
 
 def _resolve(backend, student_logits, teacher_logits):
-    """The backend to run and the logits in the layout it needs."""
+    """The backend to run, after checking that the Triton kernels take these dtypes."""
     backend = resolve_backend(backend, student_logits)
-    if backend == "torch":
-        return backend, student_logits, teacher_logits
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if x.dtype not in TRITON_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype}: the Triton kernels take float32, bfloat16 "
-                             "or float16 (use backend='torch' for other dtypes)")
-    return backend, student_logits.contiguous(), teacher_logits.contiguous()
+    if backend != "torch":
+        for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+            if x.dtype not in TRITON_DTYPES:
+                raise ValueError(f"{name} dtype {x.dtype}: the Triton kernels take float32, bfloat16 "
+                                 "or float16 (use backend='torch' for other dtypes)")
+    return backend
+
+
+def _reference_weight(student_logits, teacher_logits, mode, window, gamma):
+    """The weight map of a mode without a Triton kernel, from its reference, on any device."""
+    if mode not in _warned_modes:
+        _warned_modes.add(mode)
+        warnings.warn(f"weight mode {mode!r} has no Triton kernel: its weight map comes from the "
+                      "torch reference, then the fused loss kernel uses it", stacklevel=3)
+    return weight_map_reference(student_logits, teacher_logits, mode, window, gamma).float()
 
 
 def kd_weight_map(student_logits, teacher_logits, mode="ssim", window=7, gamma=1.0, backend=None):
-    """Per-pixel KD weight (N, H, W) in [0, 1] for `mode` "none" | "agree" | "ssim"; no gradient."""
+    """Per-pixel KD weight (N, H, W) in [0, 1] of a registered `mode`; no gradient."""
     _check_logits(student_logits, teacher_logits)
     _check_weight_options(mode, window, gamma)
-    backend, student_logits, teacher_logits = _resolve(backend, student_logits, teacher_logits)
-    if backend == "torch":
+    if _resolve(backend, student_logits, teacher_logits) == "torch":
         return weight_map_reference(student_logits, teacher_logits, mode, window, gamma)
+    if mode not in kd_triton.TRITON_WEIGHT_MODES:
+        return _reference_weight(student_logits, teacher_logits, mode, window, gamma)
     return kd_triton.weight_map(student_logits.detach(), teacher_logits.detach(), mode, window, gamma)
 
 
@@ -97,9 +118,11 @@ def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=
                      reduction="weighted_mean", window=7, gamma=1.0, backend=None):
     """t^2 * sum_i w_i KL(softmax(zT_i / t) || softmax(zS_i / t)) / Z (SPEC section 4).
 
-    weight: "none" | "agree" | "ssim" or a caller's (N, H, W) tensor, used as a constant.
+    weight: a registered mode (`kernels.WEIGHT_MODES`: "none" | "agree" | "ssim" ...) or a
+    caller's (N, H, W) tensor, used as a constant.
     reduction: "weighted_mean" (Z = sum w, at least 1e-6), "mean" (Z = N*H*W) or "sum" (Z = 1).
-    window, gamma: the ssim weight's box size and exponent. Only the student gets a gradient.
+    window, gamma: the ssim weight's box size (odd, 1 to 15) and exponent. Only the student
+    gets a gradient, in its own dtype and memory format. Logits of any strides are read in place.
     """
     _check_logits(student_logits, teacher_logits)
     if isinstance(weight, torch.Tensor):
@@ -118,12 +141,13 @@ def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=
         raise ValueError(f"reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     temperature = float(temperature)
 
-    backend, student_logits, teacher_logits = _resolve(backend, student_logits, teacher_logits)
-    if backend == "torch":
+    if _resolve(backend, student_logits, teacher_logits) == "torch":
         if not isinstance(weight, torch.Tensor):
             weight = weight_map_reference(student_logits, teacher_logits, weight, window, gamma)
         return kd_loss_reference(student_logits, teacher_logits, weight, temperature, reduction)
     if isinstance(weight, torch.Tensor):
-        weight = weight.detach().to(torch.float32).contiguous()
+        weight = weight.detach()
+    elif weight not in kd_triton.TRITON_WEIGHT_MODES:
+        weight = _reference_weight(student_logits, teacher_logits, weight, window, gamma)
     return _WeightedKDLoss.apply(student_logits, teacher_logits.detach(), weight, temperature,
                                  reduction, window, gamma)

@@ -1,17 +1,34 @@
 """Plain-torch reference of the weighted knowledge-distillation loss (SPEC section 4).
 
-Readable first, fast never: the Triton kernels in `kd_triton.py` are tested against this, and
-this is tested against independent oracles (a numpy window loop, `F.kl_div`).
-Half-precision inputs are computed in float32; float32 and float64 stay as they are.
+Readable first, fast never: the Triton kernels are tested against this, and this is tested
+against independent oracles (a numpy window loop, `F.kl_div`). Half-precision inputs are
+computed in float32; float32 and float64 stay as they are.
+
+Weight modes are a registry: `WEIGHT_MODES` maps a name to a function
+`(student_logits, teacher_logits, *, window, gamma) -> (N, H, W) weight`, which receives
+detached logits in the compute dtype and ignores the options it does not use. Adding a mode
+is one decorated function here (and its test); a mode without a Triton kernel still runs on
+every device, its weight map coming from this function.
 """
 import torch
 import torch.nn.functional as F
 
 SSIM_C1 = 0.01 ** 2
 SSIM_C2 = 0.03 ** 2
+# The Triton ssim kernel keeps the last `window` rows of window sums in registers, so the
+# window is bounded; the bound holds on every backend so that a run never depends on the device.
+SSIM_MAX_WINDOW = 15
 Z_EPS = 1e-6  # keeps the weighted mean finite when every weight is zero
 REDUCTIONS = ("weighted_mean", "mean", "sum")
-WEIGHT_MODES = ("none", "agree", "ssim")
+WEIGHT_MODES = {}
+
+
+def weight_mode(name: str):
+    """Register the decorated function as the weight mode `name`."""
+    def register(fn):
+        WEIGHT_MODES[name] = fn
+        return fn
+    return register
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -20,8 +37,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def foreground_prob(probs: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) class probabilities -> (N, 1, H, W) mean probability of the classes 1..C-1."""
-    return probs[:, 1:].mean(dim=1, keepdim=True)
+    """(N, C, H, W) class probabilities -> (N, 1, H, W) probability of "not background".
+
+    The sum of classes 1..C-1 rather than 1 - p0: for C = 2 it is p1 bit for bit.
+    """
+    return probs[:, 1:].sum(dim=1, keepdim=True)
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
@@ -38,21 +58,34 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
     return num / den
 
 
+@weight_mode("none")
+def uniform_weight(zs, zt, **_options):
+    """Plain KD: every pixel counts once."""
+    n, _, h, w = zs.shape
+    return torch.ones((n, h, w), dtype=zs.dtype, device=zs.device)
+
+
+@weight_mode("agree")
+def agreement_weight(zs, zt, **_options):
+    """1 - total-variation distance of the class distributions at t = 1."""
+    return 1 - 0.5 * (zt.softmax(dim=1) - zs.softmax(dim=1)).abs().sum(dim=1)
+
+
+@weight_mode("ssim")
+def structural_weight(zs, zt, *, window=7, gamma=1.0, **_options):
+    """clamp(SSIM(qT, qS), 0, 1) ** gamma of the foreground maps at t = 1 in a window x window box."""
+    ssim = ssim_map(foreground_prob(zt.softmax(dim=1)), foreground_prob(zs.softmax(dim=1)), window)
+    return ssim.clamp(0, 1).pow(gamma).squeeze(1)
+
+
 def weight_map_reference(student_logits, teacher_logits, mode, window=7, gamma=1.0):
-    """Per-pixel KD weight (N, H, W) in [0, 1]; a constant (computed without gradient)."""
+    """Per-pixel KD weight (N, H, W) of the registered `mode`; a constant (no gradient)."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
     dtype = compute_dtype(student_logits.dtype)
     zs = student_logits.detach().to(dtype)
     zt = teacher_logits.detach().to(dtype)
-    n, _, h, w = zs.shape
-    if mode == "none":
-        return torch.ones((n, h, w), dtype=dtype, device=zs.device)
-    ps, pt = zs.softmax(dim=1), zt.softmax(dim=1)  # always at t = 1
-    if mode == "agree":
-        return 1 - 0.5 * (pt - ps).abs().sum(dim=1)
-    if mode == "ssim":
-        ssim = ssim_map(foreground_prob(pt), foreground_prob(ps), window)
-        return ssim.clamp(0, 1).pow(gamma).squeeze(1)
-    raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
+    return WEIGHT_MODES[mode](zs, zt, window=window, gamma=gamma).to(dtype)
 
 
 def kd_loss_reference(student_logits, teacher_logits, weight, temperature=1.0,

@@ -1,339 +1,158 @@
-"""Triton kernels of the weighted knowledge-distillation loss (SPEC sections 4 and 8).
+"""Host side of the Triton KD kernels: which kernel and tile a call takes, and its launches.
 
-The loss is memory bound: per pixel it reads 2*C logits and writes C gradients, with a few
-exponentials in between. So the kernels are built around touching each logit once:
-
-- `_kd_pixel_kernel` (weights none, agree, or a caller's tensor): each program takes a block
-  of pixels of one image and loads a (C_P, BLOCK) tile per input, classes padded to a power of
-  two with -inf. Along a class row the pixels are contiguous, so loads are coalesced and
-  vectorised. One pass computes both tempered softmaxes, the per-pixel KL, the weight (the
-  agreement weight is per pixel, so it is fused), the per-program partial sums of w*KL and w,
-  and the student gradient t*w*(pS - pT)*scale in the input dtype. No full-size intermediate.
-- `_kd_ssim_kernel` (weight ssim): the structural weight needs the foreground probabilities of
-  a (2r+1)^2 neighbourhood, which a pixel-block program does not hold. The two obvious
-  alternatives cost full-size round trips through DRAM: writing qT and qS maps (8 bytes per
-  pixel written and read again) and then re-reading the logits for the loss, or a separable
-  box filter over the five moment maps (qT, qS, qT^2, qS^2, qT*qS: 20 bytes per pixel each
-  way). Instead each program owns a 2-D halo tile, TILE_H x TILE_W pixels whose inner
-  (TILE_H-2r) x (TILE_W-2r) pixels it is responsible for. It reads the tile's logits once,
-  computes qT, qS, runs the separable box filter (horizontal then vertical, 2*(2r+1) and
-  5*(2r+1) loads per pixel instead of 2*(2r+1)^2 for a direct window) through a small scratch
-  slab private to the program, and then finishes the loss and gradient for the inner pixels
-  from the logits still in registers. The grid is persistent (a few programs per SM looping
-  over tiles), so the scratch is a few tens of MB that stays resident in L2, and neighbouring
-  tiles run together, so the halo re-reads (about 30 % for 7 x 7 windows) are L2 hits rather
-  than DRAM traffic. DRAM traffic is therefore close to the minimum: logits in once, gradient
-  out once. Barriers order the scratch writes and reads within a program; a program's scratch
-  is never touched by another.
-
-Partial sums are per program and summed by torch afterwards: deterministic, no atomics.
-Whatever scale is known before launch (t, and 1/Z) is folded into the stored gradient, which
-the backward pass then returns untouched when grad_output is 1. Only for reduction
-"weighted_mean" with an agree or ssim weight is Z = sum w unknown until the pass ends; there
-the backward pass multiplies by grad_output / Z, one more read and write of the gradient.
+Forward and backward are separate passes over the logits (see `kd_loss.py` for why):
+- `loss_and_z`: partial sums of w*KL and w per program, summed by torch (deterministic, no
+  atomics); returns the loss and Z as device values, never read on the host. With the ssim
+  weight and a gradient to come, the same pass stores the weight map for the backward;
+- `gradient`: the pixel kernel's GRAD phase, w * scale * (pS - pT) with scale =
+  grad_output * t / Z read from device memory, written in the student's memory format;
+- `weight_map`: the weight map alone.
+`plan` is the single place that decides kernel, tile, grid and meta-parameters; the launches
+and `kernels.compile_check` (ahead-of-time compile for sm_90/sm_80) both go through it.
 """
 import torch
 import triton
-import triton.language as tl
 
-from .backend import INTERPRET
-from .kd_reference import SSIM_C1, SSIM_C2, Z_EPS
+from .kd_pixel_kernel import WEIGHT_CODES, kd_pixel_kernel
+from .kd_reference import Z_EPS
+from .kd_ssim_kernel import kd_ssim_kernel
+from .kd_tiles import GRAD, LOSS, WEIGHT_MAP
+from .launch import Launch
 
-WEIGHT_CODES = {"none": 0, "agree": 1, "tensor": 2}
-_NONE = tl.constexpr(0)
-_AGREE = tl.constexpr(1)
-_C1 = tl.constexpr(SSIM_C1)
-_C2 = tl.constexpr(SSIM_C2)
-_SLOTS = tl.constexpr(7)  # ssim scratch: qT, qS, then horizontal sums of qT, qS, qT^2, qS^2, qT*qS
-# Persistent ssim grid. Compiled for sm_90 the ssim kernel needs about 200 registers a thread,
-# so one or two 8-warp programs fit on an SM; more would only enlarge the scratch.
-_PROGRAMS_PER_SM = 2
-
-
-@triton.jit
-def _load_logits(ptr, base, pix, pix_mask, C, HW, C_P: tl.constexpr):
-    """(C_P, BLOCK) float32 tile of one image's logits; padded classes are -inf."""
-    cls = tl.arange(0, C_P)[:, None]
-    # Out-of-range pixels read 0, not -inf, so that their softmax stays finite.
-    z = tl.load(ptr + base + cls * HW + pix[None, :], mask=(cls < C) & pix_mask[None, :], other=0.0)
-    return tl.where(cls < C, z.to(tl.float32), float("-inf"))
+TRITON_WEIGHT_MODES = ("none", "agree", "ssim")  # weight modes with a kernel of their own
+PIXEL_PHASES = {"loss": LOSS.value, "grad": GRAD.value, "weight_map": WEIGHT_MAP.value}
+SSIM_PHASES = {"loss": dict(WITH_LOSS=True, STORE_WEIGHT=False),
+               "loss_and_weight": dict(WITH_LOSS=True, STORE_WEIGHT=True),
+               "weight_map": dict(WITH_LOSS=False, STORE_WEIGHT=True)}
+PIXEL_LANES = 4096   # classes x pixels per program: 2048 pixels at C = 2, 8 per thread
+PIXEL_WARPS = 8
+SSIM_LANES = 128     # columns of a strip, one per thread
+SSIM_WARPS = 4
+# Left to itself, ptxas holds the widest-window channels-last ssim kernels to 168 registers
+# (three CTAs) and spills; with the ceiling at 255 it takes ~200, spill-free, at two CTAs.
+SSIM_MAX_REGISTERS = 255
+SSIM_CHUNK_ROWS = 64  # rows per program: the 2R halo rows re-read per chunk cost 2R/64
+INT32_LIMIT = 2 ** 31
 
 
-@triton.jit
-def _softmax(z):
-    """Softmax and log-softmax over axis 0 of a (C_P, BLOCK) tile."""
-    shifted = z - tl.max(z, axis=0)[None, :]
-    e = tl.exp(shifted)
-    total = tl.sum(e, axis=0)
-    return e * (1.0 / total)[None, :], shifted - tl.log(total)[None, :]
+def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
+    """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget. Where a row's
+    pixels are not contiguous (channels-last, strided views) every element needs its own 64-bit
+    address, so the tile is halved to stay within 128 registers (two 8-warp CTAs, no spills)."""
+    lanes = PIXEL_LANES // c_pad // (1 if rows_contiguous else 2)
+    cols = min(triton.next_power_of_2(width), lanes)
+    return lanes // cols, cols
 
 
-@triton.jit
-def _kl(pt, log_pt, log_ps, C, C_P: tl.constexpr):
-    cls = tl.arange(0, C_P)[:, None]
-    # Padded classes give 0 * (-inf + inf); real classes keep their NaN/Inf.
-    return tl.sum(tl.where(cls < C, pt * (log_pt - log_ps), 0.0), axis=0)
+def ssim_ring(window: int) -> int:
+    """Rows of the register ring of window sums: the window, padded to a power of two."""
+    return triton.next_power_of_2(window)
 
 
-@triton.jit
-def _foreground(p, C, C_P: tl.constexpr):
-    """Mean probability of the classes 1..C-1 of a (C_P, BLOCK) tile."""
-    cls = tl.arange(0, C_P)[:, None]
-    return tl.sum(tl.where((cls >= 1) & (cls < C), p, 0.0), axis=0) / (C - 1)
+def _image_strides(x: torch.Tensor, name: str):
+    """x's strides, after checking that offsets inside one image stay below 2**31."""
+    span = sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+    if span >= INT32_LIMIT:
+        raise ValueError(f"{name}: one image spans {span + 1} elements in memory; the kernels index "
+                         "within an image in int32 (2**31 elements)")
+    return x.stride()
 
 
-@triton.jit
-def _store_grad(grad_ptr, base, pix, pix_mask, diff, w, scale, C, HW, C_P: tl.constexpr):
-    """Store diff * w * scale, where diff = pS - pT is a (C_P, BLOCK) tile."""
-    cls = tl.arange(0, C_P)[:, None]
-    g = diff * (w * scale)[None, :]
-    tl.store(grad_ptr + base + cls * HW + pix[None, :], g.to(grad_ptr.dtype.element_ty),
-             mask=(cls < C) & pix_mask[None, :])
-
-
-@triton.jit
-def _kd_pixel_kernel(s_ptr, t_ptr, w_ptr, grad_ptr, w_out_ptr, part_ptr, scale_ptr,
-                     C, HW, inv_t,
-                     C_P: tl.constexpr, BLOCK: tl.constexpr, WEIGHT: tl.constexpr,
-                     T_IS_ONE: tl.constexpr, WITH_LOSS: tl.constexpr, STORE_GRAD: tl.constexpr,
-                     STORE_WEIGHT: tl.constexpr):
-    blk = tl.program_id(0)
-    n = tl.program_id(1)
-    pix = blk * BLOCK + tl.arange(0, BLOCK)
-    pix_mask = pix < HW
-    base = n.to(tl.int64) * C * HW
-    zs = _load_logits(s_ptr, base, pix, pix_mask, C, HW, C_P)
-    zt = _load_logits(t_ptr, base, pix, pix_mask, C, HW, C_P)
-    ps, log_ps = _softmax(zs * inv_t)
-    pt, log_pt = _softmax(zt * inv_t)
-
-    if WEIGHT == _NONE:
-        w = tl.full([BLOCK], 1.0, tl.float32)
-    elif WEIGHT == _AGREE:  # agreement is defined at t = 1
-        if T_IS_ONE:
-            ps1 = ps
-            pt1 = pt
-        else:
-            ps1, _ = _softmax(zs)
-            pt1, _ = _softmax(zt)
-        w = 1.0 - 0.5 * tl.sum(tl.abs(pt1 - ps1), axis=0)
-    else:
-        w = tl.load(w_ptr + n.to(tl.int64) * HW + pix, mask=pix_mask, other=0.0).to(tl.float32)
-    w = tl.where(pix_mask, w, 0.0)
-    if STORE_WEIGHT:
-        tl.store(w_out_ptr + n.to(tl.int64) * HW + pix, w, mask=pix_mask)
-
-    if WITH_LOSS:
-        kl = _kl(pt, log_pt, log_ps, C, C_P)
-        n_prog = tl.num_programs(0) * tl.num_programs(1)
-        prog = n * tl.num_programs(0) + blk
-        tl.store(part_ptr + prog, tl.sum(w * kl, axis=0))
-        tl.store(part_ptr + n_prog + prog, tl.sum(w, axis=0))
-        if STORE_GRAD:
-            _store_grad(grad_ptr, base, pix, pix_mask, ps - pt, w, tl.load(scale_ptr), C, HW, C_P)
-
-
-@triton.jit
-def _ssim_weight(sum_t, sum_s, sum_tt, sum_ss, sum_ts, count, gamma):
-    mu_t = sum_t / count
-    mu_s = sum_s / count
-    var_t = sum_tt / count - mu_t * mu_t
-    var_s = sum_ss / count - mu_s * mu_s
-    cov = sum_ts / count - mu_t * mu_s
-    ssim = ((2.0 * mu_t * mu_s + _C1) * (2.0 * cov + _C2)) / (
-        (mu_t * mu_t + mu_s * mu_s + _C1) * (var_t + var_s + _C2))
-    # Clamp with comparisons: min/max may drop a NaN, which must reach the loss.
-    w = tl.where(ssim < 0.0, 0.0, tl.where(ssim > 1.0, 1.0, ssim))
-    return tl.where(w > 0.0, tl.exp2(gamma * tl.log2(w)), w)
-
-
-@triton.jit
-def _kd_ssim_kernel(s_ptr, t_ptr, grad_ptr, w_out_ptr, part_ptr, scale_ptr, scratch_ptr,
-                    C, H, W, inv_t, gamma, tiles_y, tiles_x, n_tiles,
-                    C_P: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                    R: tl.constexpr, T_IS_ONE: tl.constexpr, WITH_LOSS: tl.constexpr,
-                    STORE_GRAD: tl.constexpr, STORE_WEIGHT: tl.constexpr):
-    LANES: tl.constexpr = TILE_H * TILE_W
-    prog = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    lane = tl.arange(0, LANES)
-    row = lane // TILE_W
-    col = lane % TILE_W
-    inner = (row >= R) & (row < TILE_H - R) & (col >= R) & (col < TILE_W - R)
-    scratch = scratch_ptr + prog.to(tl.int64) * (_SLOTS * LANES)
-    HW = H * W
-    acc_wkl = tl.zeros([LANES], dtype=tl.float32)
-    acc_w = tl.zeros([LANES], dtype=tl.float32)
-
-    for tile in range(prog, n_tiles, n_prog):
-        n = tile // (tiles_y * tiles_x)
-        y = (tile // tiles_x) % tiles_y * (TILE_H - 2 * R) - R + row
-        x = tile % tiles_x * (TILE_W - 2 * R) - R + col
-        in_image = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        pix = y * W + x
-        base = n.to(tl.int64) * C * HW
-        zs = _load_logits(s_ptr, base, pix, in_image, C, HW, C_P)
-        zt = _load_logits(t_ptr, base, pix, in_image, C, HW, C_P)
-        ps, log_ps = _softmax(zs * inv_t)
-        pt, log_pt = _softmax(zt * inv_t)
-        if T_IS_ONE:
-            ps1 = ps
-            pt1 = pt
-        else:
-            ps1, _ = _softmax(zs)
-            pt1, _ = _softmax(zt)
-        # Pixels outside the image are zeros, so window sums cover in-image pixels only.
-        qt = tl.where(in_image, _foreground(pt1, C, C_P), 0.0)
-        qs = tl.where(in_image, _foreground(ps1, C, C_P), 0.0)
-        # Only the KL and pS - pT stay live through the window sums: fewer registers than logits.
-        kl = _kl(pt, log_pt, log_ps, C, C_P)
-        diff = ps - pt
-
-        tl.debug_barrier()  # the previous tile has finished reading the scratch
-        tl.store(scratch + lane, qt)
-        tl.store(scratch + LANES + lane, qs)
-        tl.debug_barrier()
-        h_t = tl.zeros([LANES], dtype=tl.float32)
-        h_s = tl.zeros([LANES], dtype=tl.float32)
-        h_tt = tl.zeros([LANES], dtype=tl.float32)
-        h_ss = tl.zeros([LANES], dtype=tl.float32)
-        h_ts = tl.zeros([LANES], dtype=tl.float32)
-        for d in tl.static_range(2 * R + 1):
-            ok = (col + (d - R) >= 0) & (col + (d - R) < TILE_W)
-            a = tl.load(scratch + lane + (d - R), mask=ok, other=0.0)
-            b = tl.load(scratch + LANES + lane + (d - R), mask=ok, other=0.0)
-            h_t += a
-            h_s += b
-            h_tt += a * a
-            h_ss += b * b
-            h_ts += a * b
-        tl.store(scratch + 2 * LANES + lane, h_t)
-        tl.store(scratch + 3 * LANES + lane, h_s)
-        tl.store(scratch + 4 * LANES + lane, h_tt)
-        tl.store(scratch + 5 * LANES + lane, h_ss)
-        tl.store(scratch + 6 * LANES + lane, h_ts)
-        tl.debug_barrier()
-        v_t = tl.zeros([LANES], dtype=tl.float32)
-        v_s = tl.zeros([LANES], dtype=tl.float32)
-        v_tt = tl.zeros([LANES], dtype=tl.float32)
-        v_ss = tl.zeros([LANES], dtype=tl.float32)
-        v_ts = tl.zeros([LANES], dtype=tl.float32)
-        for d in tl.static_range(2 * R + 1):
-            ok = (row + (d - R) >= 0) & (row + (d - R) < TILE_H)
-            at = scratch + lane + (d - R) * TILE_W
-            v_t += tl.load(at + 2 * LANES, mask=ok, other=0.0)
-            v_s += tl.load(at + 3 * LANES, mask=ok, other=0.0)
-            v_tt += tl.load(at + 4 * LANES, mask=ok, other=0.0)
-            v_ss += tl.load(at + 5 * LANES, mask=ok, other=0.0)
-            v_ts += tl.load(at + 6 * LANES, mask=ok, other=0.0)
-        count = ((tl.minimum(y + R, H - 1) - tl.maximum(y - R, 0) + 1)
-                 * (tl.minimum(x + R, W - 1) - tl.maximum(x - R, 0) + 1)).to(tl.float32)
-        valid = in_image & inner
-        w = tl.where(valid, _ssim_weight(v_t, v_s, v_tt, v_ss, v_ts, count, gamma), 0.0)
-        if STORE_WEIGHT:
-            tl.store(w_out_ptr + n.to(tl.int64) * HW + pix, w, mask=valid)
-
-        if WITH_LOSS:
-            acc_wkl += tl.where(valid, w * kl, 0.0)
-            acc_w += w
-            if STORE_GRAD:
-                _store_grad(grad_ptr, base, pix, valid, diff, w, tl.load(scale_ptr), C, HW, C_P)
-
-    if WITH_LOSS:
-        tl.store(part_ptr + prog, tl.sum(acc_wkl, axis=0))
-        tl.store(part_ptr + n_prog + prog, tl.sum(acc_w, axis=0))
-
-
-def _pixel_block(c_pad: int) -> int:
-    return 4096 // c_pad  # 2048 pixels for C = 2: 8 per thread, two 16-byte loads per class
-
-
-def _ssim_tile(c_pad: int, radius: int):
-    """Halo tile (TILE_H, TILE_W): at least twice the window so that most lanes are inner."""
-    span = triton.next_power_of_2(2 * (2 * radius + 1))
-    return max(32 if c_pad <= 2 else 16, span), max(64, span)
-
-
-def _ssim_programs(tensor: torch.Tensor, n_tiles: int) -> int:
-    if INTERPRET:
-        return min(n_tiles, 3)  # a few programs, each looping over several tiles
-    sms = torch.cuda.get_device_properties(tensor.device).multi_processor_count
-    return min(n_tiles, sms * _PROGRAMS_PER_SM)
-
-
-def _launch(student, teacher, mode, *, weight=None, grad=None, w_out=None, scale=None,
-            temperature=1.0, window=7, gamma=1.0, with_loss=True):
-    """Run the kernel for `mode` ("none" | "agree" | "tensor" | "ssim"); return the partial sums."""
+def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
+         temperature=1.0, window=7, gamma=1.0):
+    """The Launch for a phase and weight `mode` ("none" | "agree" | "ssim" | "tensor", the last
+    with `weight`). Phases: "loss" | "grad" | "weight_map" for the pixel kernel, "loss" |
+    "loss_and_weight" | "weight_map" for ssim. `out` receives the gradient or the weight map;
+    a phase with a loss allocates its partial sums (Launch.parts)."""
     n, c, h, w = student.shape
     c_pad = triton.next_power_of_2(c)
-    flags = dict(C_P=c_pad, T_IS_ONE=temperature == 1.0, WITH_LOSS=with_loss,
-                 STORE_GRAD=grad is not None, STORE_WEIGHT=w_out is not None)
-    # Pointers a configuration never touches still need a tensor argument.
-    weight = student if weight is None else weight
-    grad = student if grad is None else grad
-    w_out = student if w_out is None else w_out
+    strides = _image_strides(student, "student_logits") + _image_strides(teacher, "teacher_logits")
+    out_strides = (0, 0, 0, 0) if out is None else (
+        _image_strides(out, "gradient") if out.dim() == 4 else _with_class_stride(_image_strides(out, "weight map")))
+    # pointers a phase never touches still need a tensor
+    out = student if out is None else out
     scale = student if scale is None else scale
-    inv_t = 1.0 / temperature
     if mode == "ssim":
         radius = window // 2
-        tile_h, tile_w = _ssim_tile(c_pad, radius)
-        tiles_y, tiles_x = triton.cdiv(h, tile_h - 2 * radius), triton.cdiv(w, tile_w - 2 * radius)
-        n_tiles = n * tiles_y * tiles_x
-        n_prog = _ssim_programs(student, n_tiles)
-        parts = torch.empty(2, n_prog, dtype=torch.float32, device=student.device)
-        scratch = torch.empty(n_prog * _SLOTS.value * tile_h * tile_w, dtype=torch.float32,
-                              device=student.device)
-        _kd_ssim_kernel[(n_prog,)](
-            student, teacher, grad, w_out, parts, scale, scratch,
-            c, h, w, inv_t, float(gamma), tiles_y, tiles_x, n_tiles,
-            TILE_H=tile_h, TILE_W=tile_w, R=radius, num_warps=8, **flags)
+        strips = triton.cdiv(w, SSIM_LANES - 2 * radius)
+        chunk_rows = min(SSIM_CHUNK_ROWS, h)
+        chunks = triton.cdiv(h, chunk_rows)
+        grid = n * strips * chunks
+        parts = _parts(student, grid, SSIM_PHASES[phase]["WITH_LOSS"])
+        o_n, _, o_h, o_w = out_strides
+        args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), radius,
+                strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
+        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
+        kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
-        block = _pixel_block(c_pad)
-        grid = (triton.cdiv(h * w, block), n)
-        parts = torch.empty(2, grid[0] * grid[1], dtype=torch.float32, device=student.device)
-        _kd_pixel_kernel[grid](
-            student, teacher, weight, grad, w_out, parts, scale,
-            c, h * w, inv_t, BLOCK=block, WEIGHT=WEIGHT_CODES[mode], num_warps=8, **flags)
-    return parts
+        rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
+        tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
+        grid = n * tiles_h * tiles_w
+        parts = _parts(student, grid, phase == "loss")
+        weight_strides = (0, 0, 0) if weight is None else _image_strides(weight, "weight")
+        weight = student if weight is None else weight
+        args = (student, teacher, weight, out, parts, scale, c, h, w, 1.0 / temperature, tiles_h, tiles_w,
+                *strides, *weight_strides, *out_strides)
+        # only the agreement weight shares its t = 1 softmax with the loss
+        constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PIXEL_PHASES[phase],
+                          T_IS_ONE=mode == "agree" and temperature == 1.0)
+        kernel, options = kd_pixel_kernel, dict(num_warps=PIXEL_WARPS)
+    if grid >= INT32_LIMIT:
+        raise ValueError(f"logits of shape {tuple(student.shape)} need {grid} programs; at most 2**31 - 1")
+    return Launch(kernel, grid, args, constexprs, options, None if parts is student else parts)
 
 
-def weight_map(student, teacher, mode, window=7, gamma=1.0):
-    """(N, H, W) float32 weight of `mode` ("none" | "agree" | "ssim") for contiguous logits."""
+def _with_class_stride(strides_nhw):
+    n, h, w = strides_nhw
+    return n, 0, h, w
+
+
+def _parts(student, grid, with_loss):
+    if not with_loss:
+        return student
+    return torch.empty(2, grid, dtype=torch.float32, device=student.device)
+
+
+def weight_map(student, teacher, mode, window, gamma):
+    """(N, H, W) float32 weight of a mode in TRITON_WEIGHT_MODES."""
     n, _, h, w = student.shape
     if mode == "none":
         return torch.ones((n, h, w), dtype=torch.float32, device=student.device)
-    w_out = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
-    _launch(student, teacher, mode, w_out=w_out, window=window, gamma=gamma, with_loss=False)
-    return w_out
+    out = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
+    plan(student, teacher, "weight_map", mode, out=out, window=window, gamma=gamma)()
+    return out
 
 
-def kd_loss_forward(student, teacher, weight, temperature, reduction, window, gamma, need_grad):
-    """Loss, student gradient and the factor the backward pass still owes.
+def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, keep_weight=False):
+    """The loss (0-dim float32 device tensor), Z (a float, or a 0-dim device tensor) and, with
+    `keep_weight` and the ssim weight, its (N, H, W) float32 map for the backward (else None).
 
-    `weight` is "none" | "agree" | "ssim" or a contiguous float32 (N, H, W) tensor. The gradient
-    (None unless `need_grad`) is t*w*(pS - pT)/Z whenever Z is known before launch; when Z is
-    the sum of a data-dependent weight it is t*w*(pS - pT) and the returned 0-dim tensor 1/Z is
-    the factor owed (None otherwise). The loss is a 0-dim float32 tensor.
+    `weight` is a mode in TRITON_WEIGHT_MODES or an (N, H, W) tensor of any strides and dtype.
     """
     n, _, h, w = student.shape
     mode = weight if isinstance(weight, str) else "tensor"
+    kept = None
+    if mode == "ssim" and keep_weight:
+        kept = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
+    launch = plan(student, teacher, "loss" if kept is None else "loss_and_weight", mode,
+                  weight=None if mode != "tensor" else weight, out=kept,
+                  temperature=temperature, window=window, gamma=gamma)
+    launch()
+    parts = launch.parts
     if reduction == "sum":
         z = 1.0
     elif reduction == "mean" or mode == "none":  # with w = 1 the weighted mean is the mean
         z = float(n * h * w)
-    elif mode == "tensor":
-        z = weight.sum().clamp_min(Z_EPS)
     else:
-        z = None  # the sum of a weight this very pass computes
-    factor = temperature / z if z is not None else temperature
-    if not isinstance(factor, torch.Tensor):  # a fill, not a host-to-device copy that would sync
-        factor = torch.full((), factor, dtype=torch.float32, device=student.device)
-    grad = torch.empty_like(student) if need_grad else None
-    parts = _launch(student, teacher, mode, weight=weight if mode == "tensor" else None,
-                    grad=grad, scale=factor, temperature=temperature, window=window, gamma=gamma)
-    owed = None
-    if z is None:
         z = parts[1].sum().clamp_min(Z_EPS)
-        owed = 1.0 / z
-    loss = temperature * temperature * parts[0].sum() / z
-    return loss, grad, owed
+    return temperature * temperature * parts[0].sum() / z, z, kept
+
+
+def gradient(student, teacher, weight, scale, temperature):
+    """w * scale * (pS - pT) in the student's dtype and memory format; `scale` a 0-dim float32
+    tensor, `weight` "none" | "agree" or an (N, H, W) tensor (the ssim map kept by the forward)."""
+    mode = weight if isinstance(weight, str) else "tensor"
+    grad = torch.empty_like(student)  # preserves channels-last and any other dense layout
+    plan(student, teacher, "grad", mode, weight=None if mode != "tensor" else weight, out=grad,
+         scale=scale, temperature=temperature)()
+    return grad

@@ -206,16 +206,56 @@ def test_interpreter_matches_reference_with_many_points_per_case():
 
 
 def test_interpreter_fallback_to_cpu_reference(monkeypatch):
-    # every non-empty case over the brute-force limit: all go to the CPU reference and must
+    # a model that finds the CPU faster for every case: all go to the CPU reference and must
     # land in the right places of the batch
-    monkeypatch.setattr(boundary_triton, "MAX_PAIRS_PER_CASE", 0)
+    monkeypatch.setattr(boundary_triton, "GPU_PAIRS_PER_CPU_POINT", 0.0)
     _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="interpret"),
                  boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch"))
-    # and a mix: only the cases with the most boundary pairs fall back
-    pairs = (_boundary_points(BATCH_PRED) * _boundary_points(BATCH_TARGET)).sort().values
-    monkeypatch.setattr(boundary_triton, "MAX_PAIRS_PER_CASE", int(pairs[-3]))
+    # and a mix: only the cases with the highest pairs per point fall back
+    n_p, n_g = _boundary_points(BATCH_PRED).double(), _boundary_points(BATCH_TARGET).double()
+    ratio = (n_p * n_g / (n_p + n_g).clamp(min=1)).sort().values
+    monkeypatch.setattr(boundary_triton, "GPU_PAIRS_PER_CPU_POINT", float(ratio[-3]))
     _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, mode="pooled", backend="interpret"),
                  boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, mode="pooled", backend="torch"))
+
+
+def test_masks_over_the_row_capacity_fall_back(monkeypatch):
+    monkeypatch.setattr(boundary_triton, "MAX_POINTS_PER_MASK", 40)
+    assert (_boundary_points(BATCH_PRED) > 40).any() and (_boundary_points(BATCH_PRED)[:-3] <= 40).any()
+    _assert_same(boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="interpret"),
+                 boundary_metrics(BATCH_PRED, BATCH_TARGET, spacing=SPACING, backend="torch"))
+
+
+def test_one_host_read_per_batch(monkeypatch):
+    """Outside the kernel launches (where the interpreter stands for the device) the Triton path
+    reads device values on the host once: the final result."""
+    reads, launching = [], [0]
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def method(self, *args, _real=real, _name=name, **kwargs):
+            if not launching[0] and self.device.type != "meta":
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, method)
+
+    class Launching:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launching[0] += 1
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    launching[0] -= 1
+            return run
+
+    for name in ("_count_kernel", "_compact_kernel", "_nearest_kernel"):
+        monkeypatch.setattr(boundary_triton, name, Launching(getattr(boundary_triton, name)))
+    boundary_triton.boundary_metrics_triton(BATCH_PRED, BATCH_TARGET, SPACING, 95.0, "max")
+    assert reads == ["tolist"]
 
 
 # ---------------------------------------------------------------- arguments
@@ -246,3 +286,13 @@ def test_bad_types_raise_type_error():
         boundary_metrics(np.zeros((5, 6), dtype=bool), torch.zeros(5, 6, dtype=torch.bool))
     with pytest.raises(TypeError):
         boundary_metrics(torch.zeros(5, 6), torch.zeros(5, 6))
+
+
+def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
+    from kernels.bench_boundary import largest_difference
+    finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
+    one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
+    assert largest_difference(finite, one_nan) == float("inf")
+    assert largest_difference(one_nan, one_nan) == 0.0
+    shifted = {k: v + 0.25 for k, v in finite.items()}
+    assert largest_difference(finite, shifted) == 0.25

@@ -12,11 +12,16 @@ from kernels.kd_reference import kd_loss_reference, weight_map_reference
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 SHAPES = [(2, 2, 33, 47), (1, 3, 16, 64), (1, 8, 5, 9)]
+# The ssim kernel walks down the rows one at a time: in the interpreter its cost grows with the
+# rows, so it gets shorter images (several strips, chunks and windows are covered in
+# test_kernel_ssim_geometry.py).
+SSIM_SHAPES = [(2, 2, 9, 20), (1, 3, 7, 12), (1, 8, 5, 9)]
 MODES = ["none", "agree", "ssim"]
 REDUCTIONS = ["weighted_mean", "mean", "sum"]
 # float32 variances E[q^2] - E[q]^2 of nearly saturated probabilities lose ~1e-7 absolute,
-# which the SSIM ratio divides by c2 = 9e-4: 1e-4 is float32's honest accuracy here.
-SSIM_ATOL = 1e-4
+# which the SSIM ratio divides by c2 = 9e-4: 1e-4 is float32's honest accuracy here, 2e-4 when
+# the foreground sums 7 class probabilities (C = 8).
+SSIM_ATOL = 2e-4
 
 
 def logits(shape, seed, dtype=torch.float32):
@@ -50,10 +55,19 @@ def assert_grad_close(grad, expected, rel):
     torch.testing.assert_close(grad.double(), expected, rtol=0, atol=rel * scale)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def _loss_cases():
+    for mode in ("none", "agree"):
+        for shape in SHAPES:
+            for reduction in REDUCTIONS:
+                for temperature in (1.0, 2.5):
+                    yield shape, mode, reduction, temperature
+    # ssim: each reduction and temperature once, each shape once
+    first, *others = SSIM_SHAPES
+    yield from [(first, "ssim", "weighted_mean", 1.0), (first, "ssim", "mean", 2.5), (first, "ssim", "sum", 2.5)]
+    yield from [(shape, "ssim", "weighted_mean", 2.5) for shape in others]
+
+
+@pytest.mark.parametrize("shape,mode,reduction,temperature", list(_loss_cases()))
 def test_loss_and_grad_match_float64_reference(shape, mode, reduction, temperature):
     student, teacher = logits(shape, seed=sum(shape))
     loss, grad = loss_and_grad(student, teacher, weight=mode, temperature=temperature,
@@ -64,7 +78,7 @@ def test_loss_and_grad_match_float64_reference(shape, mode, reduction, temperatu
     assert_grad_close(grad, ref_grad, 2e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SSIM_SHAPES)
 @pytest.mark.parametrize("mode,window,gamma", [("agree", 7, 1.0), ("ssim", 7, 1.0),
                                                ("ssim", 3, 1.0), ("ssim", 5, 2.0)])
 def test_weight_map_matches_reference(shape, mode, window, gamma):
@@ -95,7 +109,7 @@ def test_reference_gradcheck(mode, reduction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_inputs(dtype, mode):
-    student, teacher = logits((2, 2, 33, 47), seed=11, dtype=dtype)
+    student, teacher = logits((2, 2, 9, 20), seed=11, dtype=dtype)
     loss, grad = loss_and_grad(student, teacher, weight=mode, temperature=2.5, backend="interpret")
     ref_loss, ref_grad = reference(student, teacher, mode, 2.5, "weighted_mean")
     assert loss.dtype == torch.float32 and grad.dtype == dtype
@@ -136,7 +150,7 @@ def test_teacher_gets_no_gradient(backend, mode):
 @pytest.mark.parametrize("mode,reduction", [("none", "weighted_mean"), ("agree", "weighted_mean"),
                                             ("ssim", "weighted_mean"), ("ssim", "sum")])
 def test_grad_output_scales_gradient(mode, reduction):
-    student, teacher = logits((2, 2, 11, 10), seed=6)
+    student, teacher = logits((1, 2, 6, 10), seed=6)
     _, grad = loss_and_grad(student, teacher, weight=mode, reduction=reduction, backend="interpret")
     s = student.clone().requires_grad_()
     (weighted_kd_loss(s, teacher, weight=mode, reduction=reduction, backend="interpret") * -3.5).backward()
@@ -165,7 +179,7 @@ def test_no_gradient_requested():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_non_finite_input_gives_non_finite_loss(backend, mode, bad, where):
-    student, teacher = logits((1, 2, 9, 10), seed=10)
+    student, teacher = logits((1, 2, 6, 8), seed=10)
     (student if where == "student" else teacher)[0, 1, 4, 5] = bad
     loss = weighted_kd_loss(student, teacher, weight=mode, backend=backend)
     assert not torch.isfinite(loss)
@@ -173,7 +187,7 @@ def test_non_finite_input_gives_non_finite_loss(backend, mode, bad, where):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_interpret_and_torch_backends_agree(mode):
-    student, teacher = logits((2, 3, 13, 21), seed=12)
+    student, teacher = logits((2, 3, 6, 14), seed=12)
     loss_i, grad_i = loss_and_grad(student, teacher, weight=mode, temperature=2.5, backend="interpret")
     loss_t, grad_t = loss_and_grad(student, teacher, weight=mode, temperature=2.5, backend="torch")
     assert loss_i.dtype == loss_t.dtype and grad_i.dtype == grad_t.dtype
@@ -199,6 +213,7 @@ def test_default_backend_on_cpu_is_interpreter():
     (dict(temperature=-1.0), "temperature"),
     (dict(window=4), "window"),
     (dict(window=0), "window"),
+    (dict(window=17), "window"),
     (dict(gamma=0.0), "gamma"),
     (dict(reduction="max"), "reduction"),
     (dict(weight="entropy"), "weight mode"),
@@ -237,11 +252,11 @@ def numpy_ssim_weight(qt, qs, window, gamma):
     return out
 
 
-@pytest.mark.parametrize("channels,window,gamma", [(2, 3, 1.0), (2, 5, 1.0), (4, 3, 2.0)])
+@pytest.mark.parametrize("channels,window,gamma", [(2, 3, 1.0), (2, 5, 1.0), (4, 3, 2.0), (8, 5, 1.0)])
 def test_reference_ssim_weight_against_numpy_loop(channels, window, gamma):
     student, teacher = logits((1, channels, 6, 7), seed=14, dtype=torch.float64)
     w = weight_map_reference(student, teacher, "ssim", window, gamma)[0].numpy()
-    fg = lambda z: z.softmax(1)[0, 1:].mean(0).numpy()  # noqa: E731
+    fg = lambda z: 1 - z.softmax(1)[0, 0].numpy()  # noqa: E731  "not background"
     expected = numpy_ssim_weight(fg(teacher), fg(student), window, gamma)
     np.testing.assert_allclose(w, expected, rtol=1e-10, atol=1e-12)
 
