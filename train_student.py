@@ -41,7 +41,7 @@ class StudentSettings(LabelledPhotometric, Training):
     method: str = setting("wkd_refine", "unlabelled objective: " + "; ".join(
         f"{o.name}: {o.summary}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES))
     weight: str | None = setting(None, "KD pixel weight; default: the method's", choices=tuple(WEIGHT_MODES))
-    weight_window: int = setting(7, "ssim weight: side of the square window", within="[1, 63]")
+    weight_window: int = setting(7, "ssim weight: side of the square window, odd", within="[1, 15]")
     weight_gamma: float = setting(1.0, "ssim weight: exponent applied to the clamped SSIM", within="(0, inf)")
     temperature: float = setting(1.0, "KD softmax temperature", within="(0, inf)")
     lambda_max: float = setting(1.0, "weight of the unlabelled loss after the ramp-up", within="[0, inf)")
@@ -70,6 +70,8 @@ def check_method_flags(s: StudentSettings) -> None:
         raise UserError(f"--method {s.method} needs --refiner cyclegan.pt")
     if method.weight is None and (s.refiner or s.weight):
         raise UserError(f"--refiner and --weight apply to the KD methods only, not --method {s.method}")
+    if s.weight_window % 2 == 0:
+        raise UserError(f"--weight-window {s.weight_window}: the window must be odd, so that it has a centre")
 
 
 @exit_on_user_error
