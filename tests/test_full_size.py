@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SCRIPT_ENV, TINY, run_script
 
+import predict
 from bench.synthetic import panorama, write_case
 
 H, W = 1435, 2943
@@ -71,7 +72,7 @@ def test_full_size_panoramas_train_evaluate_and_predict_at_their_own_size(clinic
     new.mkdir()
     for name in ("c4.png", "c5.tif"):
         shutil.copy(clinic / "images" / name, new)
-    run_script("predict.py", "--ckpt", tmp_path / "student.pt", "--images", new, "--out", tmp_path / "pred",
-               "--no-overlays")
+    predict.main([str(a) for a in ("--ckpt", tmp_path / "student.pt", "--images", new, "--out", tmp_path / "pred",
+                                   "--no-overlays")])
     for case_id in SPLIT["test"]:
         assert iio.imread(tmp_path / "pred" / "masks" / f"{case_id}.png").shape == (H, W)
