@@ -8,6 +8,16 @@ class UserError(Exception):
     """Bad input the user can fix. The message names the file or flag and what to do."""
 
 
+def problems_error(problems: list, where: str, shown: int = 20) -> UserError:
+    """One error for several problems of one input: a single problem stays one line; several are
+    listed one a line, the first `shown` of them and how many more."""
+    if len(problems) == 1:
+        return UserError(problems[0])
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return UserError(f"{where}: {len(problems)} problems; fix them and run again:\n  "
+                     + "\n  ".join(problems[:shown]) + more)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other user error."""
 

@@ -7,23 +7,25 @@ quality (e.g. on --split unlabeled, whose masks training never reads).
 Writes the folder --out (default: <ckpt stem>_eval/ beside the checkpoint): metrics.csv (one row
 per case), summary.json (mean, std, median, n and n_undefined of each metric, and the boundary
 means with undefined cases scored as the image diagonal), table.md, and overlays/<id>.png
-(ground-truth contour green, prediction red).
+(ground-truth contour green, prediction red; with several classes, each predicted class in its
+own colour over the ground truth's contours in white). With several classes every metric is
+given per class, as `dice[<class name>]`, and as the mean over the classes under its plain name.
 """
 import csv
 import dataclasses
+import functools
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from data import inherited_split, load_case, load_tensors, prepare_dataset
-from engine.cli import Common, parse, select_device, setting, writable_dir
-from engine.loop import predict_logits
-from engine.metrics import BOUNDARY, METRICS, case_metrics, save_overlay, summarize
-from engine.records import environment
+from data import prepare_dataset
+from data.check import upstream_dataset
+from engine.cli import Common, output_folder, parse, pixel_spacing, select_device, setting
+from engine.loop import class_map, predict_full_size
+from engine.metrics import BOUNDARY, METRICS, class_metrics, per_class, save_overlay, summarize
+from engine.records import environment, fill_folder
 from engine.state import check_same_experiment, load_network, upstream_size
 from errors import UserError, exit_on_user_error
 
@@ -45,47 +47,53 @@ class EvaluateSettings(Common):
 OUTPUTS = {"metrics.csv", "summary.json", "table.md", "overlays"}
 
 
-def evaluate(model, root, ids, size, device, spacing, batch_size, overlay_dir=None, refiner=None):
-    """Per-case metrics of `model` (refined by `refiner`, if given) on the `ids` that have a mask,
-    logits upsampled to each original image size -> (rows, ids without a mask)."""
-    images, _ = load_tensors(root, ids, size, with_masks=False)
-    logits = predict_logits(model, images, device, batch_size, refiner)
+def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir=None, refiner=None):
+    """Per-case metrics of `model` (refined by `refiner`, if given) on the `ids` of a data.Dataset that
+    have a mask, logits upsampled to each original image size -> (rows, ids without a mask)."""
+    names = dataset.classes.names
     rows, unscored = [], []
-    for case_id, case_logits in zip(ids, logits):
-        image, mask = load_case(root, case_id)
+    for case_id, image, mask, logits in predict_full_size(model, dataset, ids, size, device, batch_size, refiner):
         if mask is None:        # real unlabelled images usually have none
             unscored.append(case_id)
             continue
-        up = F.interpolate(case_logits[None].to(device), size=mask.shape, mode="bilinear", align_corners=False)
-        pred = up.argmax(1) == 1
+        pred = class_map(logits)[None]
         target = torch.from_numpy(mask)[None].to(device)
-        metrics = {k: v[0] for k, v in case_metrics(pred, target, spacing).items()}
+        metrics = {k: v[0] for k, v in class_metrics(pred, target, names, spacing).items()}
         diagonal = math.hypot(mask.shape[0] * spacing[0], mask.shape[1] * spacing[1])
         rows.append(dict(id=case_id, height=mask.shape[0], width=mask.shape[1], diagonal=diagonal, **metrics))
         if overlay_dir is not None:
-            save_overlay(overlay_dir / f"{case_id}.png", image, mask, pred[0].cpu().numpy())
+            save_overlay(overlay_dir / f"{case_id}.png", image, pred[0].cpu().numpy(), mask, len(names))
     return rows, unscored
 
 
 def summary_of(rows) -> dict:
     diagonals = [r["diagonal"] for r in rows]
-    return {m: summarize([r[m] for r in rows], diagonals if m in BOUNDARY else None) for m in METRICS}
+    return {m: summarize([r[m] for r in rows], diagonals if m.split("[")[0] in BOUNDARY else None)
+            for m in rows[0] if m not in ("id", "height", "width", "diagonal")}
 
 
-def markdown_table(summary: dict, title: str) -> str:
+def markdown_table(summary: dict, title: str, names) -> str:
+    """Each metric (the mean over the classes, with several), then with several classes each class's."""
     lines = [f"### {title}", "", "| metric | mean ± std | median | n | undefined |", "|---|---|---|---|---|"]
-    for m, s in summary.items():
+    for m in METRICS:
+        s = summary[m]
         lines.append(f"| {m} | {s['mean']:.4f} ± {s['std']:.4f} | {s['median']:.4f} | {s['n']} | {s['n_undefined']} |")
+    if len(names) > 1:
+        lines += ["", "Per class, mean ± std (undefined cases left out):", "",
+                  "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for m in METRICS:
+            cells = (summary[per_class(m, n)] for n in names)
+            lines.append(f"| {m} | " + " | ".join(f"{s['mean']:.4f} ± {s['std']:.4f}" for s in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(s, ckpt, model, refiner, root, ids, size, device, spacing, tmp) -> str:
+def write_results(s, ckpt, model, refiner, dataset, ids, size, device, spacing, tmp) -> str:
     """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
     overlays = tmp / "overlays" if s.overlays else None
     (overlays or tmp).mkdir(parents=True)
-    rows, unscored = evaluate(model, root, ids, size, device, spacing, s.batch_size, overlays, refiner)
+    rows, unscored = evaluate(model, dataset, ids, size, device, spacing, s.batch_size, overlays, refiner)
     if not rows:
-        raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {root}")
+        raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {dataset.root}")
     summary = summary_of(rows)
     with open(tmp / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -94,12 +102,12 @@ def write_results(s, ckpt, model, refiner, root, ids, size, device, spacing, tmp
     meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], refiner=s.refiner and s.refiner.name,
                 split=s.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
                 size=list(size), spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
-                environment=environment())
+                classes=dataset.classes.record(), environment=environment())
     (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
     refined = f" refined by {s.refiner.name}" if s.refiner else ""
     title = f"{s.ckpt.name} ({ckpt['kind']}){refined} on {s.split}, n = {len(rows)}, " \
             f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
-    table = markdown_table(summary, title)
+    table = markdown_table(summary, title, dataset.classes.names)
     (tmp / "table.md").write_text(table)
     return table
 
@@ -107,18 +115,14 @@ def write_results(s, ckpt, model, refiner, root, ids, size, device, spacing, tmp
 @exit_on_user_error
 def main(argv=None):
     s = parse(EvaluateSettings, __doc__, argv)
-    if len(s.spacing) not in (1, 2):
-        raise UserError(f"--spacing {' '.join(map(str, s.spacing))}: give one or two numbers (mm per pixel)")
-    spacing = (s.spacing[0], s.spacing[-1])
+    spacing = pixel_spacing(s.spacing)
     device = select_device(s.device)
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
     size = upstream_size(s.size, ckpt, "--ckpt", s.ckpt)
-    out = s.out or s.ckpt.with_name(s.ckpt.stem + "_eval")
-    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= OUTPUTS):
-        raise UserError(f"--out {out}: exists and holds more than an evaluation's files; choose a new folder")
-    writable_dir(out.parent)
+    out = output_folder(s.out or s.ckpt.with_name(s.ckpt.stem + "_eval"), OUTPUTS)
     root = prepare_dataset(s.data)
-    ids = inherited_split(ckpt, "--ckpt", s.ckpt, root)[s.split]
+    dataset, split, _ = upstream_dataset(root, ckpt, "--ckpt", s.ckpt)
+    ids = split[s.split]
     if not ids:
         raise UserError(f"--split {s.split}: the split of --ckpt {s.ckpt} has no {s.split} cases")
     refiner = None
@@ -128,16 +132,9 @@ def main(argv=None):
         refiner, refiner_ckpt = load_network(s.refiner, ("cyclegan",), "--refiner", device)
         check_same_experiment(refiner_ckpt, "--refiner", s.refiner, ckpt)
 
-    # Everything is written to a sibling folder first and moved in place at the end.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        table = write_results(s, ckpt, model, refiner, root, ids, size, device, spacing, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # written into a folder beside --out, moved into place when complete
+    table = fill_folder(out, functools.partial(write_results, s, ckpt, model, refiner, dataset, ids, size, device,
+                                               spacing))
     print(table + f"\nwritten to {out}/")
 
 

@@ -127,7 +127,9 @@ def record(run, wall: float | None, previous: dict, out: Path, data: Path) -> di
         with open(run.output / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         entry["cases"] = {"id": [r["id"] for r in rows]}
-        entry["cases"].update({m: [None if r[m] == "nan" else float(r[m]) for r in rows] for m in CASE_METRICS})
+        per_class = [m for m in (rows[0] if rows else ()) if m.partition("[")[0] in CASE_METRICS and "[" in m]
+        entry["cases"].update({m: [None if r[m] == "nan" else float(r[m]) for r in rows]
+                               for m in (*CASE_METRICS, *per_class)})
     return entry
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import Geometry, augment_geometry, batch_indices, derive_seed, inherited_split, load_tensors, \
-    prepare_dataset, step_generator, strengths
+from data import Geometry, augment_geometry, batch_indices, derive_seed, prepare_dataset, step_generator, strengths
+from data.check import upstream_dataset
 from engine.cli import Training, autocast, memory_format, parse, select_device, setting, writable_file
 from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
@@ -156,11 +156,15 @@ def discriminator_loss(nets, judge, real_a, real_b, fake_a, fake_b, g):
 
 
 def mask_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
-    """Mean Dice and HD95 (pixels at training size; over the cases where it is defined) of argmax."""
-    pred, target = logits.argmax(1) == 1, masks == 1
-    hd95 = boundary_metrics(pred, target)["hd95"]
-    return dict(dice=overlap_metrics(pred, target)["dice"].mean().item(),
-                hd95=summarize(hd95.tolist())["mean"], hd95_undefined=float(hd95.isnan().sum()))
+    """Mean Dice and HD95 (pixels at training size; over the cases where it is defined) of argmax, and
+    the cases where HD95 is undefined; with several classes, the mean of each over the classes."""
+    per_class = []
+    for c in range(1, logits.shape[1]):
+        pred, target = logits.argmax(1) == c, masks == c
+        hd95 = boundary_metrics(pred, target)["hd95"]
+        per_class.append(dict(dice=overlap_metrics(pred, target)["dice"].mean().item(),
+                              hd95=summarize(hd95.tolist())["mean"], hd95_undefined=float(hd95.isnan().sum())))
+    return {k: sum(m[k] for m in per_class) / len(per_class) for k in per_class[0]}
 
 
 class CycleGAN:
@@ -232,22 +236,22 @@ def main(argv=None):
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
     size = upstream_size(s.size, teacher_ckpt, "--teacher", s.teacher)
-    split = inherited_split(teacher_ckpt, "--teacher", s.teacher, root)
+    dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     if not split["unlabeled"]:
         raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "
                         f"teacher with --labeled-ratio below 1")
     resume = resume_from(out, "cyclegan", s)
     run_seed = seed_stage(s.seed, "cyclegan", s.deterministic)
 
-    unlabeled, _ = load_tensors(root, split["unlabeled"], size, with_masks=False)
-    labeled, labels = load_tensors(root, split["labeled"], size)
-    val_images, val_masks = load_tensors(root, split["val"], size)
+    unlabeled, _ = dataset.tensors(split["unlabeled"], size, with_masks=False)
+    labeled, labels = dataset.tensors(split["labeled"], size)
+    val_images, val_masks = dataset.tensors(split["val"], size)
     teacher_metrics = mask_metrics(predict_logits(teacher, val_images, device), val_masks)
 
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
     state = StageState("cyclegan", out, gan.nets["G_AB"], gan.modules(), s, split, size, config=config,
-                       score="dice_gain")
+                       score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry = strengths(Geometry, s, "aug_")
 
@@ -270,7 +274,7 @@ def main(argv=None):
         with autocast(s.precision, device):
             qa = teacher_pseudo_labels(teacher, xa)
         streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge")]
-        return gan.train_step(xa, qa, xb, yb[:, None].float(), streams)
+        return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
 
     def validate():
         refined = predict_logits(teacher, val_images, device, refiner=gan.nets["G_AB"])

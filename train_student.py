@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from data import Corruption, Geometry, Photometric, inherited_split, labeled_batch, load_tensors, prepare_dataset, \
-    strengths, unlabeled_views
+from data import Corruption, Geometry, Photometric, labeled_batch, prepare_dataset, strengths, unlabeled_views
+from data.check import upstream_dataset
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
 from engine.distributed import join
@@ -84,7 +84,7 @@ def main(argv=None):
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
-    split = inherited_split(teacher_ckpt, "--teacher", s.teacher, root)
+    dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     size = upstream_size(s.size, teacher_ckpt, "--teacher", s.teacher)
     refiner = None
     if s.refiner:
@@ -93,13 +93,14 @@ def main(argv=None):
     resume = resume_from(out, "student", s)
     run_seed = seed_stage(s.seed, "student", s.deterministic)
 
-    images, masks = load_tensors(root, split["labeled"], size)
-    unlabeled = None if method.target is None else load_tensors(root, split["unlabeled"], size, with_masks=False)[0]
-    val_images, val_masks = load_tensors(root, split["val"], size)
+    images, masks = dataset.tensors(split["labeled"], size)
+    unlabeled = None if method.target is None else dataset.tensors(split["unlabeled"], size, with_masks=False)[0]
+    val_images, val_masks = dataset.tensors(split["val"], size)
     if unlabeled is not None and len(unlabeled) == 0:
         raise UserError(f"--method {s.method} needs unlabelled images, but the split of --teacher has none")
     channels = memory_format(s.channels_last)
-    model = UNet(width=s.width, dropout=s.dropout).to(device, memory_format=channels)
+    model = UNet(num_classes=dataset.classes.outputs, width=s.width, dropout=s.dropout).to(device,
+                                                                                           memory_format=channels)
     if s.init == "teacher":
         if model.config["width"] != teacher.config["width"]:
             raise UserError(f"--init teacher needs --width {teacher.config['width']} (the teacher's)")
@@ -113,7 +114,8 @@ def main(argv=None):
         ema = copy.deepcopy(model).requires_grad_(False)
         modules["ema"] = ema
     state = StageState("student", out, model, modules, s, split, size,
-                       extra=dict(method=s.method, weight=weight, refined=refiner is not None))
+                       extra=dict(method=s.method, weight=weight, refined=refiner is not None,
+                                  classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
     strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")

@@ -1,15 +1,18 @@
 """Stage 1: train the teacher U-Net on the labelled split (cross-entropy + soft Dice).
 
-Reads --data (drawing the split, or taking splits.json); writes the checkpoint --out with the
-weights of the best validation Dice, the resolved split (which every later stage inherits) and
-the full training state for --resume, and <out stem>_logs/ beside it.
+Reads --data (drawing the split, or taking splits.json; the classes from classes.json or
+--classes) and checks every file of the split before training; writes the checkpoint --out with
+the weights of the best validation Dice, the resolved split and classes (which every later stage
+inherits) and the full training state for --resume, and <out stem>_logs/ beside it.
 """
 import dataclasses
 from pathlib import Path
 
 import torch
 
-from data import Geometry, Photometric, labeled_batch, load_tensors, new_split, prepare_dataset, strengths
+from data import Dataset, Geometry, Photometric, dataset_classes, from_record, labeled_batch, new_split, observed, \
+    prepare_dataset, strengths
+from data.check import verified
 from engine.cli import LabelledPhotometric, Training, autocast, check_size, memory_format, parse, select_device, \
     setting, writable_file
 from engine.distributed import join
@@ -31,6 +34,9 @@ class TeacherSettings(LabelledPhotometric, Training):
     test_fraction: float = setting(0.2, "fraction of the masked ids held out for testing", within="(0, 1)")
     val_fraction: float = setting(0.1, "fraction of the masked ids held out for validation", within="(0, 1)")
     width: int = setting(16, "U-Net channels at full resolution (doubles per level)", within="[1, inf)")
+    classes: tuple[str, ...] | None = setting(None, "the classes of a dataset without classes.json, as mask values "
+                                                    "and names, e.g. 1=left 2=right; default: binary (any one "
+                                                    "non-zero mask value is the sinus)", metavar="VALUE=NAME")
 
 
 @exit_on_user_error
@@ -42,15 +48,20 @@ def main(argv=None):
     root = prepare_dataset(s.data)
     resume = resume_from(out, "teacher", s)
     run_seed = seed_stage(s.seed, "teacher", s.deterministic)
+    classes = from_record(resume["classes"]) if resume else dataset_classes(root, s.classes)
+    fingerprint, checked = verified(root, classes, resume and resume["split"], resume and resume["data_fingerprint"])
     split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction, s.val_fraction)
+    dataset = Dataset.open(root, classes if resume else observed(classes, checked["mask_values"]))
 
-    images, masks = load_tensors(root, split["labeled"], size)
-    val_images, val_masks = load_tensors(root, split["val"], size)
-    model = UNet(width=s.width).to(device, memory_format=memory_format(s.channels_last))
+    images, masks = dataset.tensors(split["labeled"], size)
+    val_images, val_masks = dataset.tensors(split["val"], size)
+    channels = memory_format(s.channels_last)
+    model = UNet(num_classes=dataset.classes.outputs, width=s.width).to(device, memory_format=channels)
     net = ddp.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(s.steps))
-    state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), s, split, size)
+    state = StageState("teacher", out, model, dict(model=model, optimizer=opt, scheduler=sched), s, split, size,
+                       extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
 
@@ -63,7 +74,7 @@ def main(argv=None):
         x, y = labeled_batch(images, masks, s.batch_size * ddp.world, run_seed, step, device, geometry, photometric)
         x, y = ddp.share(x), ddp.share(y)
         with autocast(s.precision, device):
-            logits = net(x.contiguous(memory_format=memory_format(s.channels_last)))
+            logits = net(x.contiguous(memory_format=channels))
         loss = supervised_loss(logits, y, ddp.total)
         value = check_finite(loss)
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ is drawn in split.py.
     DIR/images/<id>.png|jpg|jpeg|tif|tiff   gray or RGB(A), 8 or 16 bit, any size
     DIR/masks/<id>.png                      same size as its image; 0 background, k > 0 sinus
     DIR/splits.json                         optional fixed split
+    DIR/classes.json                        optional classes, {"1": "left sinus", ...} (classes.py)
 
 Every problem a user can fix is a UserError naming the file or flag. Images are preprocessed
 once, here: luminance, clip to the 1st/99th percentile, scale to [0, 1]. Resizing to the
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from errors import UserError, problems_error
+
+from .classes import Classes, binary
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -55,8 +58,6 @@ def prepare_dataset(path) -> Path:
         h, w = DEFAULT_PHANTOM["size"]
         print(f"generated the default phantom dataset ({DEFAULT_PHANTOM['n']} cases, {h}x{w}, "
               f"seed {DEFAULT_PHANTOM['seed']}) in {root} in {time.perf_counter() - start:.1f} s")
-    image_files(root)   # validates the listing: non-empty, known suffixes, no duplicate ids
-    mask_files(root)
     return root
 
 
@@ -64,40 +65,37 @@ def _listing(folder):
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def image_files(root) -> dict:
-    """{id: image path} of every image in root/images; raises UserError on a bad listing."""
-    folder = Path(root) / "images"
-    if not folder.is_dir():
-        raise UserError(f"--data {root}: has no images/ folder")
+def list_images(folder, problems: list) -> dict:
+    """{id: image path} of the images in `folder`; a file that is not one is added to `problems`."""
     files = {}
     for path in _listing(folder):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"{path}: not a supported image type; use one of "
-                            f"{', '.join(IMAGE_SUFFIXES)} (or move the file out of images/)")
-        if path.stem in files:
-            raise UserError(f"{path} and {files[path.stem]}: two images with the id {path.stem!r}; "
-                            f"keep one")
-        files[path.stem] = path
-    if not files:
+            problems.append(f"{path}: not a supported image type; use one of {', '.join(IMAGE_SUFFIXES)} "
+                            f"(or move the file out of {folder.name}/)")
+        elif path.stem in files:
+            problems.append(f"{path} and {files[path.stem]}: two images with the id {path.stem!r}; keep one")
+        else:
+            files[path.stem] = path
+    return files
+
+
+def scan(root) -> tuple[dict, dict, list]:
+    """The images and masks of a dataset folder by id, listed once, and the problems of the listing."""
+    root, problems = Path(root), []
+    if not (root / "images").is_dir():
+        raise UserError(f"--data {root}: has no images/ folder")
+    images = list_images(root / "images", problems)
+    if not images and not problems:
         raise UserError(f"--data {root}: images/ is empty; add radiographs as images/<id>.png")
-    return files
-
-
-def mask_files(root) -> dict:
-    """{id: mask path} of every mask in root/masks (empty if there is no masks/ folder)."""
-    folder = Path(root) / "masks"
-    if not folder.is_dir():
-        return {}
-    images = image_files(root)
-    files = {}
-    for path in _listing(folder):
+    masks = {}
+    for path in _listing(root / "masks") if (root / "masks").is_dir() else []:
         if path.suffix.lower() != ".png":
-            raise UserError(f"{path}: masks must be PNG (lossless), named masks/<id>.png")
-        if path.stem not in images:
-            raise UserError(f"{path}: no image with the id {path.stem!r} in images/; remove the mask "
-                            f"or add the image")
-        files[path.stem] = path
-    return files
+            problems.append(f"{path}: masks must be PNG (lossless), named masks/<id>.png")
+        elif path.stem not in images:
+            problems.append(f"{path}: no image with the id {path.stem!r} in images/; remove the mask or add the image")
+        else:
+            masks[path.stem] = path
+    return images, masks, problems
 
 
 def few(ids, k=5):
@@ -109,7 +107,7 @@ def few(ids, k=5):
 # ---------------------------------------------------------------------------------------------
 # one case
 
-def _read(path, what):
+def decode(path, what):
     try:
         return np.asarray(iio.imread(path))
     except Exception as err:   # imageio raises many types for a bad file; all mean the same here
@@ -120,7 +118,7 @@ def _read(path, what):
                         f"{path.suffix.lstrip('.').upper()} file, replace or remove it")
 
 
-def _to_gray(array, path):
+def to_gray(array, path):
     if array.ndim == 3 and array.shape[-1] in (3, 4):    # RGB(A): luminance, alpha ignored
         array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif array.ndim == 3 and array.shape[-1] in (1, 2):  # gray (+ alpha)
@@ -137,73 +135,97 @@ def preprocess(image):
     return np.clip((image - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
 
-def _read_mask(path, shape, image_path):
-    mask = _read(path, "mask")
+def read_mask(path, shape, image_path):
+    """The 2-D mask at `path`, checked to be `shape` (its image's size) unless that is None."""
+    mask = decode(path, "mask")
     if mask.ndim == 3:
         mask = mask[..., :3].max(-1) if mask.shape[-1] >= 3 else mask[..., 0]
-    if mask.shape != shape:
+    if shape is not None and mask.shape != shape:
         raise UserError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {image_path.name} "
                         f"is {shape[0]}x{shape[1]}; masks must match their image's size")
-    values = np.unique(mask)
-    if len(values[values != 0]) > 1:
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise UserError(f"{path}: mask values {shown} are not {{0, k}}; save a binary mask "
-                        f"(0 background, one value for sinus)")
-    return mask != 0
+    return mask
 
 
-def _load(image_path, mask_path):
-    image = _to_gray(_read(image_path, "image"), image_path)
-    mask = None if mask_path is None else _read_mask(mask_path, image.shape, image_path)
-    return preprocess(image), mask
-
-
-def load_case(root, case_id):
-    """(image float32 (H0, W0) in [0, 1], mask bool (H0, W0) or None) at the original size."""
-    images = image_files(root)
-    if case_id not in images:
-        raise UserError(f"--data {root}: no image for id {case_id!r} in images/")
-    return _load(images[case_id], mask_files(root).get(case_id))
-
-
-# ---------------------------------------------------------------------------------------------
-# many cases at training size
-
-def _resize(image, mask, size):
+def _resize(image, labels, size):
     x = torch.from_numpy(image)[None, None]
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
-    if mask is None:
+    if labels is None:
         return x, None
-    m = torch.from_numpy(mask.astype(np.uint8))[None, None]
+    m = torch.from_numpy(labels)[None, None]
     return x, F.interpolate(m, size=size, mode="nearest-exact")[0, 0].long()
 
 
-def load_tensors(root, ids, size, with_masks=True):
-    """images float32 (N, 1, H, W) and masks int64 {0, 1} (N, H, W) (or None), resized to `size`.
-
-    Decoding is the whole cost, so cases are read on a thread pool over all cores: PNG/JPEG
-    decoding, the percentile and the resize release the GIL, and threads avoid copying every
-    decoded image between processes.
-    """
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise UserError(f"--size {' '.join(map(str, size))}: give two positive integers H W")
-    images, masks = image_files(root), mask_files(root) if with_masks else {}
-    missing = [i for i in ids if i not in images] + [i for i in ids if with_masks and i not in masks]
-    if missing:
-        what = "an image or mask" if with_masks else "an image"
-        raise UserError(f"--data {root}: ids without {what}: {few(missing)}")
-
-    def job(case_id):
-        image, mask = _load(images[case_id], masks.get(case_id))
-        return _resize(image, mask, size)
-
-    workers = min(len(os.sched_getaffinity(0)), max(len(ids), 1))
+def in_parallel(job, items) -> list:
+    """job(item) for every item on a thread pool over all cores: PNG/JPEG decoding, the percentile and
+    the resize release the GIL, and threads avoid copying decoded images between processes."""
+    workers = min(len(os.sched_getaffinity(0)), max(len(items), 1))
     with ThreadPoolExecutor(workers) as pool:
-        cases = list(pool.map(job, ids))
-    h, w = size
-    x = torch.stack([c[0] for c in cases])[:, None] if cases else torch.zeros(0, 1, h, w)
-    if not with_masks:
-        return x, None
-    y = torch.stack([c[1] for c in cases]) if cases else torch.zeros(0, h, w, dtype=torch.long)
-    return x, y
+        return list(pool.map(job, items))
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataset
+
+class Dataset:
+    """The images and masks of a dataset by id, listed once, and the classes its masks hold."""
+
+    def __init__(self, images: dict, masks: dict, classes: Classes | None = None, root=None):
+        self.images, self.masks, self.classes, self.root = images, masks, classes or binary(), root
+
+    @classmethod
+    def open(cls, root, classes: Classes | None = None) -> "Dataset":
+        images, masks, problems = scan(root)
+        if problems:
+            raise problems_error(problems, f"--data {root}")
+        return cls(images, masks, classes, Path(root))
+
+    def read(self, case_id):
+        """(image float32 (H0, W0) in [0, 1], class indices uint8 (H0, W0) or None) at the original size."""
+        path = self.images[case_id]
+        image = to_gray(decode(path, "image"), path)
+        mask = self.masks.get(case_id)
+        labels = None if mask is None else self.classes.labels(read_mask(mask, image.shape, path), mask)
+        return preprocess(image), labels
+
+    def tensors(self, ids, size, with_masks=True):
+        """images float32 (N, 1, H, W) and class indices int64 (N, H, W) (or None), resized to `size`."""
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"--size {' '.join(map(str, size))}: give two positive integers H W")
+        missing = [i for i in ids if i not in self.images] + [i for i in ids if with_masks and i not in self.masks]
+        if missing:
+            what = "an image or mask" if with_masks else "an image"
+            raise UserError(f"--data {self.root}: ids without {what}: {few(missing)}")
+
+        def job(case_id):
+            image, labels = self.read(case_id)
+            return _resize(image, labels if with_masks else None, size)
+
+        cases = in_parallel(job, ids)
+        h, w = size
+        x = torch.stack([c[0] for c in cases])[:, None] if cases else torch.zeros(0, 1, h, w)
+        if not with_masks:
+            return x, None
+        y = torch.stack([c[1] for c in cases]) if cases else torch.zeros(0, h, w, dtype=torch.long)
+        return x, y
+
+    def batches(self, ids, size, batch_size: int):
+        """(ids, [(image, labels or None)] at the original size, images (n, 1, H, W) at `size`) of
+        consecutive batches: every case is decoded once, and only one batch is held at a time."""
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            cases = in_parallel(self.read, chunk)
+            yield chunk, cases, torch.stack([_resize(image, None, size)[0] for image, _ in cases])[:, None]
+
+
+def load_case(root, case_id, classes: Classes | None = None):
+    """(image, class indices or None) of one case of the dataset folder `root`, at the original size."""
+    dataset = Dataset.open(root, classes)
+    if case_id not in dataset.images:
+        raise UserError(f"--data {root}: no image for id {case_id!r} in images/")
+    return dataset.read(case_id)
+
+
+def load_tensors(root, ids, size, with_masks=True, classes: Classes | None = None):
+    """Dataset.tensors of the dataset folder `root`."""
+    return Dataset.open(root, classes).tensors(ids, size, with_masks)

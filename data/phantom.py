@@ -6,7 +6,7 @@ gamma, contrast, vignetting) is applied to the sum. This file renders cases, wri
 dataset folder, and draws the contact sheet. Besides the hard-to-see sinuses, frequent
 positioning errors and a share of poorly exposed (flat, noisy, blurred) images make it hard.
 
-    python -m data.phantom --out DIR --n N --size H W --seed S
+    python -m data.phantom --out DIR --n N --size H W --seed S [--classes 2]
     python -m data.phantom --grid docs/phantom_grid.png
 """
 import json
@@ -31,6 +31,8 @@ FORMAT_VERSION = 3     # bump when the generator changes what a seed draws
 SIXTEEN_BIT_EVERY = 10  # every 10th case is written as a 16-bit PNG to exercise that decode path
 GRID_SIZE = (160, 320)  # cells of the contact sheet: small enough to keep docs/ light
 STAGING = ".phantom-partial"  # generate() renders here, then moves the finished dataset into place
+SIDE_CLASSES = {"1": "left sinus", "2": "right sinus"}   # --classes 2, as seen in the image
+SIDES_MASK = "1 = the sinus on the image's left, 2 = the one on its right (classes.json)"
 
 ACQUISITION = dict(blur_heights=(0.0015, 0.004), noise=(0.025, 0.06), gamma=(0.6, 1.6),
                    contrast=(0.8, 1.2), vignetting=(0.1, 0.4), p_positioning_error=0.4,
@@ -59,8 +61,9 @@ def acquire(att, rng, noise_rng, U, V):
     return np.clip(img, 0.0, 1.0)
 
 
-def render_float(seed, size):
-    """The radiograph as float32 in [0, 1] and the uint8 {0, 1} mask, for case seed `seed`."""
+def render_float(seed, size, sides=False):
+    """The radiograph as float32 in [0, 1] and the uint8 mask, for case seed `seed`: {0, 1}, the union of
+    both lobes, or with `sides` 1 for the sinus on the image's left and 2 for the one on its right."""
     rng = np.random.default_rng(seed)
     positioning = rng.random() < ACQUISITION["p_positioning_error"]
     tilt = np.clip(rng.normal(0, 2.5 if positioning else 0.8), -5.0, 5.0)
@@ -73,7 +76,7 @@ def render_float(seed, size):
         structure(cv, patient)
     # per-pixel noise has its own stream so the anatomy a seed draws is the same at every size
     image = acquire(cv.att, rng, np.random.default_rng([seed, 1]), cv.U, cv.V)
-    return image.astype(np.float32), cv.mask.astype(np.uint8)
+    return image.astype(np.float32), cv.mask if sides else (cv.mask > 0).astype(np.uint8)
 
 
 def render_case(seed, size=(256, 512)):
@@ -92,14 +95,14 @@ def case_id(index):
 
 
 def _write_case(job):
-    staging, seed, index, size = job
-    image, mask = render_float(case_seed(seed, index), size)
+    staging, seed, index, size, sides = job
+    image, mask = render_float(case_seed(seed, index), size, sides)
     if index % SIXTEEN_BIT_EVERY == SIXTEEN_BIT_EVERY - 1:
         image = np.round(image * 65535).astype(np.uint16)
     else:
         image = np.round(image * 255).astype(np.uint8)
     iio.imwrite(staging / "images" / f"{case_id(index)}.png", image)
-    iio.imwrite(staging / "masks" / f"{case_id(index)}.png", mask * np.uint8(255))
+    iio.imwrite(staging / "masks" / f"{case_id(index)}.png", mask if sides else mask * np.uint8(255))
 
 
 def is_interrupted_phantom(out_dir):
@@ -107,13 +110,15 @@ def is_interrupted_phantom(out_dir):
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or (out_dir / "images").exists():
         return False
-    leftovers = {STAGING, "masks", "phantom.json"}
+    leftovers = {STAGING, "masks", "phantom.json", "classes.json"}
     names = {p.name for p in out_dir.iterdir()}
     return bool(names) and names <= leftovers and (STAGING in names or "phantom.json" in names)
 
 
-def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=False):
-    """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json.
+def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=False, classes=1):
+    """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json; with
+    `classes` 2, the two sinuses are mask values 1 (image left) and 2 (image right), declared in
+    out_dir/classes.json.
 
     Everything is rendered into a staging folder first and moved into place with images/ last,
     so a folder with images/ always holds a complete dataset; an interrupted run leaves only
@@ -126,6 +131,7 @@ def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=F
         shutil.rmtree(out_dir / STAGING, ignore_errors=True)
         shutil.rmtree(out_dir / "masks", ignore_errors=True)
         (out_dir / "phantom.json").unlink(missing_ok=True)
+        (out_dir / "classes.json").unlink(missing_ok=True)
     staging = out_dir / STAGING
     try:
         (staging / "images").mkdir(parents=True)
@@ -133,7 +139,8 @@ def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=F
     except OSError as err:
         raise UserError(f"--out {out_dir}: cannot write there ({err.strerror}); choose a writable folder")
     workers = workers or len(os.sched_getaffinity(0))
-    jobs = [(staging, seed, i, tuple(size)) for i in range(n)]
+    sides = classes == 2
+    jobs = [(staging, seed, i, tuple(size), sides) for i in range(n)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         for _ in pool.imap_unordered(_write_case, jobs, chunksize=4):
             pass
@@ -142,9 +149,13 @@ def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=F
                 case_seed="numpy SeedSequence([seed, index])", sixteen_bit_every=SIXTEEN_BIT_EVERY,
                 mask="union of both sinus lobes, 255 = sinus", sinus=SINUS, acquisition=ACQUISITION,
                 structures=[f.__name__ for f in ANATOMY])
+    if sides:
+        info["mask"] = SIDES_MASK
+        (staging / "classes.json").write_text(json.dumps(SIDE_CLASSES) + "\n")
     (staging / "phantom.json").write_text(json.dumps(info, indent=1))
-    for name in ("phantom.json", "masks", "images"):       # images/ last: it marks completion
-        os.replace(staging / name, out_dir / name)
+    for name in ("phantom.json", "classes.json", "masks", "images"):    # images/ last: it marks completion
+        if (staging / name).exists():
+            os.replace(staging / name, out_dir / name)
     staging.rmdir()
     return out_dir
 
@@ -174,6 +185,9 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                     help="image height and width in pixels (default 256 512; %d %d per --grid cell)" % GRID_SIZE)
     ap.add_argument("--seed", type=int, default=0, help="dataset seed; case i uses SeedSequence([seed, i])")
+    ap.add_argument("--classes", type=int, default=1, choices=(1, 2),
+                    help="1: the mask is the union of both sinuses (default); 2: left and right sinus as mask "
+                         "values 1 and 2, declared in classes.json")
     ap.add_argument("--grid", type=Path, help="instead of a dataset, draw a PNG sheet of the first 8 cases")
     args = ap.parse_args(argv)
     if (args.out is None) == (args.grid is None):
@@ -194,7 +208,7 @@ def main(argv=None):
     if args.grid is not None:
         print(f"wrote {draw_grid(args.grid, args.seed, tuple(args.size))}")
         return
-    generate(args.out, args.n, tuple(args.size), args.seed)
+    generate(args.out, args.n, tuple(args.size), args.seed, classes=args.classes)
     print(f"generated {args.n} phantom cases at {args.size[0]}x{args.size[1]} (seed {args.seed}) "
           f"in {args.out} in {time.perf_counter() - start:.1f} s")
 

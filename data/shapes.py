@@ -95,7 +95,7 @@ class Canvas:
         self.U = (xa / ASPECT + 0.5).astype(np.float32)
         self.V = (ya + 0.5).astype(np.float32)
         self.att = np.zeros(size, np.float32)
-        self.mask = np.zeros(size, bool)
+        self.mask = np.zeros(size, np.uint8)   # 0 background, 1 + side inside each sinus lobe
 
     def window(self, u0, u1, v0, v1):
         corners = np.array([[(u - 0.5) * ASPECT - self.shift[0], v - 0.5 - self.shift[1]]

@@ -98,7 +98,7 @@ def maxillary_sinus(cv, p):
         win = cv.side_window(side, s["u0"] - margin, s["u1"] + margin, s["roof"] - margin, s["floor"] + margin)
         U, V = cv.coords(win, side)
         inside, d_roof, d_floor, d_side = sinus_distance(s, U, V)
-        cv.mask[win] |= inside > 0
+        cv.mask[win][inside > 0] = side + 1
         air = smoothstep(d_roof - s["roof_edge"] / 2, s["roof_edge"]) * smoothstep(d_floor, s["floor_edge"]) \
             * smoothstep(d_side, 0.02)
         air = air * (1 - opacification(s, U, V, inside))

@@ -13,7 +13,7 @@ import numpy as np
 
 from errors import UserError
 
-from .dataset import few, image_files, mask_files
+from .dataset import Dataset, few
 
 SPLIT_KEYS = ("labeled", "unlabeled", "val", "test")
 
@@ -24,9 +24,10 @@ def _round(x):
 
 def resolve_split(root, seed=0, labeled_ratio=0.1, test_fraction=0.2, val_fraction=0.1) -> dict:
     """{labeled, unlabeled, val, test}: sorted id lists, from splits.json or drawn by `seed`."""
-    images, masks = image_files(root), mask_files(root)
+    listed = Dataset.open(root)
+    images, masks = listed.images, listed.masks
     if (Path(root) / "splits.json").exists():
-        return _read_splits(Path(root) / "splits.json", images, masks)
+        return read_splits(Path(root) / "splits.json", images, masks)
     masked = sorted(masks)                     # sorted: independent of the file-system order
     order = [masked[i] for i in np.random.default_rng(seed).permutation(len(masked))]
     n_test, n_val = _round(test_fraction * len(masked)), _round(val_fraction * len(masked))
@@ -40,7 +41,8 @@ def resolve_split(root, seed=0, labeled_ratio=0.1, test_fraction=0.2, val_fracti
                 val=sorted(val), test=sorted(test))
 
 
-def _read_splits(path, images, masks):
+def parse_splits(path) -> dict:
+    """The lists of a splits.json, sorted, checked for form only."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -49,7 +51,12 @@ def _read_splits(path, images, masks):
             not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in raw.values()):
         raise UserError(f"{path}: must be an object with lists of id strings under "
                         f"{', '.join(SPLIT_KEYS)}")
-    split = {k: sorted(raw.get(k, [])) for k in SPLIT_KEYS}
+    return {k: sorted(raw.get(k, [])) for k in SPLIT_KEYS}
+
+
+def read_splits(path, images, masks):
+    """The split of a splits.json, checked against the dataset's images and masks."""
+    split = parse_splits(path)
     named = [i for ids in split.values() for i in ids]
     unknown = sorted(set(named) - set(images))
     if unknown:
@@ -85,10 +92,11 @@ def new_split(root: Path, seed: int, labeled_ratio: float | None, test_fraction:
 
 def inherited_split(ckpt: dict, flag: str, path, root: Path) -> dict:
     """The split stored in an upstream checkpoint; a splits.json in --data that disagrees with it
-    is an error."""
+    is an error. (Its ids were checked against the files when the experiment began, and the data
+    check does it again whenever the folder has changed since.)"""
     split = ckpt["split"]
     if (root / "splits.json").exists():
-        fixed = resolve_split(root)
+        fixed = parse_splits(root / "splits.json")
         if any(sorted(fixed[k]) != sorted(split[k]) for k in SPLIT_KEYS):
             raise UserError(f"{root / 'splits.json'} differs from the split {flag} {path} was trained on; "
                             f"use the --data that network was trained on")

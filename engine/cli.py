@@ -179,6 +179,22 @@ def writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+def output_folder(path: Path, written: set, flag: str = "--out") -> Path:
+    """A folder a script fills with the entries `written`: a new one, or one it filled before, never a
+    folder that holds anything else (it is replaced as a whole, see records.fill_folder)."""
+    if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= written):
+        raise UserError(f"{flag} {path}: exists and holds more than this script writes; choose a new folder")
+    writable_dir(path.parent, flag)
+    return path
+
+
+def pixel_spacing(values, flag: str = "--spacing") -> tuple:
+    """(row, column) pixel size in mm from one or two values."""
+    if len(values) not in (1, 2):
+        raise UserError(f"{flag} {' '.join(map(str, values))}: give one or two numbers (mm per pixel)")
+    return (values[0], values[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # settings every script shares
 

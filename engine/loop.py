@@ -5,6 +5,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import UserError
@@ -52,6 +53,24 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.d
         out.append((logits if refiner is None else refine_logits(refiner, x, logits)).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def predict_full_size(model: torch.nn.Module, dataset, ids, size, device: torch.device, batch_size: int = 8,
+                      refiner: torch.nn.Module | None = None):
+    """(id, image, class indices or None, logits (C, H0, W0) on `device`) of each case of `ids` of a
+    data.Dataset, in order: cases decoded once, a batch at a time, predicted at the network input
+    `size` and the logits upsampled bilinearly to each case's original size."""
+    for chunk, cases, images in dataset.batches(ids, size, batch_size):
+        logits = predict_logits(model, images, device, batch_size, refiner)
+        for case_id, (image, labels), z in zip(chunk, cases, logits):
+            up = F.interpolate(z[None].to(device), size=image.shape, mode="bilinear", align_corners=False)
+            yield case_id, image, labels, up[0]
+
+
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """The class of each pixel of (C, H, W) logits: their argmax over C, taken on a channels-last copy
+    because torch's CPU argmax over the leading dimension is ~8x slower on a full-size panorama."""
+    return logits.permute(1, 2, 0).contiguous().argmax(-1)
 
 
 def validation_dice(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, device) -> dict:

@@ -1,7 +1,9 @@
 """Per-case segmentation metrics of SPEC section 7 and their summaries.
 
 Overlap metrics (Dice, IoU, precision, recall) on binary masks; boundary metrics (HD, HD95 in
-both modes, ASSD) from `kernels.boundary_metrics`. Conventions for empty masks: both empty
+both modes, ASSD) from `kernels.boundary_metrics`. With several classes each class is scored
+one-vs-rest (`dice[left sinus]`) and a metric's plain name is its mean over the classes; a binary
+dataset has its one class's metrics under the plain names. Conventions for empty masks: both empty
 gives Dice = IoU = precision = recall = 1 and zero boundary errors; an empty prediction or an
 empty ground truth alone gives 0 for the overlap ratio whose denominator is empty and NaN
 (undefined) boundary errors.
@@ -47,6 +49,22 @@ def case_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 1.0)) -
     return {k: out[k].cpu().double().tolist() for k in METRICS}
 
 
+def per_class(metric: str, name: str) -> str:
+    return f"{metric}[{name}]"
+
+
+def class_metrics(pred: torch.Tensor, target: torch.Tensor, names, spacing=(1.0, 1.0)) -> dict:
+    """All metrics of one or more same-sized cases (B, H, W) of class indices 1..len(names) -> {name:
+    list of floats}: each class's, and their mean over the classes (undefined where any class's is)."""
+    if len(names) == 1:
+        return case_metrics(pred == 1, target == 1, spacing)
+    out = {}
+    for c, name in enumerate(names, 1):
+        out.update({per_class(k, name): v for k, v in case_metrics(pred == c, target == c, spacing).items()})
+    mean = {k: np.mean([out[per_class(k, n)] for n in names], axis=0).tolist() for k in METRICS}
+    return mean | out
+
+
 def summarize(values, penalty=None) -> dict:
     """mean, std, median over the defined values; n and n_undefined; with `penalty` (a number or one
     per case), also the mean with each undefined value replaced by it (the image diagonal, for
@@ -63,18 +81,31 @@ def summarize(values, penalty=None) -> dict:
 
 
 def dice_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean foreground Dice of argmax predictions, for validation during training."""
-    return overlap_metrics(logits.argmax(1) == 1, target == 1)["dice"].mean()
+    """Foreground Dice of argmax predictions, mean over the cases and then the classes, for validation."""
+    pred = logits.argmax(1)
+    return torch.stack([overlap_metrics(pred == c, target == c)["dice"].mean()
+                        for c in range(1, logits.shape[1])]).mean()
 
 
-GREEN, RED, YELLOW = (40, 220, 60), (240, 40, 40), (250, 220, 40)
+GREEN, RED, YELLOW, WHITE = (40, 220, 60), (240, 40, 40), (250, 220, 40), (255, 255, 255)
+CLASS_COLOURS = (RED, (40, 130, 255), (250, 150, 20), (220, 60, 230), (30, 220, 220), (150, 230, 50), (250, 220, 40))
 
 
-def save_overlay(path: Path, image: np.ndarray, target: np.ndarray, pred: np.ndarray) -> None:
-    """The image in gray with the ground-truth contour green, the predicted red, both yellow."""
+def save_overlay(path: Path, image: np.ndarray, pred: np.ndarray, target: np.ndarray | None = None,
+                 classes: int = 1) -> None:
+    """The image in gray with contours: of a binary dataset's ground truth green, its prediction red
+    and both yellow; with several classes (or no ground truth), each predicted class in its own
+    colour (CLASS_COLOURS, in class order) over the ground truth's contours in white."""
     rgb = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    gt_edge, pred_edge = mask_boundary(target.astype(bool)), mask_boundary(pred.astype(bool))
-    rgb[gt_edge] = GREEN
-    rgb[pred_edge] = RED
-    rgb[gt_edge & pred_edge] = YELLOW
-    iio.imwrite(path, rgb)
+    if target is not None and classes == 1:
+        gt_edge, pred_edge = mask_boundary(target == 1), mask_boundary(pred == 1)
+        rgb[gt_edge] = GREEN
+        rgb[pred_edge] = RED
+        rgb[gt_edge & pred_edge] = YELLOW
+    else:
+        if target is not None:
+            for c in range(1, classes + 1):
+                rgb[mask_boundary(target == c)] = WHITE
+        for c in range(1, classes + 1):
+            rgb[mask_boundary(pred == c)] = CLASS_COLOURS[c - 1]
+    iio.imwrite(path, rgb, compress_level=1)     # the default level takes seconds on a full-size panorama

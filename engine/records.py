@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,21 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def fill_folder(out: Path, write):
+    """Return write(tmp) after it has filled `tmp`, a sibling folder that then replaces `out`: a failure
+    or an interruption leaves `out` as it was and no half-written folder."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return result
 
 
 def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict, writer: bool = True):

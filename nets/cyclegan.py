@@ -11,6 +11,7 @@ confident pixel can still be changed (the sigmoid's gradient there is about MASK
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MASK_EPS = 0.01
 
@@ -87,9 +88,15 @@ def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def refine_logits(generator: nn.Module, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Teacher logits refined by G_AB: two-class logits [0, r] with r = G_AB(image, qT), whose
-    softmax is [1 - sigmoid(r), sigmoid(r)], so they replace the teacher's anywhere (argmax, KD
-    loss at any temperature)."""
+    """Teacher logits refined by G_AB, which refines the foreground probability: r = G_AB(image, qT).
+    With two classes they are [0, r], whose softmax is [1 - sigmoid(r), sigmoid(r)]. With more, the
+    refined foreground is shared among the classes as the teacher shares it: the log-probabilities
+    log(1 - sigmoid(r)) and log(sigmoid(r) p_c / (1 - p_0)). Either replaces the teacher's logits
+    anywhere (argmax, KD loss at any temperature)."""
     q = foreground_probability(teacher_logits).to(images.dtype)
     r = generator(torch.cat([images, q], dim=1)).float()
-    return torch.cat([torch.zeros_like(r), r], dim=1)
+    if teacher_logits.shape[1] == 2:
+        return torch.cat([torch.zeros_like(r), r], dim=1)
+    share = teacher_logits.float().log_softmax(dim=1)[:, 1:]
+    share = share - share.logsumexp(dim=1, keepdim=True)
+    return torch.cat([F.logsigmoid(-r), F.logsigmoid(r) + share], dim=1)

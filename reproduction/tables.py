@@ -8,7 +8,8 @@ also gets its paired difference: per seed, the mean over the test cases of (row 
 the same cases, then the mean over seeds with a t-interval over the seeds (every seed has its
 own split, initialisation and batches, so the interval covers all three sources of variation).
 With one seed the interval is a paired t-interval over the test cases of that seed alone, which
-ignores training variation; the caption says which.
+ignores training variation; the caption says which. With several classes each row is followed by
+one row per class (`row · class`) of that class's metrics.
 """
 import csv
 import io
@@ -17,6 +18,7 @@ import math
 import numpy as np
 from scipy import stats
 
+from engine.metrics import per_class
 from objectives import OBJECTIVES
 
 from .plan import CONTROL, KD_CELLS, TABLE4_METHODS, kd_label, percent
@@ -58,6 +60,18 @@ def collect(results: dict) -> dict:
             for table, label in run.get("cells", []):
                 cells.setdefault((table, label), {})[run["seed"]] = run
     return cells
+
+
+def class_names(cells: dict) -> list:
+    """The classes of a reproduction on several, in order, from its evaluations' per-class metrics."""
+    names = []
+    for runs in cells.values():
+        for run in runs.values():
+            for metric in run["metrics"]:
+                name = metric.partition("[")[2][:-1]
+                if name and name not in names:
+                    names.append(name)
+    return names
 
 
 def cell(runs: dict, metric: str) -> tuple:
@@ -114,16 +128,19 @@ def fmt_difference(d: dict | None, metric: str) -> str:
 def layout(spec: dict, cells: dict, name: str):
     """Row names, column names, {(row, column): (mean, spread)} and {(row, metric): difference}."""
     row_names, columns, values, differences = [], [], {}, {}
+    classes = [("", None)] + [(f" · {c}", c) for c in class_names(cells)]
     for label in spec["rows"]:
         group, row = label.split("|") if "|" in label else ("", label)
-        if row not in row_names:
-            row_names.append(row)
         runs = cells.get((name, label), {})
-        for metric in spec["metrics"]:
-            column = f"{group} {metric}".strip()
-            if column not in columns:
-                columns.append(column)
-            values[row, column] = cell(runs, metric)
+        for suffix, class_name in classes:
+            if row + suffix not in row_names:
+                row_names.append(row + suffix)
+            for metric in spec["metrics"]:
+                column = f"{group} {metric}".strip()
+                if column not in columns:
+                    columns.append(column)
+                key = metric if class_name is None else per_class(metric, class_name)
+                values[row + suffix, column] = cell(runs, key)
         control = spec["control"](label)
         for metric in DIFFERENCE_METRICS:
             if control is not None and metric in spec["metrics"]:
@@ -151,9 +168,10 @@ def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
     buf = io.StringIO()
     writer = csv.writer(buf)        # long format: one line per row and metric
     writer.writerow(["row", "metric", "mean", "spread", "seeds", "delta", "delta_low", "delta_high", "delta_over"])
+    names = class_names(cells)
     for label in spec["rows"]:
         runs = cells.get((name, label), {})
-        for metric in spec["metrics"]:
+        for metric in spec["metrics"] + [per_class(m, c) for c in names for m in spec["metrics"]]:
             d = differences.get((label, metric))
             writer.writerow([label.replace("|", " at "), metric, *(f"{v:.6g}" for v in cell(runs, metric)),
                              len(runs), *((f"{d[k]:.6g}" for k in ("mean", "low", "high")) if d else ("", "", "")),

@@ -45,7 +45,7 @@ def test_load_case_gray_8_bit_with_percentile_normalisation(tmp_path):
     assert image.dtype == np.float32 and image.shape == (13, 21)
     np.testing.assert_allclose(image, expected(gray), atol=1e-6)
     assert image.min() == 0 and image.max() == 1
-    assert m.dtype == bool and m.sum() == 20 and m[3:7, 4:9].all()
+    assert m.dtype == np.uint8 and m.sum() == 20 and (m[3:7, 4:9] == 1).all()   # class indices: 1 = sinus
 
 
 def test_load_case_rgb_and_rgba_use_luminance_and_ignore_alpha(tmp_path):

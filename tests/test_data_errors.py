@@ -5,7 +5,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from data import load_case, load_tensors, prepare_dataset, resolve_split
+from data import Dataset, load_case, load_tensors, prepare_dataset, resolve_split
 from engine.cli import parse
 from errors import UserError
 from train_teacher import TeacherSettings
@@ -52,7 +52,7 @@ def test_data_is_a_file_or_a_folder_without_images(tmp_path):
 
 def test_empty_images_folder(tmp_path):
     (tmp_path / "images").mkdir()
-    raises(prepare_dataset, tmp_path, must_name=["--data", tmp_path, "empty"])
+    raises(Dataset.open, tmp_path, must_name=["--data", tmp_path, "empty"])
 
 
 def test_corrupt_image(tmp_path):
@@ -65,7 +65,7 @@ def test_corrupt_image(tmp_path):
 def test_unsupported_extension_and_undecodable_content(tmp_path):
     masked_dataset(tmp_path, 2)
     (tmp_path / "images" / "scan.bmp").write_bytes(b"BM")
-    raises(prepare_dataset, tmp_path, must_name=["scan.bmp", ".png"])
+    raises(Dataset.open, tmp_path, must_name=["scan.bmp", ".png"])
     (tmp_path / "images" / "scan.bmp").unlink()
     (tmp_path / "images" / "text.tif").write_text("this is not a TIFF")
     raises(load_case, tmp_path, "text", must_name=["text.tif"])
@@ -123,16 +123,16 @@ def test_labeled_ratio_out_of_range():
 def test_mask_without_image_and_non_png_mask(tmp_path):
     masked_dataset(tmp_path, 2)
     iio.imwrite(tmp_path / "masks" / "orphan.png", np.zeros((8, 12), np.uint8))
-    raises(prepare_dataset, tmp_path, must_name=["orphan.png"])
+    raises(Dataset.open, tmp_path, must_name=["orphan.png"])
     (tmp_path / "masks" / "orphan.png").unlink()
     iio.imwrite(tmp_path / "masks" / "c0.jpg", np.zeros((8, 12), np.uint8))
-    raises(prepare_dataset, tmp_path, must_name=["c0.jpg", "PNG"])
+    raises(Dataset.open, tmp_path, must_name=["c0.jpg", "PNG"])
 
 
 def test_two_images_with_one_id(tmp_path):
     write_case(tmp_path, "a")
     write_case(tmp_path, "a", suffix=".tif")
-    raises(prepare_dataset, tmp_path, must_name=["a.png", "a.tif"])
+    raises(Dataset.open, tmp_path, must_name=["a.png", "a.tif"])
 
 
 def test_bad_size_and_unknown_ids_for_tensors(tmp_path):

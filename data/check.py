@@ -1,0 +1,131 @@
+"""The dataset check: every file an experiment will use, decoded once, before anything trains.
+
+    python -m data.check --data DIR [--classes 1=left 2=right]
+
+The teacher, the first stage of an experiment, decodes every image and mask of its split and
+checks them (decodable, a 2-D gray or RGB image, masks of their image's size holding only the
+dataset's classes) and refuses the dataset with one message naming every bad file. It stores a
+fingerprint of the folder (the names, sizes and modification times of its files) in its
+checkpoint, and each later stage stores the one it trusted: a later stage whose --data still has
+that fingerprint skips the check, and one whose data changed checks it again.
+"""
+import collections
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from errors import OneLineParser, UserError, exit_on_user_error, problems_error
+
+from .classes import dataset_classes, inherited_classes, observed, present_values
+from .dataset import Dataset, decode, few, in_parallel, read_mask, scan, to_gray
+from .split import SPLIT_KEYS, inherited_split, read_splits
+
+FINGERPRINTED = ("images", "masks", "splits.json", "classes.json")
+
+
+def fingerprint(root) -> str:
+    """A hash of the names, sizes and modification times of the files that make up a dataset."""
+    lines = []
+    for name in FINGERPRINTED:
+        path = Path(root) / name
+        entries = sorted(os.scandir(path), key=lambda e: e.name) if path.is_dir() else [path] if path.exists() else []
+        for entry in entries:
+            if not entry.name.startswith("."):
+                stat = entry.stat()
+                lines.append(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def check_case(dataset: Dataset, case_id: str) -> dict:
+    """Decode one case's image and mask: its problems, size, bit depth and non-zero mask values."""
+    found = dict(problems=[], size=None, bits=None, values=[])
+    path, mask_path = dataset.images[case_id], dataset.masks.get(case_id)
+    try:
+        raw = decode(path, "image")
+        found["size"] = to_gray(raw, path).shape
+        found["bits"] = 1 if raw.dtype == bool else raw.dtype.itemsize * 8 if raw.dtype.kind in "ui" else str(raw.dtype)
+    except UserError as err:
+        found["problems"].append(str(err))
+    if mask_path is not None:
+        try:
+            mask = read_mask(mask_path, found["size"], path)
+            dataset.classes.labels(mask, mask_path)
+            found["values"] = present_values(mask)
+        except UserError as err:
+            found["problems"].append(str(err))
+    return found
+
+
+def check_folder(root: Path, classes, split: dict | None = None) -> dict:
+    """Every problem of a dataset folder in one UserError: its listing, its splits.json, and every
+    image of `split` (default: all images) and mask of them, decoded on all cores. Without one,
+    a summary of the cases: their number, masks, sizes, bit depths and non-zero mask values."""
+    root = Path(root)
+    images, masks, problems = scan(root)
+    if (root / "splits.json").exists():
+        try:
+            read_splits(root / "splits.json", images, masks)
+        except UserError as err:
+            problems.append(str(err))
+    ids = sorted(images) if split is None else sorted({i for key in SPLIT_KEYS for i in split[key]})
+    missing = [i for i in ids if i not in images]
+    unmasked = [i for key in ("labeled", "val", "test") for i in (split or {}).get(key, []) if i not in masks]
+    if missing or unmasked:
+        problems.append(f"--data {root}: the split's ids {few(missing + unmasked)} have no image or mask any more")
+    dataset = Dataset(images, masks, classes, root)
+    found = in_parallel(lambda case_id: check_case(dataset, case_id), [i for i in ids if i in images])
+    problems += [p for f in found for p in f["problems"]]
+    if problems:
+        raise problems_error(problems, f"--data {root}")
+    return dict(cases=len(found), masks=sum(i in masks for i in ids),
+                sizes=collections.Counter(f"{f['size'][0]}x{f['size'][1]}" for f in found),
+                bits=collections.Counter(f["bits"] for f in found),
+                mask_values=sorted({v for f in found for v in f["values"]}))
+
+
+def verified(root: Path, classes, split: dict | None, trusted: str | None):
+    """(fingerprint of the dataset folder, check_folder's summary or None): the folder is checked
+    unless `trusted`, the fingerprint a checkpoint stored, shows it unchanged since then."""
+    now = fingerprint(root)
+    return now, None if now == trusted else check_folder(root, classes, split)
+
+
+def upstream_dataset(root: Path, ckpt: dict, flag: str, path):
+    """(dataset, split, fingerprint) of a later stage: the split and classes of its upstream checkpoint
+    (a splits.json or classes.json in --data that disagrees is an error), the files checked again
+    only if the folder changed since that checkpoint was trained."""
+    classes = inherited_classes(ckpt, flag, path, root)
+    now, _ = verified(root, classes, ckpt["split"], ckpt.get("data_fingerprint"))
+    split = inherited_split(ckpt, flag, path, root)
+    return Dataset.open(root, classes), split, now
+
+
+def counted(counter) -> str:
+    return ", ".join(f"{k} ({n})" for k, n in counter.most_common(5)) + (" ..." if len(counter) > 5 else "")
+
+
+@exit_on_user_error
+def main(argv=None):
+    ap = OneLineParser(prog="python -m data.check", description=__doc__.split("\n\n")[0]
+                       + " Prints a summary of the dataset, or every problem of it, one a line.")
+    ap.add_argument("--data", type=Path, required=True, help="dataset folder with images/ (masks/, splits.json "
+                                                             "and classes.json optional)")
+    ap.add_argument("--classes", nargs="+", metavar="VALUE=NAME", help="the classes, for a dataset without "
+                                                                       "classes.json, e.g. 1=left 2=right")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    if not args.data.is_dir():
+        raise UserError(f"--data {args.data}: no such folder")
+    classes = dataset_classes(args.data, args.classes)
+    summary = check_folder(args.data, classes)
+    splits = "valid" if (args.data / "splits.json").exists() else "none"
+    classes = observed(classes, summary["mask_values"])
+    print(f"{args.data}: {summary['cases']} cases, {summary['masks']} with a mask; classes: {classes.describe()}; "
+          f"mask values: {', '.join(map(str, summary['mask_values'])) or 'none'}; sizes: {counted(summary['sizes'])}; "
+          f"bits: {counted(summary['bits'])}; splits.json: {splits}; "
+          f"no problems (checked in {time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
