@@ -94,7 +94,8 @@ def kd_loss(weight: str):
     """The weighted KD loss of SPEC section 4 with `weight` as the default pixel weight (--weight overrides)."""
     def loss(student_logits, teacher_logits, s):
         return weighted_kd_loss(student_logits, teacher_logits, weight=weight if s.weight is None else s.weight,
-                                temperature=s.temperature, window=s.weight_window, gamma=s.weight_gamma)
+                                temperature=s.temperature, window=s.weight_window, gamma=s.weight_gamma,
+                                map_temperature=s.weight_map_temperature)
     return loss
 
 

@@ -41,8 +41,11 @@ class StudentSettings(LabelledPhotometric, Training):
     method: str = setting("wkd_refine", "unlabelled objective: " + "; ".join(
         f"{o.name}: {o.summary}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES))
     weight: str | None = setting(None, "KD pixel weight; default: the method's", choices=tuple(WEIGHT_MODES))
-    weight_window: int = setting(7, "ssim weight: side of the square window, odd", within="[1, 15]")
+    weight_window: int = setting(3, "ssim weight: side of the square window, odd (SPEC section 4: 7)",
+                                 within="[1, 15]")
     weight_gamma: float = setting(1.0, "ssim weight: exponent applied to the clamped SSIM", within="(0, inf)")
+    weight_map_temperature: float = setting(4.0, "ssim weight: temperature of the foreground maps it compares; "
+                                                 "above 1 they are softer (SPEC section 4: 1)", within="(0, inf)")
     temperature: float = setting(1.0, "KD softmax temperature", within="(0, inf)")
     lambda_max: float = setting(1.0, "weight of the unlabelled loss after the ramp-up", within="[0, inf)")
     ramp_steps: int = setting(200, "length of the sigmoid-shaped ramp-up of lambda", within="[1, inf)")

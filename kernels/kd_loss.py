@@ -31,9 +31,9 @@ class _WeightedKDLoss(torch.autograd.Function):
     """Forward: loss and Z (and the ssim map) in one pass. Backward: the gradient in one more pass."""
 
     @staticmethod
-    def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma):
+    def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma, map_temperature):
         loss, z, kept = kd_triton.loss_and_z(student, teacher, weight, temperature, reduction, window, gamma,
-                                             keep_weight=ctx.needs_input_grad[0])
+                                             map_temperature, keep_weight=ctx.needs_input_grad[0])
         tensor_weight = weight if isinstance(weight, torch.Tensor) else kept
         z_tensor = z if isinstance(z, torch.Tensor) else None
         ctx.save_for_backward(student, teacher, tensor_weight, z_tensor)
@@ -48,7 +48,7 @@ class _WeightedKDLoss(torch.autograd.Function):
         z = z_tensor if z_tensor is not None else ctx.z
         scale = (grad_output.float() * ctx.temperature / z).reshape(())  # stays on the device
         grad = kd_triton.gradient(student, teacher, ctx.mode or tensor_weight, scale, ctx.temperature)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _check_logits(student_logits, teacher_logits):
@@ -72,7 +72,7 @@ def _check_logits(student_logits, teacher_logits):
         raise ValueError(f"logits of shape {tuple(student_logits.shape)} are empty")
 
 
-def _check_weight_options(mode, window, gamma):
+def _check_weight_options(mode, window, gamma, map_temperature):
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)} "
                          "or pass an (N, H, W) tensor")
@@ -81,6 +81,8 @@ def _check_weight_options(mode, window, gamma):
         raise ValueError(f"window={window!r} must be an odd integer from 1 to {SSIM_MAX_WINDOW}")
     if not gamma > 0:
         raise ValueError(f"gamma={gamma!r} must be positive")
+    if not (isinstance(map_temperature, (int, float)) and 0 < map_temperature < float("inf")):
+        raise ValueError(f"map_temperature={map_temperature!r} must be a positive finite number")
 
 
 def _resolve(backend, student_logits, teacher_logits):
@@ -94,34 +96,37 @@ def _resolve(backend, student_logits, teacher_logits):
     return backend
 
 
-def _reference_weight(student_logits, teacher_logits, mode, window, gamma):
+def _reference_weight(student_logits, teacher_logits, mode, window, gamma, map_temperature):
     """The weight map of a mode without a Triton kernel, from its reference, on any device."""
     if mode not in _warned_modes:
         _warned_modes.add(mode)
         warnings.warn(f"weight mode {mode!r} has no Triton kernel: its weight map comes from the "
                       "torch reference, then the fused loss kernel uses it", stacklevel=3)
-    return weight_map_reference(student_logits, teacher_logits, mode, window, gamma).float()
+    return weight_map_reference(student_logits, teacher_logits, mode, window, gamma, map_temperature).float()
 
 
-def kd_weight_map(student_logits, teacher_logits, mode="ssim", window=7, gamma=1.0, backend=None):
+def kd_weight_map(student_logits, teacher_logits, mode="ssim", window=7, gamma=1.0, map_temperature=1.0,
+                  backend=None):
     """Per-pixel KD weight (N, H, W) in [0, 1] of a registered `mode`; no gradient."""
     _check_logits(student_logits, teacher_logits)
-    _check_weight_options(mode, window, gamma)
+    options = (window, gamma, map_temperature)
+    _check_weight_options(mode, *options)
     if _resolve(backend, student_logits, teacher_logits) == "torch":
-        return weight_map_reference(student_logits, teacher_logits, mode, window, gamma)
+        return weight_map_reference(student_logits, teacher_logits, mode, *options)
     if mode not in kd_triton.TRITON_WEIGHT_MODES:
-        return _reference_weight(student_logits, teacher_logits, mode, window, gamma)
-    return kd_triton.weight_map(student_logits.detach(), teacher_logits.detach(), mode, window, gamma)
+        return _reference_weight(student_logits, teacher_logits, mode, *options)
+    return kd_triton.weight_map(student_logits.detach(), teacher_logits.detach(), mode, *options)
 
 
 def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=1.0,
-                     reduction="weighted_mean", window=7, gamma=1.0, backend=None):
+                     reduction="weighted_mean", window=7, gamma=1.0, map_temperature=1.0, backend=None):
     """t^2 * sum_i w_i KL(softmax(zT_i / t) || softmax(zS_i / t)) / Z (SPEC section 4).
 
     weight: a registered mode (`kernels.WEIGHT_MODES`: "none" | "agree" | "ssim" ...) or a
     caller's (N, H, W) tensor, used as a constant.
     reduction: "weighted_mean" (Z = sum w, at least 1e-6), "mean" (Z = N*H*W) or "sum" (Z = 1).
-    window, gamma: the ssim weight's box size (odd, 1 to 15) and exponent. Only the student
+    window, gamma, map_temperature: the ssim weight's box size (odd, 1 to 15), its exponent, and
+    the temperature of the foreground maps it compares (1: SPEC section 4). Only the student
     gets a gradient, in its own dtype and memory format. Logits of any strides are read in place.
     """
     _check_logits(student_logits, teacher_logits)
@@ -132,9 +137,8 @@ def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=
         if not weight.is_floating_point() or weight.device != student_logits.device:
             raise ValueError(f"weight tensor must be floating point on {student_logits.device}, "
                              f"got {weight.dtype} on {weight.device}")
-        _check_weight_options("none", window, gamma)
-    else:
-        _check_weight_options(weight, window, gamma)
+    options = (window, gamma, map_temperature)
+    _check_weight_options("none" if isinstance(weight, torch.Tensor) else weight, *options)
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature={temperature!r} must be a positive finite number")
     if reduction not in REDUCTIONS:
@@ -143,11 +147,10 @@ def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=
 
     if _resolve(backend, student_logits, teacher_logits) == "torch":
         if not isinstance(weight, torch.Tensor):
-            weight = weight_map_reference(student_logits, teacher_logits, weight, window, gamma)
+            weight = weight_map_reference(student_logits, teacher_logits, weight, *options)
         return kd_loss_reference(student_logits, teacher_logits, weight, temperature, reduction)
     if isinstance(weight, torch.Tensor):
         weight = weight.detach()
     elif weight not in kd_triton.TRITON_WEIGHT_MODES:
-        weight = _reference_weight(student_logits, teacher_logits, weight, window, gamma)
-    return _WeightedKDLoss.apply(student_logits, teacher_logits.detach(), weight, temperature,
-                                 reduction, window, gamma)
+        weight = _reference_weight(student_logits, teacher_logits, weight, *options)
+    return _WeightedKDLoss.apply(student_logits, teacher_logits.detach(), weight, temperature, reduction, *options)

@@ -5,7 +5,7 @@ against independent oracles (a numpy window loop, `F.kl_div`). Half-precision in
 computed in float32; float32 and float64 stay as they are.
 
 Weight modes are a registry: `WEIGHT_MODES` maps a name to a function
-`(student_logits, teacher_logits, *, window, gamma) -> (N, H, W) weight`, which receives
+`(student_logits, teacher_logits, *, window, gamma, map_temperature) -> (N, H, W) weight`, which receives
 detached logits in the compute dtype and ignores the options it does not use. Adding a mode
 is one decorated function here (and its test); a mode without a Triton kernel still runs on
 every device, its weight map coming from this function.
@@ -72,20 +72,22 @@ def agreement_weight(zs, zt, **_options):
 
 
 @weight_mode("ssim")
-def structural_weight(zs, zt, *, window=7, gamma=1.0, **_options):
-    """clamp(SSIM(qT, qS), 0, 1) ** gamma of the foreground maps at t = 1 in a window x window box."""
-    ssim = ssim_map(foreground_prob(zt.softmax(dim=1)), foreground_prob(zs.softmax(dim=1)), window)
-    return ssim.clamp(0, 1).pow(gamma).squeeze(1)
+def structural_weight(zs, zt, *, window=7, gamma=1.0, map_temperature=1.0, **_options):
+    """clamp(SSIM(qT, qS), 0, 1) ** gamma of the foreground maps in a window x window box; the maps
+    are the softmax at `map_temperature` (1 in SPEC section 4; above 1 they are softer)."""
+    qt = foreground_prob((zt / map_temperature).softmax(dim=1))
+    qs = foreground_prob((zs / map_temperature).softmax(dim=1))
+    return ssim_map(qt, qs, window).clamp(0, 1).pow(gamma).squeeze(1)
 
 
-def weight_map_reference(student_logits, teacher_logits, mode, window=7, gamma=1.0):
+def weight_map_reference(student_logits, teacher_logits, mode, window=7, gamma=1.0, map_temperature=1.0):
     """Per-pixel KD weight (N, H, W) of the registered `mode`; a constant (no gradient)."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
     dtype = compute_dtype(student_logits.dtype)
     zs = student_logits.detach().to(dtype)
     zt = teacher_logits.detach().to(dtype)
-    return WEIGHT_MODES[mode](zs, zt, window=window, gamma=gamma).to(dtype)
+    return WEIGHT_MODES[mode](zs, zt, window=window, gamma=gamma, map_temperature=map_temperature).to(dtype)
 
 
 def kd_loss_reference(student_logits, teacher_logits, weight, temperature=1.0,

@@ -4,7 +4,7 @@ The weight of a pixel needs the foreground maps qT, qS of its window x window bo
 which no single pixel holds. A program owns a strip of LANES columns (LANES - 2R of them its
 own, R of halo on each side) and a chunk of rows of one image, and walks down the rows:
 
-1. load input row y once, compute qT, qS at t = 1 (zero outside the image);
+1. load input row y once, compute qT, qS at the map temperature (zero outside the image);
 2. horizontal window sums of qT, qS, qT^2, qS^2, qT*qS by 2R+1 gathers along the row
    (`tl.gather`, lowered through shared memory, never a global scratch buffer);
 3. keep the last 2R+1 rows of those sums in a register ring (RING >= 2R+1 rows, padded to a
@@ -72,7 +72,7 @@ def ssim_weight(sum_t, sum_s, sum_tt, sum_ss, sum_ts, count, gamma):
 
 @triton.jit
 def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
-                   C, H, W, inv_t, gamma, R, strips, chunks, chunk_rows,
+                   C, H, W, inv_t, gamma, inv_map_t, R, strips, chunks, chunk_rows,
                    s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, o_n, o_h, o_w,
                    C_P: tl.constexpr, LANES: tl.constexpr, RING: tl.constexpr,
                    WITH_LOSS: tl.constexpr, STORE_WEIGHT: tl.constexpr):
@@ -103,8 +103,10 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
         # a row index per lane: some interpreters turn a tensor & a scalar bool into integers
         y = y_first - R + i + tl.zeros([LANES], tl.int32)
         row_in = x_in & (y >= 0) & (y < H)
-        qs = tl.where(row_in, foreground(load_logits(s_img, y * s_h + x * s_w, s_c, C, row_in, C_P), C, C_P), 0.0)
-        qt = tl.where(row_in, foreground(load_logits(t_img, y * t_h + x * t_w, t_c, C, row_in, C_P), C, C_P), 0.0)
+        zs_row = load_logits(s_img, y * s_h + x * s_w, s_c, C, row_in, C_P) * inv_map_t
+        zt_row = load_logits(t_img, y * t_h + x * t_w, t_c, C, row_in, C_P) * inv_map_t
+        qs = tl.where(row_in, foreground(zs_row, C, C_P), 0.0)
+        qt = tl.where(row_in, foreground(zt_row, C, C_P), 0.0)
         h_t, h_s, h_tt, h_ss, h_ts = horizontal_sums(qt, qs, R, LANES)
         newest = slot == i % (2 * R + 1)
         ring_t = tl.where(newest, h_t[None, :], ring_t)

@@ -59,7 +59,7 @@ def _image_strides(x: torch.Tensor, name: str):
 
 
 def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
-         temperature=1.0, window=7, gamma=1.0):
+         temperature=1.0, window=7, gamma=1.0, map_temperature=1.0):
     """The Launch for a phase and weight `mode` ("none" | "agree" | "ssim" | "tensor", the last
     with `weight`). Phases: "loss" | "grad" | "weight_map" for the pixel kernel, "loss" |
     "loss_and_weight" | "weight_map" for ssim. `out` receives the gradient or the weight map;
@@ -80,8 +80,8 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         grid = n * strips * chunks
         parts = _parts(student, grid, SSIM_PHASES[phase]["WITH_LOSS"])
         o_n, _, o_h, o_w = out_strides
-        args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), radius,
-                strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
+        args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), 1.0 / map_temperature,
+                radius, strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
         constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
@@ -113,17 +113,19 @@ def _parts(student, grid, with_loss):
     return torch.empty(2, grid, dtype=torch.float32, device=student.device)
 
 
-def weight_map(student, teacher, mode, window, gamma):
+def weight_map(student, teacher, mode, window, gamma, map_temperature=1.0):
     """(N, H, W) float32 weight of a mode in TRITON_WEIGHT_MODES."""
     n, _, h, w = student.shape
     if mode == "none":
         return torch.ones((n, h, w), dtype=torch.float32, device=student.device)
     out = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
-    plan(student, teacher, "weight_map", mode, out=out, window=window, gamma=gamma)()
+    plan(student, teacher, "weight_map", mode, out=out, window=window, gamma=gamma,
+         map_temperature=map_temperature)()
     return out
 
 
-def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, keep_weight=False):
+def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, map_temperature=1.0,
+               keep_weight=False):
     """The loss (0-dim float32 device tensor), Z (a float, or a 0-dim device tensor) and, with
     `keep_weight` and the ssim weight, its (N, H, W) float32 map for the backward (else None).
 
@@ -136,7 +138,7 @@ def loss_and_z(student, teacher, weight, temperature, reduction, window, gamma, 
         kept = torch.empty((n, h, w), dtype=torch.float32, device=student.device)
     launch = plan(student, teacher, "loss" if kept is None else "loss_and_weight", mode,
                   weight=None if mode != "tensor" else weight, out=kept,
-                  temperature=temperature, window=window, gamma=gamma)
+                  temperature=temperature, window=window, gamma=gamma, map_temperature=map_temperature)
     launch()
     parts = launch.parts
     if reduction == "sum":

@@ -32,12 +32,12 @@ def logits(shape, seed, dtype=torch.float32):
     return student.to(dtype), teacher.to(dtype)
 
 
-def reference(student, teacher, weight, temperature, reduction, window=7, gamma=1.0):
+def reference(student, teacher, weight, temperature, reduction, window=7, gamma=1.0, map_t=1.0):
     """Float64 loss and student gradient of the reference on the same (rounded) inputs."""
     s64 = student.detach().double().requires_grad_()
     t64 = teacher.detach().double()
     if isinstance(weight, str):
-        weight = weight_map_reference(s64, t64, weight, window, gamma)
+        weight = weight_map_reference(s64, t64, weight, window, gamma, map_t)
     loss = kd_loss_reference(s64, t64, weight.double(), temperature, reduction)
     loss.backward()
     return loss.detach(), s64.grad
@@ -79,14 +79,22 @@ def test_loss_and_grad_match_float64_reference(shape, mode, reduction, temperatu
 
 
 @pytest.mark.parametrize("shape", SSIM_SHAPES)
-@pytest.mark.parametrize("mode,window,gamma", [("agree", 7, 1.0), ("ssim", 7, 1.0),
-                                               ("ssim", 3, 1.0), ("ssim", 5, 2.0)])
-def test_weight_map_matches_reference(shape, mode, window, gamma):
+@pytest.mark.parametrize("mode,window,gamma,map_t", [("agree", 7, 1.0, 1.0), ("ssim", 7, 1.0, 1.0),
+                                                     ("ssim", 3, 1.0, 4.0), ("ssim", 5, 2.0, 1.0)])
+def test_weight_map_matches_reference(shape, mode, window, gamma, map_t):
     student, teacher = logits(shape, seed=7)
-    w = kd_weight_map(student, teacher, mode, window, gamma, backend="interpret")
-    ref = weight_map_reference(student.double(), teacher.double(), mode, window, gamma)
+    w = kd_weight_map(student, teacher, mode, window, gamma, map_t, backend="interpret")
+    ref = weight_map_reference(student.double(), teacher.double(), mode, window, gamma, map_t)
     assert w.shape == ref.shape and ref.min() < 0.9  # the weight is not trivially all ones
     torch.testing.assert_close(w.double(), ref, rtol=0, atol=SSIM_ATOL)
+
+
+def test_ssim_loss_with_soft_maps_and_a_small_window_matches_float64_reference():
+    student, teacher = logits(SSIM_SHAPES[0], seed=21)
+    loss, grad = loss_and_grad(student, teacher, weight="ssim", window=3, map_temperature=4.0, backend="interpret")
+    ref_loss, ref_grad = reference(student, teacher, "ssim", 1.0, "weighted_mean", window=3, map_t=4.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-4, atol=0)
+    assert_grad_close(grad, ref_grad, 2e-4)
 
 
 def test_weight_map_none_is_ones():
@@ -252,11 +260,12 @@ def numpy_ssim_weight(qt, qs, window, gamma):
     return out
 
 
-@pytest.mark.parametrize("channels,window,gamma", [(2, 3, 1.0), (2, 5, 1.0), (4, 3, 2.0), (8, 5, 1.0)])
-def test_reference_ssim_weight_against_numpy_loop(channels, window, gamma):
+@pytest.mark.parametrize("channels,window,gamma,map_t", [(2, 3, 1.0, 1.0), (2, 5, 1.0, 1.0), (4, 3, 2.0, 1.0),
+                                                         (8, 5, 1.0, 1.0), (2, 3, 1.0, 4.0), (3, 5, 1.0, 0.5)])
+def test_reference_ssim_weight_against_numpy_loop(channels, window, gamma, map_t):
     student, teacher = logits((1, channels, 6, 7), seed=14, dtype=torch.float64)
-    w = weight_map_reference(student, teacher, "ssim", window, gamma)[0].numpy()
-    fg = lambda z: 1 - z.softmax(1)[0, 0].numpy()  # noqa: E731  "not background"
+    w = weight_map_reference(student, teacher, "ssim", window, gamma, map_t)[0].numpy()
+    fg = lambda z: 1 - (z / map_t).softmax(1)[0, 0].numpy()  # noqa: E731  "not background"
     expected = numpy_ssim_weight(fg(teacher), fg(student), window, gamma)
     np.testing.assert_allclose(w, expected, rtol=1e-10, atol=1e-12)
 

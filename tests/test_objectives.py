@@ -76,9 +76,9 @@ def test_consistency_is_the_mse_of_the_two_softmaxes_and_vanishes_when_they_agre
 def test_kd_gradient_is_t_w_times_ps_minus_pt_over_z(name):
     zs, zt = logits(2, 2, 6, 9).requires_grad_(), logits(2, 2, 6, 9, seed=1)
     weight, t = OBJECTIVES[name].weight, 2.0
-    loss = OBJECTIVES[name].loss(zs, zt, SimpleNamespace(weight=None, temperature=t, weight_window=7, weight_gamma=1.0))
+    loss = OBJECTIVES[name].loss(zs, zt, SimpleNamespace(weight=None, temperature=t, weight_window=3, weight_gamma=1.0, weight_map_temperature=4.0))
     loss.backward()
-    w = kd_weight_map(zs.detach(), zt, mode=weight, backend="torch")
+    w = kd_weight_map(zs.detach(), zt, mode=weight, window=3, map_temperature=4.0, backend="torch")
     expected = t * w[:, None] * ((zs.detach() / t).softmax(1) - (zt / t).softmax(1)) / w.sum()
     torch.testing.assert_close(zs.grad, expected, rtol=1e-4, atol=1e-7)
     assert zs.grad.abs().sum() > 0
@@ -86,7 +86,8 @@ def test_kd_gradient_is_t_w_times_ps_minus_pt_over_z(name):
 
 def test_kd_with_a_zero_weight_map_gives_no_unlabelled_gradient():
     zs, zt = logits(1, 2, 5, 5).requires_grad_(), logits(1, 2, 5, 5, seed=1)
-    loss = OBJECTIVES["wkd"].loss(zs, zt, SimpleNamespace(weight=torch.zeros(1, 5, 5), temperature=1.0, weight_window=7, weight_gamma=1.0))
+    loss = OBJECTIVES["wkd"].loss(zs, zt, SimpleNamespace(weight=torch.zeros(1, 5, 5), temperature=1.0, weight_window=7, weight_gamma=1.0,
+                                                      weight_map_temperature=1.0))
     loss.backward()
     assert loss == 0 and zs.grad.abs().max() == 0
 
