@@ -34,20 +34,27 @@ from engine.cli import DEFAULT_DATA, REPO, parse, setting, writable_dir, writabl
 from engine.records import environment, write_json
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
+from objectives import OBJECTIVES
 from reproduction.plan import PROFILES, Planner
 from reproduction.schedule import execute, run_in_slot, slots_of
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
-# Estimated seconds per training step and per evaluation, for the ETA and --plan-json. The quick
-# profile's are measured on the project's 2-core CPU (one thread per run). The paper profile's
-# are an estimate until a GPU run replaces them: torch's FlopCounterMode gives, per 256x512
-# image, 167 GFLOP for a forward and backward pass of the width-32 U-Net (56 forward only), 104
-# (35) for a SinusCycle-GAN generator and 38 (13) for a discriminator; with batches of 8 that is
-# 1.3 TFLOP per teacher step, 3.4 per student step (16 images through the student, the teacher
-# and refiner forward) and 6.4 per refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
-SECONDS = {"micro": dict(train_teacher=0.02, train_cyclegan=0.05, train_student=0.04, evaluate=1.0),
-           "quick": dict(train_teacher=0.05, train_cyclegan=0.15, train_student=0.1, evaluate=4.0),
-           "paper": dict(train_teacher=0.0134, train_cyclegan=0.064, train_student=0.034, evaluate=30.0)}
+# Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json.
+# The quick profile's are measured on the project's 2-core CPU (AMD EPYC, fp32, one thread per run,
+# inside a warm worker slot): a 20-step and a 220-step run of each stage at 48x96, width 8. A
+# student whose objective needs no unlabelled batch pushes half the images and costs half a step
+# (measured 0.064 against 0.145-0.164 s). The paper profile's are an estimate until a GPU run
+# replaces them: torch's FlopCounterMode gives, per 256x512 image, 167 GFLOP for a forward and
+# backward pass of the width-32 U-Net (56 forward only), 104 (35) for a SinusCycle-GAN generator
+# and 38 (13) for a discriminator; with batches of 8 that is 1.3 TFLOP per teacher step, 3.4 per
+# student step (16 images through the student, the teacher and refiner forward) and 6.4 per
+# refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
+SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
+                         evaluate=(1.0, 0.0)),
+           "quick": dict(train_teacher=(7.6, 0.042), train_cyclegan=(6.1, 0.32), train_student=(4.7, 0.155),
+                         evaluate=(4.0, 0.0)),
+           "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
+                         evaluate=(30.0, 0.0))}
 
 
 @dataclasses.dataclass
@@ -94,8 +101,10 @@ def finished(run) -> bool:
 
 
 def estimate(run, profile: str) -> float:
-    seconds = SECONDS[profile][run.script]
-    return seconds if run.script == "evaluate" else seconds * run.steps
+    start, step = SECONDS[profile][run.script]
+    if run.script == "train_student" and OBJECTIVES[run.argv[run.argv.index("--method") + 1]].target is None:
+        step /= 2
+    return start + step * run.steps
 
 
 def stage_argv(run, device: str) -> list[str]:

@@ -154,7 +154,10 @@ def seed_stage(seed: int, stage: str, deterministic: bool) -> int:
     torch.manual_seed(stage_seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)   # also switched off: a process may run several stages
+    # Switched off too, since a process may run several stages; only when needed, because the call
+    # imports torch's compiler (seconds per run).
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(deterministic)
     return stage_seed
 
 
