@@ -41,9 +41,11 @@ from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
 # Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json.
 # The quick profile's are measured on the project's 2-core CPU (AMD EPYC, fp32, one thread per run,
-# inside a warm worker slot): a 20-step and a 220-step run of each stage at 48x96, width 8. A
-# student whose objective needs no unlabelled batch pushes half the images and costs half a step
-# (measured 0.064 against 0.145-0.164 s). The paper profile's are an estimate until a GPU run
+# two runs at once in warm worker slots): start-up from 20- and 220-step runs of each stage, and
+# per-step time from the wall times of a whole quick reproduction (results/quick/results.json;
+# evaluation: the mean of 29 test-split and 6 unlabelled-split runs). A student whose objective
+# needs no unlabelled batch pushes half the images and costs about half a step (measured 26.9 s
+# against 51-60 s for a whole 300-step run). The paper profile's are an estimate until a GPU run
 # replaces them: torch's FlopCounterMode gives, per 256x512 image, 167 GFLOP for a forward and
 # backward pass of the width-32 U-Net (56 forward only), 104 (35) for a SinusCycle-GAN generator
 # and 38 (13) for a discriminator; with batches of 8 that is 1.3 TFLOP per teacher step, 3.4 per
@@ -51,8 +53,8 @@ from reproduction.tables import CASE_METRICS, collect, render, table_specs
 # refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
-           "quick": dict(train_teacher=(7.6, 0.042), train_cyclegan=(6.1, 0.32), train_student=(4.7, 0.155),
-                         evaluate=(4.0, 0.0)),
+           "quick": dict(train_teacher=(7.6, 0.083), train_cyclegan=(6.1, 0.357), train_student=(4.7, 0.165),
+                         evaluate=(4.3, 0.0)),
            "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
                          evaluate=(30.0, 0.0))}
 
@@ -184,9 +186,23 @@ def write_tables(out: Path, results: dict) -> str:
     return "\n".join(text)
 
 
+def longest_chains_first(runs: list, profile: str) -> list:
+    """The runs ordered by the estimated work of the longest chain each one starts (itself, then the
+    runs that need it, transitively), longest first, so that the slots start the work that would
+    otherwise finish last. A run still comes before every run that needs it: its chain is longer."""
+    needed_by: dict = {r.name: [] for r in runs}
+    for run in runs:
+        for name in run.needs:
+            needed_by[name].append(run.name)
+    chain: dict = {}
+    for run in reversed(runs):      # dependency order reversed: a run's dependants are done already
+        chain[run.name] = estimate(run, profile) + max((chain[n] for n in needed_by[run.name]), default=0.0)
+    return sorted(runs, key=lambda r: -chain[r.name])
+
+
 def makespan(runs: list, profile: str, slots: int) -> float:
     """Estimated wall time of the plan on `slots` devices, scheduled as `execute` does: whenever a
-    device is free it takes the first run, in plan order, whose inputs are done."""
+    device is free it takes the first run, in the given order, whose inputs are done."""
     ended, pending, running, now = {}, list(runs), [], 0.0
     while pending or running:
         for run in [r for r in pending if all(n in ended for n in r.needs)]:
@@ -230,13 +246,26 @@ def run_one(args, runs: list, out: Path) -> None:
     print(f"{run.name}: done in {clock(seconds)}")
 
 
+def previous_results(path: Path, args) -> dict:
+    """The results.json an interrupted reproduction of the same profile and settings left, for the
+    runs it finished; a fresh start when there is none, with --force, or when it was made with
+    other settings (its runs and wall time would not belong to these tables)."""
+    if args.force or not path.is_file():
+        return {"runs": {}}
+    results = json.loads(path.read_text())
+    if results.get("profile") != args.profile or results.get("settings") != json.loads(json.dumps(
+            PROFILES[args.profile])):
+        return {"runs": {}}
+    return results
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse(ReproduceSettings, __doc__, argv)
     out = (args.out or (REPO / "results" / args.profile)).resolve()
     data = prepare_dataset(args.data)
     planner = Planner(args.profile, data, out, args.seeds)
-    runs = planner.plan()
+    runs = longest_chains_first(planner.plan(), args.profile)
     if args.plan_json:
         return write_plan(args.plan_json, runs, args.profile)
     writable_dir(out)
@@ -252,7 +281,7 @@ def main(argv=None):
             else:
                 run.output.unlink(missing_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() and not args.force else {"runs": {}}
+    results = previous_results(results_path, args)
     results.update(profile=args.profile, data=dataset_name(data), settings=PROFILES[args.profile],
                    device=torch.cuda.get_device_name(slots[0]) if slots[0].startswith("cuda") else "cpu",
                    slots=slots, threads_per_run=threads, environment=environment())
@@ -283,9 +312,12 @@ def main(argv=None):
             write_json(results_path, results)
 
     status = execute(todo, done, slots, threads, stage_argv, log_file, on_start, on_finish)
-    for run in runs:
+    previous, results["runs"] = results["runs"], {}
+    for run in runs:     # in plan order, and only the plan's runs
         if run.name in done:
-            results["runs"][run.name] = record(run, None, results["runs"].get(run.name, {}), out, data)
+            results["runs"][run.name] = record(run, None, previous.get(run.name, {}), out, data)
+        elif run.name in previous:
+            results["runs"][run.name] = previous[run.name]
     if todo:
         results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - started
         results["invocations"] = results.get("invocations", 0) + 1

@@ -49,6 +49,29 @@ def test_every_run_comes_after_the_runs_it_reads():
         done.add(run.name)
 
 
+def test_longest_chains_start_first_and_inputs_still_come_first():
+    import reproduce
+    planned = quick_plan()
+    ordered = reproduce.longest_chains_first(planned, "quick")
+    assert sorted(r.name for r in ordered) == sorted(r.name for r in planned)
+    position = {r.name: i for i, r in enumerate(ordered)}
+    assert all(position[n] < position[r.name] for r in ordered for n in r.needs)
+    # the teachers at the Table 1 ratio start the longest chains (teacher, refiner, student, evaluation)
+    assert {r.script for r in ordered[:3]} == {"train_teacher"}
+    assert reproduce.makespan(ordered, "quick", 2) < reproduce.makespan(planned, "quick", 2)
+
+
+def test_results_of_other_settings_are_not_reused(tmp_path):
+    import reproduce
+    path = tmp_path / "results.json"
+    args = reproduce.parse(reproduce.ReproduceSettings, "", ["--profile", "micro"])
+    same = dict(profile="micro", settings=PROFILES["micro"], runs={"a": {"seed": 0}}, wall_s=5.0)
+    path.write_text(json.dumps(same))
+    assert reproduce.previous_results(path, args)["runs"] == {"a": {"seed": 0}}
+    path.write_text(json.dumps(dict(same, settings=dict(PROFILES["micro"], seeds=7))))
+    assert reproduce.previous_results(path, args) == {"runs": {}}
+
+
 def test_every_table_cell_is_fed_by_a_run():
     fed = {cell for run in quick_plan() for cell in run.cells}
     for name, spec in table_specs(PROFILES["quick"]).items():
