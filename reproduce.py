@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from data import prepare_dataset
-from engine.cli import DEFAULT_DATA, REPO, parse, setting, writable_dir, writable_file
+from engine.cli import DEFAULT_DATA, REPO, check_device, parse, setting, writable_dir, writable_file
 from engine.records import environment, write_json
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
@@ -82,13 +81,7 @@ def parse_devices(text: str) -> list[str]:
         return ["cpu"] * len(os.sched_getaffinity(0))
     devices = [d.strip() for d in text.split(",") if d.strip()]
     for d in devices:
-        match = re.fullmatch(r"cpu|cuda(?::(\d+))?", d)
-        if not match:
-            raise UserError(f"--devices {text}: {d!r} is not a device; use cpu, cuda or cuda:N")
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--devices {text}: no CUDA device is available; use cpu")
-        if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
-            raise UserError(f"--devices {text}: {d} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+        check_device(d, f"--devices {text}", auto=False)
     if not devices:
         raise UserError("--devices: name at least one device")
     return devices

@@ -117,14 +117,19 @@ def record(settings) -> dict:
 # ---------------------------------------------------------------------------------------------
 # devices and numerics
 
-def select_device(flag: str) -> torch.device:
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", flag)
+def check_device(name: str, flag: str, auto: bool = True) -> None:
+    """A one-line UserError naming `flag` unless `name` is cpu, cuda, an existing cuda:N (or auto)."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?" if auto else r"cpu|cuda(?::(\d+))?", name)
     if not match:
-        raise UserError(f"--device {flag}: use auto, cpu, cuda or cuda:N")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {flag}: no CUDA device is available; use --device cpu or auto")
+        raise UserError(f"{flag}: {name!r} is not a device; use {'auto, ' if auto else ''}cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{flag}: no CUDA device is available; use cpu")
     if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
-        raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} GPUs")
+        raise UserError(f"{flag}: {name} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+
+
+def select_device(flag: str) -> torch.device:
+    check_device(flag, f"--device {flag}")
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(flag)
