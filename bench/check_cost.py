@@ -1,7 +1,7 @@
 """What the dataset check costs.
 
     python -m bench.check_cost DIR [DIR ...] --out bench/check_cpu.json
-    python -m bench.check_cost --synthetic /tmp/clinic --out bench/check_cpu.json
+    python -m bench.check_cost --synthetic scratch/clinic --out bench/check_cpu.json
 
 Times data.check.check_folder, which the teacher runs: every image and mask decoded and checked
 on all cores, and the fingerprint that later stages compute instead. `--synthetic DIR` first
@@ -53,7 +53,7 @@ def measure(root: Path) -> dict:
     fingerprint(root)
     fingerprint_s = time.perf_counter() - start
     files = [p for sub in ("images", "masks") if (root / sub).is_dir() for p in (root / sub).iterdir()]
-    return dict(folder=str(root), cases=summary["cases"], masks=summary["masks"], sizes=dict(summary["sizes"]),
+    return dict(folder=root.name, cases=summary["cases"], masks=summary["masks"], sizes=dict(summary["sizes"]),
                 bits={str(k): v for k, v in summary["bits"].items()}, megabytes=sum(p.stat().st_size for p in files) / 1e6,
                 check_s=round(check_s, 2), check_ms_per_case=round(1000 * check_s / summary["cases"], 1),
                 fingerprint_s=round(fingerprint_s, 3))

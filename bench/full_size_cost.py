@@ -1,6 +1,6 @@
 """What evaluation and prediction cost per full-size clinical panorama (2943x1435).
 
-    python -m bench.full_size_cost --work /tmp/full_size --out bench/full_size_cpu.json
+    python -m bench.full_size_cost --work scratch/full_size --out bench/full_size_cpu.json
 
 Writes 16 synthetic full-size cases into --work (8-bit PNG and 16-bit TIFF alternately; 4
 labelled, 2 validation, 10 test), trains a small teacher on them, and runs evaluate.py on the 10
