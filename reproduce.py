@@ -246,8 +246,8 @@ def previous_results(path: Path, args) -> dict:
     if args.force or not path.is_file():
         return {"runs": {}}
     results = json.loads(path.read_text())
-    if results.get("profile") != args.profile or results.get("settings") != json.loads(json.dumps(
-            PROFILES[args.profile])):
+    settings = json.loads(json.dumps(PROFILES[args.profile]))    # as stored: tuples become lists
+    if results.get("profile") != args.profile or results.get("settings") != settings:
         return {"runs": {}}
     return results
 
@@ -306,7 +306,7 @@ def main(argv=None):
 
     status = execute(todo, done, slots, threads, stage_argv, log_file, on_start, on_finish)
     previous, results["runs"] = results["runs"], {}
-    for run in runs:     # in plan order, and only the plan's runs
+    for run in runs:     # only the plan's runs: entries of runs the plan no longer has are dropped
         if run.name in done:
             results["runs"][run.name] = record(run, None, previous.get(run.name, {}), out, data)
         elif run.name in previous:
