@@ -239,11 +239,12 @@ def run_one(args, runs: list, out: Path) -> None:
     print(f"{run.name}: done in {clock(seconds)}")
 
 
-def previous_results(path: Path, args) -> dict:
+def previous_results(path: Path, args, done: set) -> dict:
     """The results.json an interrupted reproduction of the same profile and settings left, for the
-    runs it finished; a fresh start when there is none, with --force, or when it was made with
-    other settings (its runs and wall time would not belong to these tables)."""
-    if args.force or not path.is_file():
+    runs it finished; a fresh start when there is none, when none of the plan's runs is `done` on
+    disk (a fresh clone holds the committed results.json but no outputs; --force has deleted them),
+    or when it was made with other settings: its runs and wall time would not belong to these tables."""
+    if not done or not path.is_file():
         return {"runs": {}}
     results = json.loads(path.read_text())
     settings = json.loads(json.dumps(PROFILES[args.profile]))    # as stored: tuples become lists
@@ -274,12 +275,12 @@ def main(argv=None):
             else:
                 run.output.unlink(missing_ok=True)
     results_path = out / "results.json"
-    results = previous_results(results_path, args)
+    done = {r.name for r in runs if finished(r)}
+    results = previous_results(results_path, args, done)
     results.update(profile=args.profile, data=dataset_name(data), settings=PROFILES[args.profile],
                    device=torch.cuda.get_device_name(slots[0]) if slots[0].startswith("cuda") else "cpu",
                    slots=slots, threads_per_run=threads, environment=environment())
     results["environment"]["command"] = portable(results["environment"]["command"], out, data)
-    done = {r.name for r in runs if finished(r)}
     todo = [r for r in runs if r.name not in done]
     print(f"reproduce --profile {args.profile}: {len(runs)} runs, {len(done)} already finished; "
           f"{len(slots)} at once on {', '.join(sorted(set(slots)))}, {threads} thread(s) each", flush=True)

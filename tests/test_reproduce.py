@@ -67,9 +67,11 @@ def test_results_of_other_settings_are_not_reused(tmp_path):
     args = reproduce.parse(reproduce.ReproduceSettings, "", ["--profile", "micro"])
     same = dict(profile="micro", settings=PROFILES["micro"], runs={"a": {"seed": 0}}, wall_s=5.0)
     path.write_text(json.dumps(same))
-    assert reproduce.previous_results(path, args)["runs"] == {"a": {"seed": 0}}
+    assert reproduce.previous_results(path, args, {"a"})["runs"] == {"a": {"seed": 0}}
+    # a fresh clone: the committed results.json, but no run finished on disk
+    assert reproduce.previous_results(path, args, set()) == {"runs": {}}
     path.write_text(json.dumps(dict(same, settings=dict(PROFILES["micro"], seeds=7))))
-    assert reproduce.previous_results(path, args) == {"runs": {}}
+    assert reproduce.previous_results(path, args, {"a"}) == {"runs": {}}
 
 
 def test_every_table_cell_is_fed_by_a_run():
