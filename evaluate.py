@@ -2,7 +2,8 @@
 
 Reads --data and the network --ckpt (whose split it takes); with --refiner, a teacher's
 predictions are first refined by that SinusCycle-GAN checkpoint, which scores pseudo-label
-quality (e.g. on --split unlabeled, whose masks training never reads).
+quality (e.g. on --split unlabeled, whose masks training never reads); --postprocess scores the
+training-free control instead (each side's largest component, holes filled).
 
 Writes the folder --out (default: <ckpt stem>_eval/ beside the checkpoint): metrics.csv (one row
 per case), summary.json (mean, std, median, n and n_undefined of each metric, and the boundary
@@ -28,6 +29,8 @@ from engine.metrics import BOUNDARY, METRICS, class_metrics, per_class, save_ove
 from engine.records import environment, fill_folder
 from engine.state import check_same_experiment, load_network, upstream_size
 from errors import UserError, exit_on_user_error
+from nets.cyclegan import refine_logits
+from nets.postprocess import postprocess_logits
 
 
 @dataclasses.dataclass
@@ -38,6 +41,8 @@ class EvaluateSettings(Common):
                          choices=("test", "val", "unlabeled"))
     refiner: Path | None = setting(None, "SinusCycle-GAN checkpoint refining the teacher's predictions before "
                                          "scoring")
+    postprocess: bool = setting(False, "post-process a teacher's predictions (each side's largest connected "
+                                       "component, holes filled) before scoring")
     spacing: tuple[float, ...] = setting((1.0,), "pixel size in mm: one value, or two (row, column); 1 gives "
                                                  "pixels", within="(0, inf)", metavar="MM")
     batch_size: int = setting(8, "images per forward pass", within="[1, inf)")
@@ -47,12 +52,13 @@ class EvaluateSettings(Common):
 OUTPUTS = {"metrics.csv", "summary.json", "table.md", "overlays"}
 
 
-def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir=None, refiner=None):
-    """Per-case metrics of `model` (refined by `refiner`, if given) on the `ids` of a data.Dataset that
-    have a mask, logits upsampled to each original image size -> (rows, ids without a mask)."""
+def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir=None, refine=None):
+    """Per-case metrics of `model` (its logits passed through `refine(images, logits)`, if given) on
+    the `ids` of a data.Dataset that have a mask, logits upsampled to each original image size ->
+    (rows, ids without a mask)."""
     names = dataset.classes.names
     rows, unscored = [], []
-    for case_id, image, mask, logits in predict_full_size(model, dataset, ids, size, device, batch_size, refiner):
+    for case_id, image, mask, logits in predict_full_size(model, dataset, ids, size, device, batch_size, refine):
         if mask is None:        # real unlabelled images usually have none
             unscored.append(case_id)
             continue
@@ -87,11 +93,11 @@ def markdown_table(summary: dict, title: str, names) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(s, ckpt, model, refiner, dataset, ids, size, device, spacing, tmp) -> str:
+def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, tmp) -> str:
     """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
     overlays = tmp / "overlays" if s.overlays else None
     (overlays or tmp).mkdir(parents=True)
-    rows, unscored = evaluate(model, dataset, ids, size, device, spacing, s.batch_size, overlays, refiner)
+    rows, unscored = evaluate(model, dataset, ids, size, device, spacing, s.batch_size, overlays, refine)
     if not rows:
         raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {dataset.root}")
     summary = summary_of(rows)
@@ -100,11 +106,12 @@ def write_results(s, ckpt, model, refiner, dataset, ids, size, device, spacing, 
         writer.writeheader()
         writer.writerows(rows)
     meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], refiner=s.refiner and s.refiner.name,
+                postprocessed=s.postprocess,
                 split=s.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
                 size=list(size), spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
                 classes=dataset.classes.record(), environment=environment())
     (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
-    refined = f" refined by {s.refiner.name}" if s.refiner else ""
+    refined = f" refined by {s.refiner.name}" if s.refiner else " post-processed" if s.postprocess else ""
     title = f"{s.ckpt.name} ({ckpt['kind']}){refined} on {s.split}, n = {len(rows)}, " \
             f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
     table = markdown_table(summary, title, dataset.classes.names)
@@ -125,15 +132,21 @@ def main(argv=None):
     ids = split[s.split]
     if not ids:
         raise UserError(f"--split {s.split}: the split of --ckpt {s.ckpt} has no {s.split} cases")
-    refiner = None
+    refine = None
+    if s.refiner and s.postprocess:
+        raise UserError("--refiner and --postprocess: choose one")
+    if (s.refiner or s.postprocess) and ckpt["kind"] != "teacher":
+        flag = "--refiner" if s.refiner else "--postprocess"
+        raise UserError(f"{flag} changes a teacher's predictions; --ckpt {s.ckpt} is a {ckpt['kind']}")
     if s.refiner:
-        if ckpt["kind"] != "teacher":
-            raise UserError(f"--refiner refines a teacher's predictions; --ckpt {s.ckpt} is a {ckpt['kind']}")
         refiner, refiner_ckpt = load_network(s.refiner, ("cyclegan",), "--refiner", device)
         check_same_experiment(refiner_ckpt, "--refiner", s.refiner, ckpt)
+        refine = functools.partial(refine_logits, refiner)
+    elif s.postprocess:
+        refine = postprocess_logits
 
     # written into a folder beside --out, moved into place when complete
-    table = fill_folder(out, functools.partial(write_results, s, ckpt, model, refiner, dataset, ids, size, device,
+    table = fill_folder(out, functools.partial(write_results, s, ckpt, model, refine, dataset, ids, size, device,
                                                spacing))
     print(table + f"\nwritten to {out}/")
 

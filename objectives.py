@@ -7,7 +7,8 @@ Each unlabelled objective is one function registered with `@objective`; the regi
 `--method` offers, what Table 1 lists and what the reproduction plan trains. An objective gets
 the student's logits on its view of the unlabelled batch and the target logits of a frozen
 network on the clean view (the teacher's, refined by SinusCycle-GAN if the objective says so,
-or the student's own EMA copy for mean_teacher), plus the run's settings, and returns L_unsup.
+or the student's own EMA copy for mean_teacher), plus the run's settings, and returns L_unsup,
+or (L_unsup, {name: float}) with numbers worth logging.
 The KD pixel weights (`--weight`) are registered in `kernels.kd_reference`.
 """
 import dataclasses
@@ -81,7 +82,7 @@ def pseudo_label_loss(student_logits, teacher_logits, s):
     prob, label = teacher_logits.float().softmax(1).max(1)
     keep = (prob >= s.confidence).float()
     ce = F.cross_entropy(student_logits.float(), label, reduction="none")
-    return (ce * keep).sum() / keep.sum().clamp(min=1.0)
+    return (ce * keep).sum() / keep.sum().clamp(min=1.0), {"kept": keep.mean().item()}
 
 
 @objective("mean_teacher", target="ema")

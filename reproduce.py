@@ -36,6 +36,7 @@ from errors import UserError, exit_on_user_error
 from objectives import OBJECTIVES
 from reproduction.plan import PROFILES, Planner
 from reproduction.schedule import execute, run_in_slot, slots_of
+from reproduction.figures import draw_figures
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
 # Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json.
@@ -72,6 +73,9 @@ class ReproduceSettings:
     plan_json: Path | None = setting(None, "write the plan (every run's command, output, inputs and estimated cost) "
                                            "to this file and stop")
     run: str | None = setting(None, "run exactly this run of the plan (by name, see --plan-json), then stop")
+    precision: str | None = setting(None, "arithmetic of every run; default: the profile's (quick: fp32, so that "
+                                          "every CPU computes alike); another one writes to results/<profile>-<it>",
+                                    choices=("fp32", "bf16"))
 
 
 def parse_devices(text: str) -> list[str]:
@@ -152,18 +156,17 @@ def clock(seconds: float) -> str:
         f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def caption(results: dict, spec: dict) -> str:
+def caption(results: dict) -> str:
     walls: dict = {}
     for run in results["runs"].values():
         walls[run["script"]] = walls.get(run["script"], 0.0) + (run["wall_s"] or 0.0)
-    seeds = spec["seeds"]
-    spread = f"std over {seeds} seeds" if seeds > 1 else "std over the scored cases (one seed)"
     stages = ", ".join(f"{s.replace('train_', '')} {clock(w)}" for s, w in walls.items())
     env = results["environment"]
     wall, calls = results.get("wall_s"), results.get("invocations", 1)
-    return (f"Profile `{results['profile']}`, data: {results['data']}, device {results['device']} "
-            f"({len(results['slots'])} runs at once, {results['threads_per_run']} thread(s) each), code "
-            f"{env['git'][:12]}; mean ± {spread}. Run time summed by stage: {stages}"
+    return (f"Profile `{results['profile']}`, data: {results['data']}, {results['precision']} on {results['device']} "
+            f"({env['cpu']}; {len(results['slots'])} runs at once, {results['threads_per_run']} thread(s) each), "
+            f"torch {env['torch']}, code {env['git'][:12]}; mean ± std over the n seeds of a row (over the scored "
+            f"cases where n is 1). Run time summed by stage: {stages}"
             + (f"; wall time of the reproduction {clock(wall)}" + (f" over {calls} invocations" if calls > 1 else "")
                + "." if wall else "."))
 
@@ -171,11 +174,12 @@ def caption(results: dict, spec: dict) -> str:
 def write_tables(out: Path, results: dict) -> str:
     cells, text = collect(results), []
     for name, spec in table_specs(PROFILES[results["profile"]]).items():
-        md, table_csv = render(name, spec, cells, caption(results, spec))
+        md, table_csv = render(name, spec, cells, caption(results))
         (out / f"{name}.md").write_text(md)
         (out / f"{name}.csv").write_text(table_csv)
         text.append(md)
     (out / "tables.md").write_text("\n".join(text))
+    draw_figures(out, cells, table_specs(PROFILES[results["profile"]]), PROFILES[results["profile"]])
     return "\n".join(text)
 
 
@@ -248,7 +252,8 @@ def previous_results(path: Path, args, done: set) -> dict:
         return {"runs": {}}
     results = json.loads(path.read_text())
     settings = json.loads(json.dumps(PROFILES[args.profile]))    # as stored: tuples become lists
-    if results.get("profile") != args.profile or results.get("settings") != settings:
+    if results.get("profile") != args.profile or results.get("settings") != settings \
+            or results.get("precision") != (args.precision or PROFILES[args.profile]["precision"]):
         return {"runs": {}}
     return results
 
@@ -256,9 +261,11 @@ def previous_results(path: Path, args, done: set) -> dict:
 @exit_on_user_error
 def main(argv=None):
     args = parse(ReproduceSettings, __doc__, argv)
-    out = (args.out or (REPO / "results" / args.profile)).resolve()
+    precision = args.precision or PROFILES[args.profile]["precision"]
+    default_out = args.profile + ("" if precision == PROFILES[args.profile]["precision"] else f"-{precision}")
+    out = (args.out or (REPO / "results" / default_out)).resolve()
     data = prepare_dataset(args.data)
-    planner = Planner(args.profile, data, out, args.seeds)
+    planner = Planner(args.profile, data, out, args.seeds, precision=precision)
     runs = longest_chains_first(planner.plan(), args.profile)
     if args.plan_json:
         return write_plan(args.plan_json, runs, args.profile)
@@ -277,7 +284,7 @@ def main(argv=None):
     results_path = out / "results.json"
     done = {r.name for r in runs if finished(r)}
     results = previous_results(results_path, args, done)
-    results.update(profile=args.profile, data=dataset_name(data), settings=PROFILES[args.profile],
+    results.update(profile=args.profile, data=dataset_name(data), settings=PROFILES[args.profile], precision=precision,
                    device=torch.cuda.get_device_name(slots[0]) if slots[0].startswith("cuda") else "cpu",
                    slots=slots, threads_per_run=threads, environment=environment())
     results["environment"]["command"] = portable(results["environment"]["command"], out, data)

@@ -1,60 +1,78 @@
 """Stage 2: train SinusCycle-GAN, the unpaired refiner of the teacher's pseudo labels (SPEC section 5).
 
 Reads --data and the frozen --teacher (whose split and input size it inherits); writes the
-checkpoint --out, holding the refiner G_AB whose refinement gains most validation Dice over the
-teacher, and <out stem>_logs/ beside it.
+checkpoint --out holding the refiner G_AB, and <out stem>_logs/ beside it.
 
-Domain A: unlabelled images xu with the teacher's foreground probability qT(xu); domain B:
-labelled images xl with their expert masks yl. G_AB(x, q) returns a refined foreground logit r,
-G_BA(x, y) a teacher-like soft mask; the discriminators D_A, D_B judge (image, mask) pairs.
+Domain A: unlabelled images xu with the teacher's foreground map qT(xu) = sigmoid(zT / T); domain
+B: labelled images xl with their expert masks yl. G_AB(x, q) returns a refined foreground logit,
+G_BA(x, y) a teacher-like one; D_B judges refined maps against expert masks, D_A teacher-like
+maps against the teacher's. By default the discriminators see the mask alone (--disc-input
+mask) through a receptive field of about one sinus lobe (--disc-layers), binarised in the
+forward pass and both sides randomly translated alike; the few real masks are also deformed
+(flips, affine and elastic, --real-deform) so that the discriminator cannot memorise them. The
+losses: least squares adversarial, cycle L1 and identity L1 on the generators' maps.
 
-Design: each generator is residual by default: it returns the logit of its input mask plus a
-correction whose last layer starts at zero, so an untrained G_AB returns the teacher's own
-prediction, and the checkpoint is validated at step 0 too. Refinement therefore starts from the
-teacher and the kept G_AB is never worse on validation than no refinement at all. Without it
-(--no-residual) the generator must first learn to copy its input mask; with small networks and
-short schedules on the phantom it collapsed to an all-background mask (refined val Dice 0.06
-against the teacher's 0.83 at 64x128, widths 8/16, 400 steps), while with longer schedules it
-recovered and reached the same peak as the residual design.
+The specified design (SPEC section 5) is `--disc-input pair --disc-layers 3 --adversarial-weight 1
+--cycle-weight 10 --identity-weight 5 --real-deform 0 --lr 2e-4`.
+
+Selection: the candidate G_AB (that of the best validation check, or with --keep final the last) is kept only
+when its per-case validation Dice gain over the teacher has a 95 % lower bound above zero and its
+mean HD95 is not worse; otherwise the checkpoint holds the identity (the teacher's own
+prediction), and the log and the checkpoint's metrics say which was kept.
 """
 import dataclasses
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from data import Geometry, augment_geometry, batch_indices, derive_seed, prepare_dataset, step_generator, strengths
 from data.check import upstream_dataset
 from engine.cli import Training, autocast, memory_format, parse, select_device, setting, writable_file
 from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
-from engine.metrics import overlap_metrics, summarize
+from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
-from engine.state import StageState, load_network, resume_from, seed_stage, upstream_size
+from engine.state import StageState, load_network, resume_from, seed_stage, upstream_size, weights_copy
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
-from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_probability
+from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_logit, refine_logits
+
+# How the real masks shown to D_B are deformed, besides the labelled images' own augmentation.
+REAL_DEFORM = Geometry(rotate=10.0, scale=(0.85, 1.15), shift=0.05, flip=0.5)
+ELASTIC_GRID = (4, 8)         # coarse displacement grid (rows, columns), upsampled smoothly
 
 
 @dataclasses.dataclass
 class CycleGANSettings(Training):
     out: Path = setting(Path("cyclegan.pt"), "checkpoint to write (logs go to a folder beside it)")
     teacher: Path | None = setting(None, "teacher checkpoint whose pseudo labels to refine", required=True)
-    lr: float = setting(2e-4, "learning rate of both Adam optimisers (betas 0.5, 0.999)", within="(0, inf)")
+    lr: float = setting(5e-4, "learning rate of both Adam optimisers (betas 0.5, 0.999; SPEC section 5: 2e-4)",
+                        within="(0, inf)")
     width: int = setting(16, "generator channels at full resolution", within="[1, inf)")
     blocks: int = setting(4, "residual blocks in each generator", within="[1, inf)")
-    residual: bool = setting(True, "generators add the logit of their input mask to their output, so they start "
-                                   "as the identity (see the description above)")
+    map_temperature: float = setting(4.0, "temperature T at which the teacher's logits become the map qT",
+                                     within="(0, inf)")
+    disc_input: str = setting("mask", "what the discriminators judge: the mask alone, or the (image, mask) pair "
+                                      "(SPEC section 5)", choices=("mask", "pair"))
     disc_width: int = setting(16, "discriminator channels in its first layer", within="[1, inf)")
-    cycle_weight: float = setting(10.0, "weight of the cycle-consistency L1 losses", within="[0, inf)")
-    identity_weight: float = setting(5.0, "weight of the identity L1 G_AB(xl, yl) ~ yl", within="[0, inf)")
+    disc_layers: int = setting(2, "discriminator depth; receptive field 16, 34, 70 px for 1, 2, 3 (about one "
+                                  "sinus lobe is the aim; SPEC section 5: 3)", within="[1, 5]")
+    adversarial_weight: float = setting(3.0, "weight of the adversarial losses (SPEC section 5: 1)", within="[0, inf)")
+    cycle_weight: float = setting(1.0, "weight of the cycle-consistency L1 losses (SPEC section 5: 10)",
+                                  within="[0, inf)")
+    identity_weight: float = setting(1.0, "weight of the identity L1 G_AB(xl, yl) ~ yl (SPEC section 5: 5)",
+                                     within="[0, inf)")
+    real_deform: float = setting(1.0, "elastic displacement of the real masks shown to D_B, in pixels (0: none, "
+                                      "and no flip or affine either)", within="[0, inf)")
+    keep: str = setting("best", "candidate G_AB for the keep rule: the best validation check's (the Dice gain is "
+                                "gated, so a noise-level best is not kept) or the final one", choices=("best", "final"))
     pool_size: int = setting(50, "fakes kept in each discriminator's history pool (0: none)", within="[0, inf)")
     decay_start: float = setting(0.5, "fraction of --steps after which the learning rate decays linearly to 0",
                                  within="[0, 1]")
-    binarize: bool = setting(True, "discriminators see every mask thresholded at 0.5 (straight-through), so that "
-                                   "soft fakes cannot be told from binary real masks by softness alone")
-    d_augment: bool = setting(True, "discriminators see real and fake pairs alike randomly translated and cut out "
-                                    "(DiffAugment), so that they cannot memorise the few real masks")
 
 
 class HistoryPool:
@@ -95,9 +113,9 @@ def pair(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_pseudo_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Domain A's mask channel qT(xu); the teacher is a fixed input, never trained here."""
-    return foreground_probability(teacher(images))
+def teacher_map(teacher: torch.nn.Module, images: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Domain A's mask channel qT(xu) = sigmoid(zT / T); the teacher is a fixed input, never trained here."""
+    return torch.sigmoid(foreground_logit(teacher(images)) / temperature)
 
 
 def straight_through_binary(mask: torch.Tensor) -> torch.Tensor:
@@ -105,66 +123,91 @@ def straight_through_binary(mask: torch.Tensor) -> torch.Tensor:
     return mask + ((mask > 0.5).to(mask.dtype) - mask).detach()
 
 
-def diff_augment(pairs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random translation (up to 1/8 of each side, zero fill) and a cutout (half of each side) per
-    pair, applied alike to real and fake pairs; differentiable in the pairs' values."""
-    n, _, h, w = pairs.shape
+def translate(maps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each map shifted by up to 1/8 of each side with zero fill (DiffAugment's translation), so the
+    discriminators cannot key on where a mask sits; differentiable in the values."""
+    n, _, h, w = maps.shape
     shift = ((torch.rand(n, 2, generator=g) * 2 - 1) * torch.tensor([h / 8, w / 8])).round().long()
-    corner = (torch.rand(n, 2, generator=g) * torch.tensor([h - h // 2 + 1, w - w // 2 + 1])).long()
-    rows = torch.arange(h)[None, :, None]
-    cols = torch.arange(w)[None, None, :]
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
     src_r, src_c = rows - shift[:, 0, None, None], cols - shift[:, 1, None, None]
     inside = (src_r >= 0) & (src_r < h) & (src_c >= 0) & (src_c < w)
-    index = (src_r.clamp(0, h - 1) * w + src_c.clamp(0, w - 1)).to(pairs.device)
-    moved = pairs.flatten(2).gather(2, index.flatten(1)[:, None].expand(-1, pairs.shape[1], -1)).view_as(pairs)
-    hole = ((rows >= corner[:, 0, None, None]) & (rows < corner[:, 0, None, None] + h // 2)
-            & (cols >= corner[:, 1, None, None]) & (cols < corner[:, 1, None, None] + w // 2))
-    return moved * (inside & ~hole)[:, None].to(pairs.device, pairs.dtype)
+    index = (src_r.clamp(0, h - 1) * w + src_c.clamp(0, w - 1)).to(maps.device)
+    moved = maps.flatten(2).gather(2, index.flatten(1)[:, None].expand(-1, maps.shape[1], -1)).view_as(maps)
+    return moved * inside[:, None].to(maps.device, maps.dtype)
+
+
+def deform_masks(masks: torch.Tensor, g: torch.Generator, pixels: float) -> torch.Tensor:
+    """Binary (N, 1, H, W) masks flipped, rotated, scaled and shifted (REAL_DEFORM), then displaced
+    by a smooth random field of up to `pixels`: new plausible expert masks from the few there are."""
+    if pixels == 0:
+        return masks
+    n, _, h, w = masks.shape
+    _, moved = augment_geometry(masks, masks[:, 0].long(), g, REAL_DEFORM)
+    field = (torch.rand(n, 2, *ELASTIC_GRID, generator=g) * 2 - 1) * pixels
+    field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")[::-1], -1)
+    grid = base + field * torch.tensor([2 / w, 2 / h])       # pixels -> normalised (x, y)
+    out = F.grid_sample(moved[:, None].float(), grid.to(masks.device), mode="bilinear", align_corners=True)
+    return (out > 0.5).to(masks.dtype)
 
 
 class Judge:
-    """What a discriminator sees of (image, mask) pairs: see --binarize and --d-augment."""
+    """What a discriminator sees: the mask binarised (straight-through) and translated, alone or with
+    its image (--disc-input)."""
 
-    def __init__(self, binarize: bool, augment: bool):
-        self.binarize, self.augment = binarize, augment
+    def __init__(self, with_image: bool):
+        self.with_image = with_image
 
-    def __call__(self, discriminator, pairs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.binarize:
-            pairs = torch.cat([pairs[:, :1], straight_through_binary(pairs[:, 1:])], dim=1)
-        return discriminator(diff_augment(pairs, g) if self.augment else pairs)
+    def __call__(self, discriminator, image: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        seen = straight_through_binary(mask)
+        return discriminator(translate(pair(image, seen) if self.with_image else seen, g))
 
 
-def generator_loss(nets, judge, xa, qa, xb, yb, cycle_weight: float, identity_weight: float, g):
-    """LSGAN + cycle L1 + identity L1 for both generators -> (loss, fake A pair, fake B pair, parts)."""
-    fake_b = torch.sigmoid(nets["G_AB"](pair(xa, qa)))           # refined pseudo label of xu
-    fake_a = torch.sigmoid(nets["G_BA"](pair(xb, yb)))           # teacher-like mask of xl
-    cycle_a = torch.sigmoid(nets["G_BA"](pair(xa, fake_b)))
-    cycle_b = torch.sigmoid(nets["G_AB"](pair(xb, fake_a)))
-    same_b = torch.sigmoid(nets["G_AB"](pair(xb, yb)))
-    adversarial = lsgan(judge(nets["D_B"], pair(xa, fake_b), g), True) \
-        + lsgan(judge(nets["D_A"], pair(xb, fake_a), g), True)
-    cycle = F.l1_loss(cycle_a, qa) + F.l1_loss(cycle_b, yb)
-    identity = F.l1_loss(same_b, yb)
-    loss = adversarial + cycle_weight * cycle + identity_weight * identity
+def generator_loss(nets, judge, xa, qa, xb, yb, s, g):
+    """LSGAN + cycle L1 + identity L1 of both generators on their maps -> (loss, fake A, fake B, parts)."""
+    def through(name, image, mask):
+        return torch.sigmoid(nets[name](pair(image, mask)))
+    fake_b = through("G_AB", xa, qa)                 # refined pseudo label of xu
+    fake_a = through("G_BA", xb, yb)                 # teacher-like map of xl
+    cycle = F.l1_loss(through("G_BA", xa, fake_b), qa) + F.l1_loss(through("G_AB", xb, fake_a), yb)
+    identity = F.l1_loss(through("G_AB", xb, yb), yb)
+    adversarial = lsgan(judge(nets["D_B"], xa, fake_b, g), True) + lsgan(judge(nets["D_A"], xb, fake_a, g), True)
+    loss = s.adversarial_weight * adversarial + s.cycle_weight * cycle + s.identity_weight * identity
     parts = dict(adv=adversarial.detach(), cycle=cycle.detach(), idt=identity.detach())
-    return loss, pair(xb, fake_a).detach(), pair(xa, fake_b).detach(), parts
+    return loss, fake_a.detach(), fake_b.detach(), parts
 
 
-def discriminator_loss(nets, judge, real_a, real_b, fake_a, fake_b, g):
-    return 0.5 * (lsgan(judge(nets["D_A"], real_a, g), True) + lsgan(judge(nets["D_A"], fake_a, g), False)
-                  + lsgan(judge(nets["D_B"], real_b, g), True) + lsgan(judge(nets["D_B"], fake_b, g), False))
+def discriminator_loss(nets, judge, xa, qa, xb, real_b, fake_a, fake_b, g):
+    """D_A: the teacher's maps real, G_BA's fakes; D_B: (deformed) expert masks real, G_AB's fakes.
+    The fakes are pooled (image, map) pairs."""
+    return 0.5 * (lsgan(judge(nets["D_A"], xa, qa, g), True) + lsgan(judge(nets["D_A"], *fake_a.split(1, 1), g), False)
+                  + lsgan(judge(nets["D_B"], xb, real_b, g), True)
+                  + lsgan(judge(nets["D_B"], *fake_b.split(1, 1), g), False))
 
 
-def mask_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
-    """Mean Dice and HD95 (pixels at training size; over the cases where it is defined) of argmax, and
-    the cases where HD95 is undefined; with several classes, the mean of each over the classes."""
-    per_class = []
+def case_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
+    """Per-case Dice and HD95 (pixels at training size; NaN where undefined) of the argmax, each the
+    mean over the classes with several."""
+    dice, hd95 = [], []
     for c in range(1, logits.shape[1]):
         pred, target = logits.argmax(1) == c, masks == c
-        hd95 = boundary_metrics(pred, target)["hd95"]
-        per_class.append(dict(dice=overlap_metrics(pred, target)["dice"].mean().item(),
-                              hd95=summarize(hd95.tolist())["mean"], hd95_undefined=float(hd95.isnan().sum())))
-    return {k: sum(m[k] for m in per_class) / len(per_class) for k in per_class[0]}
+        dice.append(overlap_metrics(pred, target)["dice"].double().cpu())
+        hd95.append(boundary_metrics(pred, target)["hd95"].double().cpu())
+    return dict(dice=torch.stack(dice).mean(0).numpy(), hd95=torch.stack(hd95).mean(0).numpy())
+
+
+def refinement_gain(teacher: dict, refined: dict) -> dict:
+    """Validation means, the paired Dice gain with its 95 % t lower bound over the cases, and whether
+    the refinement passes the keep rule (lower bound above zero, HD95 not worse where defined)."""
+    gain = refined["dice"] - teacher["dice"]
+    both = np.isfinite(teacher["hd95"]) & np.isfinite(refined["hd95"])
+    n = len(gain)
+    low = float(gain.mean() - stats.t.ppf(0.975, n - 1) * gain.std(ddof=1) / math.sqrt(n)) if n > 1 else -math.inf
+    out = dict(teacher_dice=float(teacher["dice"].mean()), refined_dice=float(refined["dice"].mean()),
+               teacher_hd95=float(teacher["hd95"][both].mean()), refined_hd95=float(refined["hd95"][both].mean()),
+               dice_gain=float(gain.mean()), dice_gain_low=0.0 if not gain.any() else low)
+    out["passes"] = float(out["dice_gain_low"] > 0 and out["refined_hd95"] <= out["teacher_hd95"])
+    return out
 
 
 class CycleGAN:
@@ -177,10 +220,12 @@ class CycleGAN:
 
     def __init__(self, s: CycleGANSettings, device: torch.device, ddp: Distributed = Distributed()):
         self.s, self.device, self.ddp = s, device, ddp
+        disc_in = 2 if s.disc_input == "pair" else 1
         self.nets = torch.nn.ModuleDict(dict(
-            G_AB=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
-            G_BA=ResnetGenerator(width=s.width, blocks=s.blocks, residual=s.residual),
-            D_A=PatchDiscriminator(width=s.disc_width), D_B=PatchDiscriminator(width=s.disc_width)))
+            G_AB=ResnetGenerator(width=s.width, blocks=s.blocks, map_temperature=s.map_temperature),
+            G_BA=ResnetGenerator(width=s.width, blocks=s.blocks, map_temperature=s.map_temperature),
+            D_A=PatchDiscriminator(disc_in, width=s.disc_width, layers=s.disc_layers),
+            D_B=PatchDiscriminator(disc_in, width=s.disc_width, layers=s.disc_layers)))
         self.nets.to(device, memory_format=memory_format(s.channels_last))
         self.parallel = {name: ddp.wrap(net) for name, net in self.nets.items()}
         generators = [*self.nets["G_AB"].parameters(), *self.nets["G_BA"].parameters()]
@@ -190,7 +235,7 @@ class CycleGAN:
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, constant_then_linear(s.steps, s.decay_start))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, constant_then_linear(s.steps, s.decay_start))
         self.pool_a, self.pool_b = HistoryPool(s.pool_size, device), HistoryPool(s.pool_size, device)
-        self.judge = Judge(s.binarize, s.d_augment)
+        self.judge = Judge(s.disc_input == "pair")
 
     def modules(self) -> dict:
         """Everything whose state --resume needs."""
@@ -199,14 +244,14 @@ class CycleGAN:
 
     def train_step(self, xa, qa, xb, yb, generators) -> dict:
         """One generator update, then one discriminator update on pooled fakes; `generators` holds
-        the step's random streams: the two pools', then the discriminators' augmentation's."""
+        the step's random streams: the two pools', the discriminators' translation's, the real
+        masks' deformation's."""
         s, nets, device, ddp = self.s, self.nets, self.device, self.ddp
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
         learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.judge, xa, qa, xb, yb, s.cycle_weight,
-                                                           s.identity_weight, generators[2])
+            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.judge, xa, qa, xb, yb, s, generators[2])
         value_g = check_finite(loss_g, "generator loss")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -214,11 +259,12 @@ class CycleGAN:
 
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
-        fake_a = ddp.share(self.pool_a.query(ddp.gather(fake_a), generators[0]))
-        fake_b = ddp.share(self.pool_b.query(ddp.gather(fake_b), generators[1]))
+        # the pools hold (image, map) pairs, so that a pooled fake keeps its own image
+        fake_a = ddp.share(self.pool_a.query(ddp.gather(pair(xb, fake_a)), generators[0]))
+        fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), generators[1]))
+        real_b = deform_masks(yb, generators[3], s.real_deform)
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(self.parallel, self.judge, pair(xa, qa), pair(xb, yb), fake_a, fake_b,
-                                        generators[2])
+            loss_d = discriminator_loss(self.parallel, self.judge, xa, qa, xb, real_b, fake_a, fake_b, generators[2])
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -246,7 +292,7 @@ def main(argv=None):
     unlabeled, _ = dataset.tensors(split["unlabeled"], size, with_masks=False)
     labeled, labels = dataset.tensors(split["labeled"], size)
     val_images, val_masks = dataset.tensors(split["val"], size)
-    teacher_metrics = mask_metrics(predict_logits(teacher, val_images, device), val_masks)
+    teacher_cases = case_metrics(predict_logits(teacher, val_images, device), val_masks)
 
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
@@ -272,28 +318,37 @@ def main(argv=None):
                                   step_generator(run_seed, step, "labeled"), geometry)
         xa, xb, yb = ddp.share(xa), ddp.share(xb), ddp.share(yb)
         with autocast(s.precision, device):
-            qa = teacher_pseudo_labels(teacher, xa)
-        streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge")]
+            qa = teacher_map(teacher, xa, s.map_temperature)
+        streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge", "deform")]
         return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
 
-    def validate():
-        refined = predict_logits(teacher, val_images, device, refiner=gan.nets["G_AB"])
-        metrics = {f"teacher_{k}": v for k, v in teacher_metrics.items()}
-        metrics.update({f"refined_{k}": v for k, v in mask_metrics(refined, val_masks).items()})
-        metrics["dice_gain"] = metrics["refined_dice"] - metrics["teacher_dice"]
-        return metrics
+    def validate(generator=gan.nets["G_AB"]):
+        refine = lambda x, z: refine_logits(generator, x, z)  # noqa: E731
+        refined = case_metrics(predict_logits(teacher, val_images, device, refine=refine), val_masks)
+        return refinement_gain(teacher_cases, refined)
 
     if start == 0 and ddp.is_main:
-        state.save(0, validate())   # the untrained residual G_AB is the teacher: the baseline to beat
+        state.save(0, validate())   # the untrained G_AB is the teacher: the baseline to beat
     run_steps(desc="cyclegan", steps=s.steps, start_step=start, val_every=s.val_every, train_step=train_step,
               validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True,
               writer=ddp.is_main)
     if not ddp.is_main:
         return
-    m = state.best["metrics"]
-    print(f"{out}: validation, teacher -> refined (best step {state.best['step']}): "
-          f"Dice {m['teacher_dice']:.4f} -> {m['refined_dice']:.4f}, "
-          f"HD95 {m['teacher_hd95']:.2f} -> {m['refined_hd95']:.2f} px; logs in {logs}/")
+    candidate = state.best["metrics"]
+    kept = "trained" if candidate["passes"] else "identity"
+    if kept == "identity":
+        identity = ResnetGenerator(**config["G_AB"])      # a zero correction: the teacher's prediction
+        state.keep(weights_copy(identity), 0, validate(identity), 0.0)
+    state.extra.update(kept=kept, candidate=candidate)
+    state.write(s.steps)
+    logger.info("kept %s: candidate of step %d, validation Dice %.4f -> %.4f (gain %+.4f, 95 %% lower bound "
+                "%+.4f), HD95 %.2f -> %.2f px", kept, candidate.get("step", 0), candidate["teacher_dice"],
+                candidate["refined_dice"], candidate["dice_gain"], candidate["dice_gain_low"],
+                candidate["teacher_hd95"], candidate["refined_hd95"])
+    print(f"{out}: kept the {kept} refiner; candidate (step {candidate.get('step', 0)}) on validation: "
+          f"Dice {candidate['teacher_dice']:.4f} -> {candidate['refined_dice']:.4f} "
+          f"(gain {candidate['dice_gain']:+.4f}, lower bound {candidate['dice_gain_low']:+.4f}), "
+          f"HD95 {candidate['teacher_hd95']:.2f} -> {candidate['refined_hd95']:.2f} px; logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -3,22 +3,30 @@
     L = L_sup(labelled: cross-entropy + soft Dice) + lambda(s) * L_unsup(unlabelled)
 
 Reads --data, the frozen --teacher (whose split and input size it inherits) and, for refined
-KD, the --refiner; writes the checkpoint --out with the weights of the best validation Dice,
-and <out stem>_logs/ beside it. --method picks L_unsup from the objectives in objectives.py;
-for the KD methods --weight overrides the method's pixel weight and --refiner switches
-refinement on, so every cell of the ablation grid is one command.
+KD, the --refiner; writes the checkpoint --out (the final weights, or with --keep best those of
+the best validation check) and <out stem>_logs/ beside it. --method picks L_unsup from the
+objectives in objectives.py; for the KD methods --weight overrides the method's pixel weight,
+and --refiner or --postprocess changes the teacher's logits first, so every cell of the
+ablation grid is one command.
 
-The student is noised: on each unlabelled image the teacher (and refiner, or the EMA copy)
-see the clean view, the student a strongly perturbed one of the same geometry (stronger
-photometric changes, blur, a cutout hole), and the student network has dropout.
+The student starts from the teacher's weights (--init) and is noised: on each unlabelled image
+the teacher (and refiner, or the EMA copy) see the clean view, the student a strongly perturbed
+one of the same geometry (stronger photometric changes, blur, a cutout hole), and the student
+network has dropout. The labelled and the unlabelled batch go through the student separately,
+and only the labelled one updates the BatchNorm running statistics, so that every student, the
+supervised control included, is evaluated with statistics of clean labelled images; the
+unlabelled pass draws its dropout from a stream of its own. A student with lambda 0 therefore
+trains exactly as the supervised control of its seed.
 """
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
 
 import torch
 
-from data import Corruption, Geometry, Photometric, labeled_batch, prepare_dataset, strengths, unlabeled_views
+from data import Corruption, Geometry, Photometric, derive_seed, labeled_batch, prepare_dataset, strengths, \
+    unlabeled_views
 from data.check import upstream_dataset
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
@@ -29,6 +37,7 @@ from engine.state import StageState, check_same_experiment, load_network, resume
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
 from nets.cyclegan import refine_logits
+from nets.postprocess import postprocess_logits
 from nets.unet import UNet
 from objectives import OBJECTIVES, ema_update, ramp, supervised_loss
 
@@ -38,6 +47,8 @@ class StudentSettings(LabelledPhotometric, Training):
     out: Path = setting(Path("student.pt"), "checkpoint to write (logs go to a folder beside it)")
     teacher: Path | None = setting(None, "teacher checkpoint (gives the split and the input size)", required=True)
     refiner: Path | None = setting(None, "SinusCycle-GAN checkpoint that refines the teacher's logits (KD methods)")
+    postprocess: bool = setting(False, "KD methods: distil from the teacher's post-processed logits (each side's "
+                                       "largest connected component, holes filled), the refiner's control")
     method: str = setting("wkd_refine", "unlabelled objective: " + "; ".join(
         f"{o.name}: {o.summary}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES))
     weight: str | None = setting(None, "KD pixel weight; default: the method's", choices=tuple(WEIGHT_MODES))
@@ -51,10 +62,11 @@ class StudentSettings(LabelledPhotometric, Training):
     ramp_steps: int = setting(200, "length of the sigmoid-shaped ramp-up of lambda", within="[1, inf)")
     unlabeled_batch_size: int = setting(4, "unlabelled images per step", within="[1, inf)")
     width: int = setting(16, "student U-Net width", within="[1, inf)")
-    init: str = setting("scratch", "start from random weights or from the teacher's (same width only)",
-                        choices=("scratch", "teacher"))
-    confidence: float = setting(0.9, "pseudo_label: minimum teacher probability of a pixel used", within="[0, 1]")
-    ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the student's copy", within="[0, 1)")
+    init: str = setting("teacher", "start from the teacher's weights (same width only) or from random ones",
+                        choices=("teacher", "scratch"))
+    confidence: float = setting(0.95, "pseudo_label: minimum teacher probability of a pixel used", within="[0, 1]")
+    ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the student's copy (horizon 1 / (1 - decay) "
+                                     "steps)", within="[0, 1)")
     dropout: float = setting(0.1, "noised student: channel dropout on the student's decoder inputs", within="[0, 1)")
     strong_gamma: float = setting(0.5, "noised student's view: log-gamma range +-", within="[0, 3]")
     strong_contrast: tuple[float, float] = setting((0.6, 1.4), "noised student's view: contrast factor range",
@@ -71,10 +83,33 @@ def check_method_flags(s: StudentSettings) -> None:
     method = OBJECTIVES[s.method]
     if method.refine and s.refiner is None:
         raise UserError(f"--method {s.method} needs --refiner cyclegan.pt")
-    if method.weight is None and (s.refiner or s.weight):
-        raise UserError(f"--refiner and --weight apply to the KD methods only, not --method {s.method}")
+    if method.weight is None and (s.refiner or s.weight or s.postprocess):
+        raise UserError(f"--refiner, --postprocess and --weight apply to the KD methods only, not --method {s.method}")
+    if s.refiner and s.postprocess:
+        raise UserError("--refiner and --postprocess: choose one")
     if s.weight_window % 2 == 0:
         raise UserError(f"--weight-window {s.weight_window}: the window must be odd, so that it has a centre")
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: torch.nn.Module):
+    """BatchNorm layers normalise with the batch's statistics and leave their running ones alone."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def own_random_stream(seed: int, device: torch.device):
+    """Random draws (dropout) from a stream seeded by `seed`, leaving the global stream untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @exit_on_user_error
@@ -117,7 +152,7 @@ def main(argv=None):
         ema = copy.deepcopy(model).requires_grad_(False)
         modules["ema"] = ema
     state = StageState("student", out, model, modules, s, split, size,
-                       extra=dict(method=s.method, weight=weight, refined=refiner is not None,
+                       extra=dict(method=s.method, weight=weight, refined=refiner is not None, postprocessed=s.postprocess,
                                   classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
@@ -127,8 +162,8 @@ def main(argv=None):
                                                      processes=ddp.world,
                                                      global_batch=(s.batch_size + s.unlabeled_batch_size) * ddp.world),
                                  ddp.is_main)
-    logger.info("student %s (weight %s, refined %s): %d labelled, %d unlabelled, %d val at %s on %s, global batch "
-                "%d + %d", s.method, weight, refiner is not None, len(images),
+    logger.info("student %s (weight %s, refined %s, post-processed %s): %d labelled, %d unlabelled, %d val at %s "
+                "on %s, global batch %d + %d", s.method, weight, refiner is not None, s.postprocess, len(images),
                 0 if unlabeled is None else len(unlabeled), len(val_images), size, device, s.batch_size * ddp.world,
                 s.unlabeled_batch_size * ddp.world)
 
@@ -139,28 +174,33 @@ def main(argv=None):
             if method.target == "ema":
                 return ema(x)
             logits = teacher(x)
-            return logits if refiner is None else refine_logits(refiner, x, logits)
+            if refiner is not None:
+                return refine_logits(refiner, x, logits)
+            return postprocess_logits(x, logits) if s.postprocess else logits
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast(s.precision, device):
+            return net(x.contiguous(memory_format=channels))
 
     def train_step(step):
         xl, yl = labeled_batch(images, masks, s.batch_size * ddp.world, run_seed, step, device, geometry,
                                photometric)
         xl, yl = ddp.share(xl), ddp.share(yl)
-        parts = [xl]
+        sup = supervised_loss(forward(xl), yl, ddp.total)
+        losses = {"sup": check_finite(sup, "supervised loss")}
+        loss = sup
         if unlabeled is not None:
             # The targets come from the clean view xu; the student sees a strongly perturbed one.
             xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size * ddp.world, run_seed, step, device, geometry,
                                      strong, corruption)
             xu, xs = ddp.share(xu), ddp.share(xs)
-            parts.append(xs)
-        with autocast(s.precision, device):
-            logits = net(torch.cat(parts).contiguous(memory_format=channels))
-        sup = supervised_loss(logits[:len(xl)], yl, ddp.total)
-        losses = {"sup": check_finite(sup, "supervised loss")}
-        loss = sup
-        if unlabeled is not None:
-            unsup = method.loss(logits[len(xl):], targets(xu), s)
-            losses["unsup"] = check_finite(unsup, "unlabelled loss")
-            loss = sup + ramp(step, s.lambda_max, s.ramp_steps) * unsup
+            with running_statistics_kept(model), own_random_stream(derive_seed(run_seed, step, "unlabeled"), device):
+                student_logits = forward(xs)
+            unsup = method.loss(student_logits, targets(xu), s)
+            unsup, extra = unsup if isinstance(unsup, tuple) else (unsup, {})
+            lam = ramp(step, s.lambda_max, s.ramp_steps)
+            losses.update(unsup=check_finite(unsup, "unlabelled loss"), **extra, **{"lambda": lam})
+            loss = sup + lam * unsup
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -173,7 +213,8 @@ def main(argv=None):
               train_step=train_step, validate=lambda: validation_dice(model, val_images, val_masks, device),
               save=state.save, checkpoint_path=out, logger=logger, writer=ddp.is_main)
     if ddp.is_main:
-        print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
+        print(f"{out}: validation Dice {state.best['score']:.4f} of the kept weights (step {state.best['step']}, "
+              f"--keep {s.keep}); logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Reads --data (drawing the split, or taking splits.json; the classes from classes.json or
 --classes) and checks every file of the split before training; writes the checkpoint --out with
-the weights of the best validation Dice, the resolved split and classes (which every later stage
+the final weights (or with --keep best those of the best validation check), the resolved split and classes (which every later stage
 inherits) and the full training state for --resume, and <out stem>_logs/ beside it.
 """
 import dataclasses
@@ -87,7 +87,8 @@ def main(argv=None):
               validate=lambda: validation_dice(model, val_images, val_masks, device), save=state.save,
               checkpoint_path=out, logger=logger, writer=ddp.is_main)
     if ddp.is_main:
-        print(f"{out}: best validation Dice {state.best['score']:.4f} at step {state.best['step']}; logs in {logs}/")
+        print(f"{out}: validation Dice {state.best['score']:.4f} of the kept weights (step {state.best['step']}, "
+              f"--keep {s.keep}); logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -218,10 +218,13 @@ class Training(Common):
     seed: int = setting(0, "seed of the split (teacher), initialisation, batches and augmentation")
     steps: int = setting(1000, "training iterations", within="[1, inf)")
     batch_size: int = setting(4, "labelled images per step", within="[1, inf)")
-    lr: float = setting(1e-3, "peak learning rate of Adam (the schedule is in the description above)",
+    lr: float = setting(1e-3, "peak learning rate of Adam",
                         within="(0, inf)")
     val_every: int = setting(100, "validate and checkpoint every this many steps (and at the end)",
                              within="[1, inf)")
+    keep: str = setting("final", "weights the checkpoint keeps for later stages: final (those of the last step) "
+                                 "or best (those of the best validation check, which adds that check's noise)",
+                        choices=("final", "best"))
     precision: str = setting("auto", "bf16 runs the networks under autocast; auto takes bf16 where the device "
                                      "computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), fp32 elsewhere",
                              choices=("auto", "fp32", "bf16"))

@@ -86,10 +86,11 @@ class SynchronisedBatchNorm(nn.BatchNorm2d):
         n, c = moments[0], x.shape[1]
         mean = moments[1:1 + c] / n
         var = moments[1 + c:] / n - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
         out = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         return (out * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
 

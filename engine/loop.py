@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import UserError
-from nets.cyclegan import refine_logits
-
 from .metrics import dice_score
 
 
@@ -41,27 +39,27 @@ def constant_then_linear(steps: int, decay_start: float):
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 8,
-                   refiner: torch.nn.Module | None = None) -> torch.Tensor:
-    """Logits for (N, 1, H, W) images in eval mode, refined by a SinusCycle-GAN generator if one is
-    given, returned on the CPU in float32."""
+                   refine=None) -> torch.Tensor:
+    """Logits for (N, 1, H, W) images in eval mode, passed through `refine(images, logits)` if given
+    (a SinusCycle-GAN refiner or the post-processing), returned on the CPU in float32."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
         logits = model(x).float()
-        out.append((logits if refiner is None else refine_logits(refiner, x, logits)).cpu())
+        out.append((logits if refine is None else refine(x, logits)).cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
 def predict_full_size(model: torch.nn.Module, dataset, ids, size, device: torch.device, batch_size: int = 8,
-                      refiner: torch.nn.Module | None = None):
+                      refine=None):
     """(id, image, class indices or None, logits (C, H0, W0) on `device`) of each case of `ids` of a
     data.Dataset, in order: cases decoded once, a batch at a time, predicted at the network input
     `size` and the logits upsampled bilinearly to each case's original size."""
     for chunk, cases, images in dataset.batches(ids, size, batch_size):
-        logits = predict_logits(model, images, device, batch_size, refiner)
+        logits = predict_logits(model, images, device, batch_size, refine)
         for case_id, (image, labels), z in zip(chunk, cases, logits):
             up = F.interpolate(z[None].to(device), size=image.shape, mode="bilinear", align_corners=False)
             yield case_id, image, labels, up[0]

@@ -25,6 +25,17 @@ def git_hash() -> str:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
 
 
+def cpu_model() -> str:
+    """The processor's model name as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     try:
         import triton
@@ -33,7 +44,7 @@ def environment() -> dict:
         triton_version = None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(git=git_hash(), python=platform.python_version(), torch=torch.__version__, triton=triton_version,
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), gpu=gpu,
+                cpu=cpu_model(), threads=torch.get_num_threads(), gpu=gpu,
                 command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
 
 

@@ -184,8 +184,9 @@ class StageState:
 
     def __init__(self, kind: str, path, model, modules: dict, settings, split: dict, size,
                  extra: dict | None = None, config: dict | None = None, score: str = "dice"):
-        """`model` is the network later stages use (its best weights are kept), `modules` everything
-        with a state_dict that --resume needs, `score` the validation metric that picks the best."""
+        """`model` is the network later stages use, `modules` everything with a state_dict that
+        --resume needs, `score` the validation metric that picks the best when `settings.keep` is
+        "best"; with "final" the weights of the latest check are kept."""
         self.kind, self.path, self.model, self.modules = kind, path, model, modules
         self.settings, self.split, self.size, self.extra = settings, split, list(size), extra or {}
         self.config, self.score = config or model.config, score
@@ -203,11 +204,19 @@ class StageState:
         return state["step"]
 
     def save(self, step: int, metrics: dict) -> None:
-        """Keep the model if its score is the best yet, then write the checkpoint."""
+        """Keep the model if it is the latest (--keep final) or its score the best yet, then write the
+        checkpoint."""
         score = metrics[self.score]
-        if score > self.best["score"]:
-            self.best.update(score=score, step=step, metrics=dict(metrics, step=step),
-                             weights=weights_copy(self.model))
+        if score > self.best["score"] or self.settings.keep == "final":
+            self.keep(weights_copy(self.model), step, metrics, score)
+        self.write(step)
+
+    def keep(self, weights: dict, step: int, metrics: dict, score: float) -> None:
+        """Make `weights` the network later stages get, with the validation `metrics` of step `step`."""
+        self.best.update(score=score, step=step, metrics=dict(metrics, step=step), weights=weights)
+
+    def write(self, step: int) -> None:
+        """The checkpoint of the kept network and of the training state at `step`, atomically."""
         train_state = {name: weights_copy(module) if isinstance(module, torch.nn.Module) else module.state_dict()
                        for name, module in self.modules.items()}
         train_state.update(step=step, rng=rng_state(), best_score=self.best["score"], best_step=self.best["step"])

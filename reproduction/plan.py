@@ -2,9 +2,13 @@
 
 A run is one call of a stage script. Rows that share a run share it: one teacher per labelled
 ratio and seed, one refiner per teacher, one student per (ratio, method or KD cell, seed), one
-evaluation per trained network (plus the teacher's pseudo labels, plain and refined, for Table
-3). Every student of one seed starts from the same initialisation and sees the same labelled
-batches, so the `supervised` student is the paired control of every other row.
+evaluation per trained network (plus the teacher's pseudo labels, plain, post-processed and
+refined, for Table 3). Every student of one seed starts from that seed's teacher and sees the
+same labelled batches, so the `supervised` student is the paired control of every other row.
+
+Seeds come in groups, each a number of seeds fixed per profile before any table is read: the
+runs of the three claims (`primary`), the other baselines (`baselines`), the other ablation cells
+(`ablation`) and the 10 %-and-up label-efficiency runs (`efficiency`).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,31 +18,49 @@ from objectives import OBJECTIVES
 
 CONTROL = "supervised"          # the student every other row is compared with
 PAPER_METHOD = "wkd_refine"
-# Student methods of Table 1 that are not KD cells; KD cells are (weight, refined) pairs.
+FULL_LABELS = "teacher, 100 % labels"
+# Student methods of Table 1 that are not KD cells; KD cells are (weight, pseudo-label source) pairs.
 BASELINES = tuple(name for name, o in OBJECTIVES.items() if o.weight is None)
 KD_METHOD = {(o.weight, o.refine): name for name, o in OBJECTIVES.items() if o.weight is not None}
-KD_CELLS = [(w, r) for r in (False, True) for w in WEIGHT_MODES]
+SOURCES = ("plain", "refined", "post-processed")
+KD_CELLS = [(w, source) for source in SOURCES[:2] for w in WEIGHT_MODES] + [("ssim", "post-processed")]
 TABLE4_METHODS = (CONTROL, PAPER_METHOD)
+# The claims, each a paired contrast (row - control) on the same seeds and test cases.
+CLAIMS = (("the structural weight helps KD", "wkd", "kd"),
+          ("SinusCycle-GAN refinement helps", PAPER_METHOD, "wkd"),
+          ("the method beats the supervised control", PAPER_METHOD, CONTROL))
+PRIMARY_METHODS = {CONTROL, *(row for _, row, _ in CLAIMS), *(c for _, _, c in CLAIMS)}
 
 PROFILES = {
     # End-to-end check of the whole plan in seconds (the test suite runs it on a tiny phantom).
-    "micro": dict(size=(32, 64), seeds=1, table2_seeds=1, table4_seeds=1, ratio=0.3, table4_ratios=(0.3, 0.6),
-                  teacher=dict(width=4, steps=4, batch=2), cyclegan=dict(width=4, blocks=1, disc_width=4, steps=4),
+    "micro": dict(size=(32, 64), precision="fp32", seeds=dict(primary=2, baselines=1, ablation=1, efficiency=1),
+                  ratio=0.3, table4_ratios=(0.3, 0.6), teacher=dict(width=4, steps=4, batch=2),
+                  cyclegan=dict(width=4, blocks=1, disc_width=4, disc_layers=1, steps=4),
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
-    # CPU, under 20 minutes on 2 cores: small input and networks, three seeds for Tables 1 and 3. The
-    # teachers train longer than the students because the 100 % teacher was still improving: at
-    # 800 steps the 2 %-to-100 % gap on validation is 5.7 Dice points (3 seeds), at 400 only 4.2
-    # (results/design/headroom.json); the 2 % teacher peaks early either way.
-    "quick": dict(size=(48, 96), seeds=3, table2_seeds=1, table4_seeds=1, ratio=0.02,
-                  table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
-                  cyclegan=dict(width=8, blocks=3, disc_width=8, steps=200),
-                  student=dict(width=8, steps=300, batch=4, ramp=100), val_every=50),
-    # GPU: the phantom's full 256x512 resolution, paper-sized networks, three seeds everywhere.
-    "paper": dict(size=(256, 512), seeds=3, table2_seeds=3, table4_seeds=3, ratio=0.02,
-                  table4_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
-                  cyclegan=dict(width=32, blocks=6, disc_width=64, steps=10000),
-                  student=dict(width=32, steps=20000, batch=8, ramp=4000), val_every=1000),
+    # CPU, within 20 minutes on 2 cores: small input and networks. Students start from their
+    # teacher and train for 150 steps; every run keeps its final weights.
+    "quick": dict(size=(48, 96), precision="fp32", seeds=dict(primary=6, baselines=3, ablation=3, efficiency=2),
+                  ratio=0.02, table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
+                  cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=1, steps=200),
+                  student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
+    # GPU: the phantom's full 256x512 resolution, paper-sized networks, the seeds of the quick profile.
+    "paper": dict(size=(256, 512), precision="bf16", seeds=dict(primary=6, baselines=6, ablation=6, efficiency=3),
+                  ratio=0.02, table4_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
+                  cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=10000),
+                  student=dict(width=32, steps=10000, batch=8, ramp=3000), val_every=1000),
 }
+
+
+def method_settings(method: str, steps: int) -> list:
+    """Flags a baseline needs to be scaled to the run as its reference implementation scales it.
+    Mean teacher (SSL4MIS): consistency weight 0.1 against a supervised loss of half (CE + Dice),
+    so 0.2 against this repo's CE + Dice, ramped up over the whole run; EMA decay 0.99 over 30,000
+    iterations is a horizon of 1/300 of the run, which below 10 steps would make the EMA copy the
+    student itself, so the horizon is max(steps / 300, 10) steps."""
+    if method == "mean_teacher":
+        horizon = max(steps / 300, 10.0)
+        return {"--lambda-max": 0.2, "--ramp-steps": steps, "--ema-decay": round(1 - 1 / horizon, 6)}
+    return {}
 
 
 @dataclass
@@ -61,16 +83,18 @@ def percent(ratio: float) -> str:
     return f"{ratio * 100:g} %"
 
 
-def kd_label(weight: str, refined: bool) -> str:
+def kd_label(weight: str, source: str) -> str:
     """Table 2's row of a KD cell."""
-    return f"{weight}, {'refined' if refined else 'plain'}"
+    return f"{weight}, {source}"
 
 
 class Planner:
-    def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, device: str = "auto"):
+    def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, device: str = "auto",
+                 precision: str | None = None):
         self.p = PROFILES[profile]
         self.data, self.out, self.device = data, out, device
-        self.seeds = range(seeds or self.p["seeds"])
+        self.precision = precision or self.p["precision"]
+        self.seeds = {group: seeds or n for group, n in self.p["seeds"].items()}
         self.runs: dict[str, Run] = {}
 
     def _add(self, run: Run, cell=None) -> Run:
@@ -80,7 +104,7 @@ class Planner:
         return run
 
     def _common(self, seed: int) -> list:
-        return ["--data", self.data, "--device", self.device, "--seed", seed, "--val-every", self.p["val_every"]]
+        return ["--data", self.data, "--seed", seed, "--val-every", self.p["val_every"], "--precision", self.precision]
 
     def _name(self, output: Path) -> str:
         return str(output.relative_to(self.out))
@@ -97,60 +121,74 @@ class Planner:
         out = teacher.output.with_name("cyclegan.pt")
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--width", c["width"],
                                      "--blocks", c["blocks"], "--disc-width", c["disc_width"],
-                                     "--steps", c["steps"], "--batch-size", self.p["student"]["batch"]]
+                                     "--disc-layers", c["disc_layers"], "--steps", c["steps"],
+                                     "--batch-size", self.p["student"]["batch"]]
         return self._add(Run(self._name(out), "train_cyclegan", argv, out, seed, c["steps"], needs=[teacher.name]))
 
-    def student(self, ratio: float, seed: int, method: str, weight: str | None = None, refined: bool = False):
+    def student(self, ratio: float, seed: int, method: str, weight: str | None = None, source: str = "plain"):
         s, teacher = self.p["student"], self.teacher(ratio, seed)
-        name = method if weight is None else f"kd-{weight}-{'refined' if refined else 'plain'}"
+        name = method if weight is None else f"kd-{weight}-{source.replace('-', '')}"
         out = teacher.output.with_name(f"student-{name}.pt")
+        flags = {"--width": s["width"], "--steps": s["steps"], "--batch-size": s["batch"],
+                 "--unlabeled-batch-size": s["batch"], "--ramp-steps": s["ramp"], **method_settings(method, s["steps"])}
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--method", method,
-                                     "--width", s["width"], "--steps", s["steps"], "--batch-size", s["batch"],
-                                     "--unlabeled-batch-size", s["batch"], "--ramp-steps", s["ramp"]]
+                                     *(x for flag, value in flags.items() for x in (flag, value))]
         needs = [teacher.name]
         if weight is not None:
             argv += ["--weight", weight]
-        if refined:
+        if source == "refined":
             refiner = self.refiner(ratio, seed)
             argv += ["--refiner", refiner.output]
             needs.append(refiner.name)
+        elif source == "post-processed":
+            argv.append("--postprocess")
         return self._add(Run(self._name(out), "train_student", argv, out, seed, s["steps"], needs=needs))
 
-    def kd_student(self, ratio: float, seed: int, weight: str, refined: bool) -> Run:
-        return self.student(ratio, seed, KD_METHOD.get((weight, refined), "kd"), weight, refined)
+    def kd_student(self, ratio: float, seed: int, weight: str, source: str) -> Run:
+        return self.student(ratio, seed, KD_METHOD.get((weight, source == "refined"), "kd"), weight, source)
 
     def method_student(self, ratio: float, seed: int, method: str) -> Run:
         o = OBJECTIVES[method]
-        return self.student(ratio, seed, method) if o.weight is None else self.kd_student(ratio, seed, o.weight,
-                                                                                          o.refine)
+        return self.student(ratio, seed, method) if o.weight is None else self.kd_student(
+            ratio, seed, o.weight, "refined" if o.refine else "plain")
 
-    def evaluation(self, trained: Run, cell, split: str = "test", refiner: Run | None = None) -> Run:
-        suffix = f"_{split}" + ("_refined" if refiner else "")
+    def evaluation(self, trained: Run, cell, split: str = "test", refiner: Run | None = None,
+                   postprocess: bool = False) -> Run:
+        suffix = f"_{split}" + ("_refined" if refiner else "_postprocessed" if postprocess else "")
         out = trained.output.with_name(trained.output.stem + suffix + "_eval")
-        argv = ["--data", self.data, "--device", self.device, "--ckpt", trained.output, "--split", split,
-                "--out", out, "--no-overlays"]
+        argv = ["--data", self.data, "--ckpt", trained.output, "--split", split, "--out", out, "--no-overlays"]
         needs = [trained.name]
         if refiner:
             argv += ["--refiner", refiner.output]
             needs.append(refiner.name)
+        if postprocess:
+            argv.append("--postprocess")
         return self._add(Run(self._name(out), "evaluate", argv, out, trained.seed, needs=needs), cell)
 
     def plan(self) -> list:
         """Every run in an order that satisfies dependencies (each run after the runs it reads)."""
-        r = self.p["ratio"]
-        for seed in self.seeds:
-            self.evaluation(self.teacher(r, seed), ("table1", "teacher"))
-            for method in OBJECTIVES:
-                self.evaluation(self.method_student(r, seed, method), ("table1", method))
-            self.evaluation(self.teacher(1.0, seed), ("table1", "supervised (100 % labels)"))
-            self.evaluation(self.teacher(r, seed), ("table3", "teacher"), split="unlabeled")
-            self.evaluation(self.teacher(r, seed), ("table3", "refined"), split="unlabeled",
-                            refiner=self.refiner(r, seed))
-            if seed < self.p["table2_seeds"]:
-                for weight, refined in KD_CELLS:
-                    self.evaluation(self.kd_student(r, seed, weight, refined), ("table2", kd_label(weight, refined)))
-            if seed < self.p["table4_seeds"]:
-                for ratio in self.p["table4_ratios"]:
+        r, n = self.p["ratio"], self.seeds
+        for seed in range(max(n.values())):
+            if seed < n["primary"]:
+                self.evaluation(self.teacher(r, seed), ("table1", "teacher"))
+                for method in sorted(PRIMARY_METHODS, key=list(OBJECTIVES).index):
+                    self.evaluation(self.method_student(r, seed, method), ("table1", method))
+                teacher = self.teacher(r, seed)
+                self.evaluation(teacher, ("table3", "teacher"), split="unlabeled")
+                self.evaluation(teacher, ("table3", "post-processed"), split="unlabeled", postprocess=True)
+                self.evaluation(teacher, ("table3", "refined"), split="unlabeled", refiner=self.refiner(r, seed))
+            if seed < n["baselines"]:
+                for method in OBJECTIVES:
+                    if method not in PRIMARY_METHODS:
+                        self.evaluation(self.method_student(r, seed, method), ("table1", method))
+                self.evaluation(self.teacher(1.0, seed), ("table1", FULL_LABELS))
+            for weight, source in KD_CELLS:
+                run_is_primary = KD_METHOD.get((weight, source == "refined")) in PRIMARY_METHODS \
+                    and source != "post-processed"
+                if seed < n["primary" if run_is_primary else "ablation"]:
+                    self.evaluation(self.kd_student(r, seed, weight, source), ("table2", kd_label(weight, source)))
+            for ratio in self.p["table4_ratios"]:
+                if seed < n["primary" if ratio == r else "efficiency"]:
                     for method in TABLE4_METHODS:
                         self.evaluation(self.method_student(ratio, seed, method),
                                         ("table4", f"{method}|{percent(ratio)}"))

@@ -2,14 +2,15 @@
 differences from the control and their 95 % intervals.
 
 A cell is the mean over seeds of a run's mean test metric, followed by "± std": the std over
-seeds when there are several, else the std over the scored cases of the one run. Each row with a
-control (the `supervised` student of the same ratio and seed; for Table 3 the unrefined teacher)
-also gets its paired difference: per seed, the mean over the test cases of (row - control) on
-the same cases, then the mean over seeds with a t-interval over the seeds (every seed has its
-own split, initialisation and batches, so the interval covers all three sources of variation).
-With one seed the interval is a paired t-interval over the test cases of that seed alone, which
-ignores training variation; the caption says which. With several classes each row is followed by
-one row per class (`row · class`) of that class's metrics.
+seeds when there are several, else the std over the scored cases of the one run; the column n
+says how many seeds. Each row with a control (the `supervised` student of the same ratio and
+seed; for Table 3 the unrefined teacher) also gets its paired difference: per seed, the mean
+over the test cases of (row - control) on the same cases, then the mean over the seeds both have
+with a t-interval over the seeds (every seed has its own split, initialisation and batches, so
+the interval covers all three sources of variation). With one seed the interval is a paired
+t-interval over the test cases of that seed alone, which ignores training variation. Table 1
+opens with the claims: each a row minus its control, with a verdict by the rule in `verdict`.
+With several classes each row is followed by one row per class (`row · class`).
 """
 import csv
 import io
@@ -21,7 +22,7 @@ from scipy import stats
 from engine.metrics import per_class
 from objectives import OBJECTIVES
 
-from .plan import CONTROL, KD_CELLS, TABLE4_METHODS, kd_label, percent
+from .plan import CLAIMS, CONTROL, FULL_LABELS, KD_CELLS, TABLE4_METHODS, kd_label, percent
 
 LOWER_IS_BETTER = {"hd", "hd95", "hd95_pooled", "assd"}
 CASE_METRICS = ("dice", "iou", "hd95", "assd", "precision", "recall")
@@ -34,21 +35,19 @@ def table_specs(profile: dict) -> dict:
     t1_control = ("table1", CONTROL)
     return {
         "table1": dict(title=f"Table 1: comparison of methods at {r} labels (test split)",
-                       rows=["teacher", *OBJECTIVES, "supervised (100 % labels)"], metrics=list(CASE_METRICS),
-                       control=lambda row: None if row == CONTROL else t1_control, seeds=profile["seeds"]),
-        "table2": dict(title=f"Table 2: ablation of the KD weight and the refinement at {r} labels (test split)",
+                       rows=["teacher", *OBJECTIVES, FULL_LABELS], metrics=list(CASE_METRICS),
+                       control=lambda row: None if row == CONTROL else t1_control, claims=True),
+        "table2": dict(title=f"Table 2: ablation of the KD weight and the pseudo labels at {r} labels (test split)",
                        rows=[kd_label(w, f) for w, f in KD_CELLS], metrics=["dice", "iou", "hd95", "assd"],
-                       control=lambda row: t1_control, seeds=profile["table2_seeds"]),
+                       control=lambda row: t1_control),
         "table3": dict(title=f"Table 3: pseudo-label quality on the unlabelled split at {r} labels",
-                       rows=["teacher", "refined"], metrics=list(CASE_METRICS),
-                       control=lambda row: ("table3", "teacher") if row == "refined" else None,
-                       seeds=profile["seeds"]),
+                       rows=["teacher", "post-processed", "refined"], metrics=list(CASE_METRICS),
+                       control=lambda row: None if row == "teacher" else ("table3", "teacher")),
         "table4": dict(title="Table 4: label efficiency (test split)",
                        rows=[f"{m}|{percent(x)}" for x in profile["table4_ratios"] for m in TABLE4_METHODS],
                        metrics=["dice", "hd95"],
                        control=lambda row: None if row.startswith(CONTROL + "|")
-                       else ("table4", CONTROL + "|" + row.split("|")[1]),
-                       seeds=profile["table4_seeds"]),
+                       else ("table4", CONTROL + "|" + row.split("|")[1])),
     }
 
 
@@ -109,11 +108,41 @@ def paired_difference(runs: dict, controls: dict, metric: str) -> dict | None:
                 per_seed=[float(d.mean()) for d in per_seed])
 
 
+def verdict(d: dict | None, metric: str) -> str:
+    """The plain reading of a paired difference, by a rule fixed before any table was read: "helps"
+    or "hurts" when the 95 % interval excludes zero (on the side that is better or worse for the
+    metric), else "no difference larger than X", X the interval's larger end in absolute value
+    (Dice in points, distances in pixels)."""
+    if d is None or not math.isfinite(d["low"]):
+        return "–"
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    if d["low"] > 0 or d["high"] < 0:
+        return "helps" if sign * d["mean"] > 0 else "hurts"
+    bound = max(abs(d["low"]), abs(d["high"])) * (1 if metric in LOWER_IS_BETTER else 100)
+    return f"no difference larger than {bound:.2f}" + (" px" if metric in LOWER_IS_BETTER else " points")
+
+
+def claims(cells: dict) -> list:
+    """[(claim, row, control, {metric: difference})] of the claims, on the seeds row and control share."""
+    return [(claim, row, control, {m: paired_difference(cells.get(("table1", row), {}),
+                                                        cells.get(("table1", control), {}), m)
+                                   for m in DIFFERENCE_METRICS})
+            for claim, row, control in CLAIMS]
+
+
 def fmt(value: float, spread: float, metric: str) -> str:
     if math.isnan(value):
         return "–"
     digits = 2 if metric.split()[-1] in LOWER_IS_BETTER else 4
     return f"{value:.{digits}f} ± {spread:.{digits}f}"
+
+
+def fmt_points(d: dict | None) -> str:
+    """A Dice difference in points (x 100)."""
+    if d is None:
+        return "–"
+    scaled = dict(d, mean=100 * d["mean"], low=100 * d["low"], high=100 * d["high"])
+    return fmt_difference(scaled, "hd95")
 
 
 def fmt_difference(d: dict | None, metric: str) -> str:
@@ -126,8 +155,9 @@ def fmt_difference(d: dict | None, metric: str) -> str:
 
 
 def layout(spec: dict, cells: dict, name: str):
-    """Row names, column names, {(row, column): (mean, spread)} and {(row, metric): difference}."""
-    row_names, columns, values, differences = [], [], {}, {}
+    """Row names, column names, {(row, column): (mean, spread)}, {(row, metric): difference} and
+    {row: seeds}."""
+    row_names, columns, values, differences, seeds = [], [], {}, {}, {}
     classes = [("", None)] + [(f" · {c}", c) for c in class_names(cells)]
     for label in spec["rows"]:
         group, row = label.split("|") if "|" in label else ("", label)
@@ -135,6 +165,7 @@ def layout(spec: dict, cells: dict, name: str):
         for suffix, class_name in classes:
             if row + suffix not in row_names:
                 row_names.append(row + suffix)
+            seeds[row + suffix] = max(seeds.get(row + suffix, 0), len(runs))
             for metric in spec["metrics"]:
                 column = f"{group} {metric}".strip()
                 if column not in columns:
@@ -145,25 +176,38 @@ def layout(spec: dict, cells: dict, name: str):
         for metric in DIFFERENCE_METRICS:
             if control is not None and metric in spec["metrics"]:
                 differences[label, metric] = paired_difference(runs, cells.get(control, {}), metric)
-    return row_names, columns, values, differences
+    return row_names, columns, values, differences, seeds
 
 
 def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
     """(markdown, csv) of one table: the cells, then the paired differences from the control."""
-    row_names, columns, values, differences = layout(spec, cells, name)
+    row_names, columns, values, differences, seeds = layout(spec, cells, name)
     arrows = [c + (" ↓" if c.split()[-1] in LOWER_IS_BETTER else " ↑") for c in columns]
-    md = [f"### {spec['title']}", "", caption, "", "| | " + " | ".join(arrows) + " |",
-          "|---" * (len(columns) + 1) + "|"]
+    md = [f"### {spec['title']}", "", caption, ""]
+    if spec.get("claims"):
+        md += ["The claims, each a paired difference (row - control; Dice in points) over the seeds both share, "
+               "mean [95 % interval], and its reading:", "",
+               "| claim | contrast | seeds | Δ dice (points) | Δ hd95 (px) | Δ assd (px) | reading (dice; hd95) |",
+               "|---|---|---|---|---|---|---|"]
+        for claim, row, control, d in claims(cells):
+            n = d["dice"]["n"] if d["dice"] else 0
+            md.append(f"| {claim} | `{row}` - `{control}` | {n} | {fmt_points(d['dice'])} | "
+                      f"{fmt_difference(d['hd95'], 'hd95')} | {fmt_difference(d['assd'], 'assd')} | "
+                      f"{verdict(d['dice'], 'dice')}; {verdict(d['hd95'], 'hd95')} |")
+        md.append("")
+    md += ["| | n | " + " | ".join(arrows) + " |", "|---" * (len(columns) + 2) + "|"]
     for r in row_names:
-        md.append(f"| {r} | " + " | ".join(fmt(*values[r, c], c) for c in columns) + " |")
+        md.append(f"| {r} | {seeds[r]} | " + " | ".join(fmt(*values[r, c], c) for c in columns) + " |")
     labels = [label for label in spec["rows"] if any((label, m) in differences for m in DIFFERENCE_METRICS)]
     metrics = [m for m in DIFFERENCE_METRICS if m in spec["metrics"]]
     if labels:
         control = spec["control"](labels[0])[1].split("|")[0]
-        md += ["", f"Paired difference from `{control}` (mean [95 % interval]; * where the interval excludes 0):",
-               "", "| | " + " | ".join(f"Δ {m}" for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        md += ["", f"Paired difference from `{control}` (mean [95 % interval] over the seeds both share; * where "
+                   f"the interval excludes 0):", "", "| | seeds | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+               "|---" * (len(metrics) + 2) + "|"]
         for label in labels:
-            md.append(f"| {label.replace('|', ' at ')} | "
+            d0 = next((differences.get((label, m)) for m in metrics if differences.get((label, m))), None)
+            md.append(f"| {label.replace('|', ' at ')} | {d0['n'] if d0 and d0['over'] == 'seeds' else 1} | "
                       + " | ".join(fmt_difference(differences.get((label, m)), m) for m in metrics) + " |")
     buf = io.StringIO()
     writer = csv.writer(buf)        # long format: one line per row and metric

@@ -18,7 +18,7 @@ from data.classes import binary, dataset_classes, from_record, observed
 from data.phantom import generate
 from engine.metrics import case_metrics, class_metrics
 from errors import UserError
-from nets.cyclegan import ResnetGenerator, refine_logits
+from nets.cyclegan import ResnetGenerator, foreground_logit, refine_logits
 from reproduction.plan import PROFILES
 from reproduction.tables import collect, render, table_specs
 
@@ -59,15 +59,21 @@ def test_masks_are_read_as_class_indices_and_undeclared_values_are_named(tmp_pat
 
 
 def test_refinement_keeps_the_teachers_split_of_the_foreground():
-    generator = ResnetGenerator(width=4, blocks=1).eval()
+    torch.manual_seed(0)
+    generator = ResnetGenerator(width=4, blocks=1, map_temperature=2.0).eval()
+    torch.nn.init.normal_(generator.net[-1].weight, std=0.1)
+    t = generator.map_temperature
     images = torch.rand(2, 1, 16, 32)
     two = torch.randn(2, 2, 16, 32)
     refined = refine_logits(generator, images, two)
-    r = generator(torch.cat([images, two.softmax(1)[:, 1:]], 1))
-    assert torch.equal(refined, torch.cat([torch.zeros_like(r), r], 1))        # binary: [0, r] exactly
+    r = t * generator(torch.cat([images, torch.sigmoid((two[:, 1:] - two[:, :1]) / t)], 1))
+    torch.testing.assert_close(refined, torch.cat([torch.zeros_like(r), r], 1))   # binary: [0, r]
     three = torch.randn(2, 3, 16, 32) * 3
     p, q = refine_logits(generator, images, three).softmax(1), three.softmax(1)
-    r = generator(torch.cat([images, 1 - q[:, :1]], 1))[:, 0]
+    fg = torch.sigmoid(foreground_logit(three) / t)
+    torch.testing.assert_close(fg, 1 - q[:, :1] ** (1 / t) / (q[:, :1] ** (1 / t) + (1 - q[:, :1]) ** (1 / t)),
+                               atol=1e-4, rtol=0)
+    r = t * generator(torch.cat([images, fg], 1))[:, 0]
     assert torch.allclose(p[:, 0], 1 - torch.sigmoid(r), atol=1e-6)
     assert torch.allclose(p[:, 1:] / p[:, 1:].sum(1, keepdim=True), q[:, 1:] / q[:, 1:].sum(1, keepdim=True), atol=1e-6)
 
@@ -93,8 +99,8 @@ def test_tables_add_a_row_per_class():
     results = {"runs": {"a": run("none, plain", (0.8, 0.6)), "b": run("ssim, refined", (0.9, 0.7))}}
     spec = dict(table_specs(PROFILES["micro"])["table2"], metrics=["dice"])
     md, table_csv = render("table2", spec, collect(results), "caption")
-    assert "| ssim, refined · left sinus | 0.9000 ± 0.0000 |" in md
-    assert "| none, plain · right sinus | 0.6000 ± 0.0000 |" in md
+    assert "| ssim, refined · left sinus | 1 | 0.9000 ± 0.0000 |" in md
+    assert "| none, plain · right sinus | 1 | 0.6000 ± 0.0000 |" in md
     assert '"none, plain",dice[right sinus],0.6,0,1' in table_csv
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ import train_cyclegan
 from data import load_tensors, phantom
 from engine.state import check_same_experiment, load_checkpoint, load_network
 from errors import UserError
-from nets.cyclegan import PatchDiscriminator, ResnetGenerator, refine_logits
+from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 
 REPO = Path(__file__).resolve().parent.parent
 # the scripts must take the fast torch paths, not the Triton interpreter conftest switches on; one
@@ -57,45 +58,70 @@ def test_generator_and_discriminator_shapes():
     g = ResnetGenerator(width=4, blocks=2)
     assert g(x).shape == (3, 1, 36, 52)
     assert ResnetGenerator(**g.config).load_state_dict(g.state_dict())
-    d = PatchDiscriminator(width=4, layers=3)
+    d = PatchDiscriminator(1, width=4, layers=3)
 
     def conv(n, stride):                    # 4x4 kernels, padding 1
         return (n + 2 - 4) // stride + 1
     h, w = 36, 52
     for stride in (2, 2, 2, 1, 1):
         h, w = conv(h, stride), conv(w, stride)
-    assert d(x).shape == (3, 1, h, w)
+    assert d(x[:, 1:]).shape == (3, 1, h, w)
     assert PatchDiscriminator(**d.config).load_state_dict(d.state_dict())
 
 
-def test_residual_generator_starts_as_identity():
-    x = torch.rand(2, 2, 16, 24).clamp(0.02, 0.98)
-    g = ResnetGenerator(width=4, blocks=1, residual=True)
-    torch.testing.assert_close(torch.sigmoid(g(x)), x[:, 1:])
+def test_untrained_generator_is_the_identity_and_can_flip_any_pixel():
+    x = torch.rand(2, 2, 16, 24)
+    g = ResnetGenerator(width=4, blocks=1)
+    torch.testing.assert_close(g(x), torch.logit(x[:, 1:].clamp(MASK_CLIP, 1 - MASK_CLIP)))
+    # the bound exceeds the clipped logit, so a saturated correction turns a sure pixel around
+    assert BOUND > torch.logit(torch.tensor(1 - MASK_CLIP)).item()
+    torch.nn.init.constant_(g.net[-1].bias, -20.0)
+    assert (g(torch.ones(1, 2, 8, 8)) < 0).all()
 
 
-def test_refined_logits_softmax_is_sigmoid_of_generator():
+def test_refined_logits_keep_the_teacher_and_carry_the_generator_at_the_map_temperature():
     torch.manual_seed(0)
-    g = ResnetGenerator(width=4, blocks=1).eval()
-    images, teacher = torch.rand(2, 1, 20, 28), torch.randn(2, 2, 20, 28) * 3
+    images, teacher = torch.rand(2, 1, 20, 28), (torch.randn(2, 2, 20, 28) * 3).clamp(-5, 5)
+    identity = refine_logits(ResnetGenerator(width=4, blocks=1, map_temperature=4.0).eval(), images, teacher)
+    torch.testing.assert_close(identity[:, 1] - identity[:, 0], teacher[:, 1] - teacher[:, 0])   # |z| < 11.8
+    g = ResnetGenerator(width=4, blocks=1, map_temperature=2.0).eval()
+    torch.nn.init.normal_(g.net[-1].weight, std=0.1)
     out = refine_logits(g, images, teacher)
     assert out.shape == (2, 2, 20, 28) and not out.requires_grad
-    q = torch.exp(teacher[:, 1]) / torch.exp(teacher).sum(1)
-    r = g(torch.stack([images[:, 0], q], 1))
-    probs = out.softmax(1)
-    torch.testing.assert_close(probs[:, 1:], torch.sigmoid(r))
-    torch.testing.assert_close(probs[:, 0:1], 1 - torch.sigmoid(r))
+    q = torch.sigmoid((teacher[:, 1:] - teacher[:, :1]) / 2.0)
+    torch.testing.assert_close(out.softmax(1)[:, 1:], torch.sigmoid(2.0 * g(torch.cat([images, q], 1))))
 
 
-def test_discriminators_see_binary_masks_and_augmented_pairs_but_pass_gradients():
+def test_discriminators_see_binary_translated_masks_but_pass_gradients():
     soft = torch.full((2, 1, 16, 32), 0.7, requires_grad=True)
-    pairs = torch.cat([torch.rand(2, 1, 16, 32), soft], dim=1)
     seen = []
-    judge = train_cyclegan.Judge(binarize=True, augment=False)
-    judge(lambda x: seen.append(x) or x.sum(), pairs, None).backward()
-    assert set(seen[0][:, 1].unique().tolist()) == {1.0} and soft.grad.abs().min() > 0
-    moved = train_cyclegan.diff_augment(pairs.detach(), torch.Generator().manual_seed(1))
-    assert moved.shape == pairs.shape and (moved == 0).any() and not torch.equal(moved, pairs)
+    judge = train_cyclegan.Judge(with_image=False)
+    judge(lambda x: seen.append(x) or x.sum(), torch.rand(2, 1, 16, 32), soft, torch.Generator().manual_seed(1))
+    assert set(seen[0].unique().tolist()) <= {0.0, 1.0} and seen[0].shape == (2, 1, 16, 32)
+    seen[0].sum().backward()
+    assert soft.grad.abs().max() > 0
+    moved = train_cyclegan.translate(soft.detach(), torch.Generator().manual_seed(3))
+    assert moved.shape == soft.shape and (moved == 0).any()
+
+
+def test_real_masks_are_deformed_into_other_binary_masks():
+    mask = torch.zeros(3, 1, 32, 64)
+    mask[:, :, 8:20, 10:30] = 1
+    out = train_cyclegan.deform_masks(mask, torch.Generator().manual_seed(0), pixels=1.5)
+    assert set(out.unique().tolist()) == {0.0, 1.0} and not torch.equal(out, mask)
+    assert torch.equal(train_cyclegan.deform_masks(mask, torch.Generator(), pixels=0), mask)
+
+
+def test_keep_rule_needs_a_sure_dice_gain_and_no_worse_hd95():
+    teacher = dict(dice=np.full(30, 0.8), hd95=np.full(30, 5.0))
+    rng = np.random.default_rng(0)
+    sure = dict(dice=0.8 + 0.01 + rng.normal(0, 0.005, 30), hd95=np.full(30, 4.5))
+    assert train_cyclegan.refinement_gain(teacher, sure)["passes"]
+    noisy = dict(dice=0.8 + 0.001 + rng.normal(0, 0.02, 30), hd95=np.full(30, 4.5))
+    assert not train_cyclegan.refinement_gain(teacher, noisy)["passes"]
+    worse_boundary = dict(sure, hd95=np.full(30, 5.5))
+    assert not train_cyclegan.refinement_gain(teacher, worse_boundary)["passes"]
+    assert not train_cyclegan.refinement_gain(teacher, teacher)["passes"]
 
 
 def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny, full_run):
@@ -122,6 +148,11 @@ def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(t
     assert m["refined_dice"] == pytest.approx(dice(refined[:, 1] > 0, masks), abs=1e-6)
     assert m["dice_gain"] == pytest.approx(m["refined_dice"] - m["teacher_dice"])
     assert "teacher_hd95" in m and "refined_hd95" in m
+    # which refiner was kept, and by the rule: a candidate that does not pass leaves the identity
+    assert ckpt["kept"] in ("trained", "identity") and "passes" in ckpt["candidate"]
+    assert (ckpt["kept"] == "trained") == bool(ckpt["candidate"]["passes"])
+    if ckpt["kept"] == "identity":
+        assert torch.equal(refined.argmax(1), teacher_logits.argmax(1))
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, full_run):
@@ -154,11 +185,12 @@ def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
                                     D_A=PatchDiscriminator(width=4), D_B=PatchDiscriminator(width=4)))
     xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
     yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
-    qa = train_cyclegan.teacher_pseudo_labels(teacher, xa)
-    judge, g = train_cyclegan.Judge(binarize=True, augment=True), torch.Generator().manual_seed(0)
-    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, judge, xa, qa, xb, yb, 10.0, 5.0, g)
-    real_a, real_b = train_cyclegan.pair(xa, qa), train_cyclegan.pair(xb, yb)
-    (loss + train_cyclegan.discriminator_loss(nets, judge, real_a, real_b, fake_a, fake_b, g)).backward()
+    qa = train_cyclegan.teacher_map(teacher, xa, 4.0)
+    judge, g = train_cyclegan.Judge(with_image=False), torch.Generator().manual_seed(0)
+    s = train_cyclegan.CycleGANSettings(teacher=tiny / "teacher.pt")
+    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, judge, xa, qa, xb, yb, s, g)
+    fakes = train_cyclegan.pair(xb, fake_a), train_cyclegan.pair(xa, fake_b)
+    (loss + train_cyclegan.discriminator_loss(nets, judge, xa, qa, xb, yb, *fakes, g)).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in buffers.items())
     assert all(p.grad is not None for p in nets["G_AB"].parameters())

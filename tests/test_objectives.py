@@ -47,7 +47,8 @@ def test_supervised_loss_is_cross_entropy_plus_soft_dice():
 def test_pseudo_label_ignores_pixels_under_the_confidence():
     teacher = torch.tensor([[[[5.0, 0.0, -4.0]], [[0.0, 0.1, 4.0]]]])   # confident 0, unsure, confident 1
     student = torch.zeros(1, 2, 1, 3, requires_grad=True)
-    loss = pseudo_label_loss(student, teacher, SimpleNamespace(confidence=0.9))
+    loss, logged = pseudo_label_loss(student, teacher, SimpleNamespace(confidence=0.9))
+    assert logged == {"kept": pytest.approx(2 / 3)}          # the fraction of pixels that teach
     loss.backward()
     assert student.grad[..., 1].abs().max() == 0          # the unsure pixel teaches nothing
     assert student.grad[..., 0].abs().max() > 0 and student.grad[..., 2].abs().max() > 0

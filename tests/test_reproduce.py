@@ -25,19 +25,26 @@ def quick_plan(seeds=None):
 def test_plan_shares_teachers_refiners_and_students():
     runs = quick_plan()
     scripts = Counter(r.script for r in runs)
-    # per seed: teachers at the Table 1 ratio and at 100 %, one refiner, one student per objective;
-    # seed 0 also: three more KD cells (Table 2) and, at one more ratio, a teacher, a refiner and
-    # two students (Table 4)
-    n = len(OBJECTIVES)
-    assert scripts == {"train_teacher": 3 * 2 + 1, "train_cyclegan": 3 + 1, "train_student": 3 * n + 3 + 2,
-                       "evaluate": 3 * (n + 4) + 3 + 2}
+    seeds = PROFILES["quick"]["seeds"]
+    # primary seeds: a teacher, its refiner, the four students of the claims, their test evaluations
+    # and Table 3's three; baseline seeds: the other objectives' students and the 100 % teacher;
+    # ablation seeds: the four KD cells no claim needs; efficiency seeds: at 10 % a teacher, a
+    # refiner and two students
+    primary, others = 4, len(OBJECTIVES) - 4
+    assert scripts == {
+        "train_teacher": seeds["primary"] + seeds["baselines"] + seeds["efficiency"],
+        "train_cyclegan": seeds["primary"] + seeds["efficiency"],
+        "train_student": primary * seeds["primary"] + others * seeds["baselines"] + 4 * seeds["ablation"]
+        + 2 * seeds["efficiency"],
+        "evaluate": (1 + primary + 3) * seeds["primary"] + (others + 1) * seeds["baselines"] + 4 * seeds["ablation"]
+        + 2 * seeds["efficiency"]}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     wkd_refine = next(r for r in runs if r.name == "seed0/r0020/student-kd-ssim-refined_test_eval")
     assert set(wkd_refine.cells) == {("table1", "wkd_refine"), ("table2", "ssim, refined"),
                                      ("table4", "wkd_refine|2 %")}
     control = next(r for r in runs if r.name == "seed1/r0020/student-supervised_test_eval")
-    assert control.cells == [("table1", "supervised")] and control.seed == 1
+    assert control.cells == [("table1", "supervised"), ("table4", "supervised|2 %")] and control.seed == 1
 
 
 def test_every_run_comes_after_the_runs_it_reads():
@@ -65,12 +72,12 @@ def test_results_of_other_settings_are_not_reused(tmp_path):
     import reproduce
     path = tmp_path / "results.json"
     args = reproduce.parse(reproduce.ReproduceSettings, "", ["--profile", "micro"])
-    same = dict(profile="micro", settings=PROFILES["micro"], runs={"a": {"seed": 0}}, wall_s=5.0)
+    same = dict(profile="micro", settings=PROFILES["micro"], precision="fp32", runs={"a": {"seed": 0}}, wall_s=5.0)
     path.write_text(json.dumps(same))
     assert reproduce.previous_results(path, args, {"a"})["runs"] == {"a": {"seed": 0}}
     # a fresh clone: the committed results.json, but no run finished on disk
     assert reproduce.previous_results(path, args, set()) == {"runs": {}}
-    path.write_text(json.dumps(dict(same, settings=dict(PROFILES["micro"], seeds=7))))
+    path.write_text(json.dumps(dict(same, settings=dict(PROFILES["micro"], ratio=0.7))))
     assert reproduce.previous_results(path, args, {"a"}) == {"runs": {}}
 
 
@@ -117,7 +124,7 @@ def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
     md, csv_text = render("table1", spec, collect(results), "caption")
     kd_line = next(line for line in md.splitlines() if line.startswith("| kd |"))
     assert "0.7500 ± 0.2121" in kd_line                  # two seeds: mean of 0.9 and 0.6, sample std
-    assert "| pseudo_label | –" in md                    # no run for it: shown as missing, not zero
+    assert "| pseudo_label | 0 | –" in md                # no run for it: shown as missing, not zero
     delta = next(line for line in md.splitlines() if line.startswith("| kd |") and "[" in line)
     assert "+0.1000 [+0.1000, +0.1000] *" in delta       # +0.1 on every case of both seeds
     assert csv_text.splitlines()[0].startswith("row,metric,mean,spread,seeds,delta")

@@ -24,7 +24,7 @@ def test_frozen_teacher_gets_no_gradient(tiny_teacher):
     assert all(p.grad is not None for p in student.parameters())
 
 
-METHODS = {"supervised": [], "pseudo_label": [], "mean_teacher": [], "kd": [],
+METHODS = {"supervised": [], "pseudo_label": ["--confidence", "0.5"], "mean_teacher": [], "kd": [],
            "wkd": ["--weight", "agree", "--temperature", "2"]}
 
 
@@ -54,6 +54,34 @@ def test_each_method_learns_something_different(students):
     for a, b in itertools.combinations(METHODS, 2):
         wa, wb = students[a]["train_state"]["model"], students[b]["train_state"]["model"]
         assert any(not torch.equal(wa[k], wb[k]) for k in wa), f"{a} and {b} trained the same weights"
+
+
+def student_after(tiny_data, tiny_teacher, out, method, steps, *extra):
+    run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", method, "--out", out,
+               "--steps", steps, "--val-every", steps, "--width", 4, "--batch-size", 2, "--unlabeled-batch-size", 2,
+               "--ramp-steps", 1, *extra)
+    return torch.load(out, weights_only=True)["train_state"]["model"]
+
+
+def test_a_kd_student_differs_from_its_control_only_in_the_unlabelled_term(tiny_data, tiny_teacher, tmp_path):
+    """With lambda 0 the KD student trains bitwise as the supervised control of its seed: same start
+    (the teacher), labelled batches, dropout draws, and BatchNorm statistics."""
+    control = student_after(tiny_data, tiny_teacher, tmp_path / "s.pt", "supervised", 3)
+    silent = student_after(tiny_data, tiny_teacher, tmp_path / "k.pt", "wkd", 3, "--lambda-max", 0)
+    assert control.keys() == silent.keys()
+    for key in control:
+        assert torch.equal(control[key], silent[key]), key
+
+
+def test_batchnorm_statistics_come_from_the_clean_labelled_images_only(tiny_data, tiny_teacher, tmp_path):
+    """After one step from the same start, a KD student at full weight has the control's running
+    statistics exactly: its unlabelled, noised pass normalised itself but updated none of them."""
+    control = student_after(tiny_data, tiny_teacher, tmp_path / "s.pt", "supervised", 1)
+    student = student_after(tiny_data, tiny_teacher, tmp_path / "k.pt", "kd", 1, "--lambda-max", 5)
+    statistics = [k for k in control if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(control[k], student[k]) for k in statistics)
+    weights = [k for k in control if k.endswith("weight")]
+    assert any(not torch.equal(control[k], student[k]) for k in weights)    # the unlabelled term did act
 
 
 def test_student_flags_are_checked(tiny_data, tiny_teacher, tmp_path):
@@ -144,7 +172,9 @@ def test_the_teacher_sees_the_clean_view_and_the_student_a_noised_one(tiny_data,
     train_student.main(["--data", str(tiny_data), "--teacher", str(tiny_teacher), "--method", "kd", "--out",
                         str(tmp_path / "s.pt"), "--steps", "1", "--width", "4", "--batch-size", "2",
                         "--unlabeled-batch-size", "3", "--device", "cpu", "--val-every", "5"])
-    clean, noised = teacher_inputs[0], student_inputs[0][2:]      # the student's batch: 2 labelled, 3 unlabelled
+    # the student's two passes: 2 labelled images, then the 3 unlabelled ones
+    assert [len(x) for x in student_inputs[:2]] == [2, 3]        # then the validation
+    clean, noised = teacher_inputs[0], student_inputs[1]
     s = train_student.StudentSettings()
     split = torch.load(tiny_teacher, weights_only=True)["split"]
     images, _ = load_tensors(tiny_data, split["unlabeled"], (32, 64), with_masks=False)

@@ -1,0 +1,85 @@
+"""The tables as pictures: a forest plot of every paired difference, and the label-efficiency curve.
+
+forest.png: one line per row with a control (the claims first, then Tables 1-3), its mean paired
+difference with the 95 % interval as a bar and each seed's own difference as a dot; Dice in
+points on the left, HD95 in pixels on the right, zero marked. label_efficiency.png: test Dice of
+the supervised control and the paper's method against the labelled fraction, mean and seeds.
+"""
+import matplotlib
+
+matplotlib.use("Agg")       # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .plan import TABLE4_METHODS, percent  # noqa: E402
+from .tables import claims, paired_difference  # noqa: E402
+
+METRICS = (("dice", "Δ Dice (points)", 100.0), ("hd95", "Δ HD95 (px)", 1.0))
+
+
+def forest_rows(cells: dict, specs: dict) -> list:
+    """(label, {metric: difference}) of the claims and of every row of Tables 1-3 with a control."""
+    rows = [(f"claim: {row} - {control}", d) for _, row, control, d in claims(cells)]
+    for name in ("table1", "table2", "table3"):
+        spec = specs[name]
+        for label in spec["rows"]:
+            control = spec["control"](label)
+            if control is None:
+                continue
+            d = {m: paired_difference(cells.get((name, label), {}), cells.get(control, {}), m) for m, _, _ in METRICS}
+            if any(d.values()):
+                rows.append((f"T{name[-1]}: {label} - {control[1]}", d))
+    return rows
+
+
+def draw_forest(path, rows: list) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(rows) + 1.2), sharey=True)
+    y = np.arange(len(rows))[::-1]
+    for ax, (metric, title, scale) in zip(axes, METRICS):
+        for yi, (_, d) in zip(y, rows):
+            diff = d.get(metric)
+            if diff is None:
+                continue
+            if np.isfinite(diff["low"]):
+                ax.plot([scale * diff["low"], scale * diff["high"]], [yi, yi], color="tab:blue", lw=2)
+            ax.plot([scale * v for v in diff["per_seed"]], [yi] * len(diff["per_seed"]), "o", ms=3,
+                    color="tab:gray", alpha=0.7)
+            ax.plot(scale * diff["mean"], yi, "D", color="tab:blue", ms=5)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [label for label, _ in rows], fontsize=8)
+    fig.suptitle("Paired differences: mean and 95 % interval over seeds (bars), each seed (dots)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_label_efficiency(path, cells: dict, ratios) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x = np.arange(len(ratios))
+    for offset, method in zip((-0.06, 0.06), TABLE4_METHODS):
+        means = []
+        for xi, ratio in zip(x, ratios):
+            runs = cells.get(("table4", f"{method}|{percent(ratio)}"), {})
+            values = [100 * r["metrics"]["dice"]["mean"] for r in runs.values()]
+            ax.plot([xi + offset] * len(values), values, "o", ms=3, alpha=0.6,
+                    color="tab:gray" if method == TABLE4_METHODS[0] else "tab:orange")
+            means.append(np.mean(values) if values else np.nan)
+        ax.plot(x + offset, means, "-D", label=method, ms=5,
+                color="tab:gray" if method == TABLE4_METHODS[0] else "tab:orange")
+    ax.set_xticks(x, [percent(r) for r in ratios])
+    ax.set_xlabel("labelled fraction of the training images")
+    ax.set_ylabel("test Dice (points)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_figures(out, cells: dict, specs: dict, profile: dict) -> None:
+    rows = forest_rows(cells, specs)
+    if rows:
+        draw_forest(out / "forest.png", rows)
+    draw_label_efficiency(out / "label_efficiency.png", cells, profile["table4_ratios"])
