@@ -38,11 +38,15 @@ def environment() -> dict:
                 command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write, so a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Atomic write, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def fill_folder(out: Path, write):
