@@ -102,7 +102,8 @@ def test_baseline_jpeg_dicom_decodes_as_the_jpeg_does(tmp_path):
     path = save(ds, tmp_path / "x.dcm")
     # two JPEG decoders (libjpeg through pylibjpeg, Pillow's) may round a few pixels apart by one level
     assert np.abs(read_image(path)[0] - decoded).max() <= 1
-    assert np.abs(read(path) - read(tmp_path / "same.png")).max() <= 1.5 / 255 * 255 / np.ptp(decoded)
+    lo, hi = np.percentile(decoded, [1, 99])
+    assert np.abs(read(path) - read(tmp_path / "same.png")).max() <= 2 / (hi - lo)     # two levels, rescaled
 
 
 def test_modality_lut_voi_window_and_monochrome1_as_a_viewer_shows_them(tmp_path):
