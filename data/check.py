@@ -4,10 +4,11 @@
 
 The teacher, the first stage of an experiment, decodes every image and mask of its split and
 checks them (decodable, a 2-D gray or RGB image or a grey DICOM radiograph, finite pixel
-values, masks of their image's size holding only the dataset's classes) and refuses the dataset with one message naming every bad file. It stores a
-fingerprint of the folder (the names, sizes and modification times of its files) in its
-checkpoint, and each later stage stores the one it trusted: a later stage whose --data still has
-that fingerprint skips the check, and one whose data changed checks it again.
+values, masks of their image's size holding only the dataset's classes) and refuses the dataset
+with one message naming every bad file; a constant image is a warning. It stores a fingerprint
+of the folder (the names, sizes and modification times of its files) in its checkpoint, and each
+later stage stores the one it trusted: a later stage whose --data still has that fingerprint
+skips the check, and one whose data changed checks it again.
 """
 import collections
 import hashlib

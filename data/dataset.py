@@ -10,10 +10,9 @@ is drawn in split.py.
 Every problem a user can fix is a UserError naming the file or flag; pixels that are not finite
 numbers are one, a constant image (a blank exposure) a warning. Images are preprocessed once,
 here: luminance (DICOM: the displayed values, see dicom.py), clip to the 1st/99th percentile,
-scale to [0, 1]. Resizing to the
-training size uses bilinear interpolation with antialiasing (area-weighted when shrinking, so
-a 2900-pixel radiograph does not alias on its way to 512) and the mask nearest-exact, which
-samples at the same pixel centres as the bilinear image.
+scale to [0, 1]. Resizing to the training size uses bilinear interpolation with antialiasing
+(area-weighted when shrinking, so a 2900-pixel radiograph does not alias on its way to 512) and
+the mask nearest-exact, which samples at the same pixel centres as the bilinear image.
 """
 import os
 import sys

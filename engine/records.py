@@ -79,9 +79,7 @@ class StepLog:
         self.path = Path(logs) / "train.jsonl"
         self.entries = [e for e in self._read() if e["step"] <= start_step] if start_step else []
         self.path.parent.mkdir(exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries))
         self.file = open(self.path, "a")
 
     def _read(self) -> list:
