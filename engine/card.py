@@ -4,6 +4,8 @@ import datetime
 import string
 from pathlib import Path
 
+from data import SPLIT_KEYS
+
 from .cli import REPO, record
 from .records import write_text
 
@@ -28,7 +30,7 @@ def fill_model_card(settings, split: dict, classes, fingerprint: str, metrics: d
     args = record(settings)
     data = Path(args.get("data", ""))
     phantom = (data / "phantom.json").exists()
-    return string.Template(TEMPLATE.read_text()).substitute(
+    text = string.Template(TEMPLATE.read_text()).substitute(
         kind=kind, checkpoint=Path(checkpoint).name, code_version=code_version, method=method,
         written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_warning=PHANTOM_WARNING if phantom else "",
@@ -36,9 +38,10 @@ def fill_model_card(settings, split: dict, classes, fingerprint: str, metrics: d
         classes=", ".join(f"{v} = {n}" for v, n in zip(classes.values, classes.names)),
         settings=_table({k: v for k, v in args.items() if k not in ("data", "out")}),
         data=data, fingerprint=fingerprint,
-        split_sizes=", ".join(f"{k} {len(v)}" for k, v in split.items()),
+        split_sizes=", ".join(f"{k} {len(split[k])}" for k in SPLIT_KEYS),
         score_name=score, best_step=metrics.get("step", "?"), n_val=len(split.get("val", [])),
         metrics=_table({k: _number(v) for k, v in metrics.items() if k != "step"}))
+    return "".join(line.rstrip() + "\n" for line in text.splitlines())   # an empty field leaves no trailing blank
 
 
 def write_model_card(logs: Path, *args, **kwargs) -> Path:

@@ -15,7 +15,7 @@ class Settings:
 
 
 def test_the_card_holds_the_run_and_its_intended_use(tiny_data, tmp_path):
-    split = dict(labeled=["a", "b"], unlabeled=["c", "d", "e"], val=["f"], test=["g", "h"])
+    split = dict(labeled=["a", "b"], unlabeled=["c", "d", "e"], val=["f"], test=["g", "h"], seed=0, labeled_ratio=0.4)
     classes = declared({"1": "left sinus", "2": "right sinus"}, "test")
     path = write_model_card(tmp_path, Settings(tiny_data, tmp_path / "student.pt"), split, classes, "ab12" * 16,
                             dict(dice=0.81234, hd95=4.5, step=300), kind="student", checkpoint=tmp_path / "student.pt",
@@ -29,4 +29,5 @@ def test_the_card_holds_the_run_and_its_intended_use(tiny_data, tmp_path):
                  "- Classes (mask value = name): 1 = left sinus, 2 = right sinus", "| `dice` | 0.8123 |",
                  "| `lr` | 0.001 |", "at step 300, on 1 validation cases", "128 x 256", "`0123abc`"):
         assert line in card, line
+    assert all(line == line.rstrip() for line in card.splitlines())
     assert "`data`" not in card and "`out`" not in card          # paths of this machine stay out of the table
