@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from errors import UserError, problems_error
 
 from .classes import Classes, binary
-from .dicom import DICOM_SUFFIXES, has_preamble, header_spacing, is_dicom, read_dicom
+from .dicom import DICOM_SUFFIXES, has_preamble, header_spacing, read_dicom
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
@@ -68,6 +68,11 @@ def prepare_dataset(path) -> Path:
 
 def _listing(folder):
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def is_raster(path: Path) -> bool:
+    """An image file imageio decodes; every other file list_images lets through is DICOM."""
+    return path.suffix.lower() in RASTER_SUFFIXES
 
 
 def image_id(path: Path):
@@ -147,12 +152,12 @@ def read_image(path):
     """(2-D gray image, bits per stored sample) of the radiograph at `path`, any supported type; pixels
     that are not finite numbers (a float TIFF's NaN holes) are an error naming the file, since every
     later step (percentiles, losses, the prediction) would silently turn them into garbage."""
-    if is_dicom(path):
-        image, bits = read_dicom(path)
-    else:
+    if is_raster(path):
         raw = decode(path, "image")
         image = to_gray(raw, path)
         bits = 1 if raw.dtype == bool else raw.dtype.itemsize * 8 if raw.dtype.kind in "ui" else str(raw.dtype)
+    else:
+        image, bits = read_dicom(path)
     if image.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(image)))
         if bad:
@@ -236,7 +241,7 @@ class Dataset:
     def spacing(self, case_id):
         """(row mm, column mm, source) its header states for a DICOM case; None for any other."""
         path = self.images[case_id]
-        return header_spacing(path) if is_dicom(path) else None
+        return None if is_raster(path) else header_spacing(path)
 
     def tensors(self, ids, size, with_masks=True):
         """images float32 (N, 1, H, W) and class indices int64 (N, H, W) (or None), resized to `size`."""

@@ -28,10 +28,6 @@ def has_preamble(path: Path) -> bool:
         return False
 
 
-def is_dicom(path: Path) -> bool:
-    return path.suffix.lower() in DICOM_SUFFIXES or has_preamble(path)
-
-
 def _header(path: Path, with_pixels: bool):
     import pydicom   # here: the import costs a quarter of a second that PNG-only runs need not pay
     try:

@@ -19,6 +19,8 @@ from pydicom.pixels import get_encoder
 from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, MPEG2MPML, RLELossless,
                          DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid)
 
+import evaluate
+import predict
 from data import Dataset, list_images
 from data.check import check_folder
 from data.check import main as check_main
@@ -218,6 +220,10 @@ def dicom_data(tiny_data, tmp_path_factory):
     return root
 
 
+def args(*values) -> list:
+    return [str(v) for v in values]
+
+
 def test_a_dicom_folder_goes_through_check_training_evaluation_and_prediction(dicom_data, tmp_path, capsys):
     check_main(["--data", str(dicom_data)])
     summary = capsys.readouterr().out
@@ -225,8 +231,9 @@ def test_a_dicom_folder_goes_through_check_training_evaluation_and_prediction(di
     teacher = tmp_path / "teacher.pt"
     run_script("train_teacher.py", "--data", dicom_data, "--out", teacher, "--steps", 4, "--val-every", 4,
                "--width", 4, "--batch-size", 2, "--labeled-ratio", 0.3, *TINY)
-    run_script("evaluate.py", "--data", dicom_data, "--ckpt", teacher, "--out", tmp_path / "eval", "--split", "val",
-               "--no-overlays")
+    # evaluation and prediction in this process: a fresh one would cost an import of torch each
+    evaluate.main(args("--data", dicom_data, "--ckpt", teacher, "--out", tmp_path / "eval", "--split", "val",
+                       "--no-overlays"))
     split = json.loads((tmp_path / "teacher_logs" / "split.json").read_text())
     rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "eval" / "metrics.csv"))}
     assert sorted(rows) == sorted(split["val"])
@@ -241,7 +248,7 @@ def test_a_dicom_folder_goes_through_check_training_evaluation_and_prediction(di
 
     images = tmp_path / "scans"
     shutil.copytree(dicom_data / "images", images)
-    run_script("predict.py", "--ckpt", teacher, "--images", images, "--out", tmp_path / "pred", "--no-overlays")
+    predict.main(args("--ckpt", teacher, "--images", images, "--out", tmp_path / "pred", "--no-overlays"))
     areas = {r["id"]: r for r in csv.DictReader(open(tmp_path / "pred" / "areas.csv"))}
     assert len(areas) == 30 and "case_0005" in areas                  # the extension-less file
     row = areas["case_0007"]
@@ -249,13 +256,17 @@ def test_a_dicom_folder_goes_through_check_training_evaluation_and_prediction(di
     assert float(row["area_mm2[sinus]"]) == pytest.approx(int(row["area_px[sinus]"]) * 0.1 * 0.107)
     assert areas["case_0000"]["area_mm2[sinus]"] == ""
     # an explicit --spacing overrides every header
-    run_script("predict.py", "--ckpt", teacher, "--images", images, "--out", tmp_path / "pred2", "--no-overlays",
-               "--spacing", "0.2")
+    predict.main(args("--ckpt", teacher, "--images", images, "--out", tmp_path / "pred2", "--no-overlays",
+                      "--spacing", 0.2))
     row = next(r for r in csv.DictReader(open(tmp_path / "pred2" / "areas.csv")) if r["id"] == "case_0007")
     assert row["spacing_source"] == "--spacing" and float(row["area_mm2[sinus]"]) == pytest.approx(
         int(row["area_px[sinus]"]) * 0.04)
-    # a bad DICOM among them is named in one line, before anything is written
+    # a bad DICOM among them is named in one line, and nothing is left written
     bad_dicom_files(images)
-    proc = run_script("predict.py", "--ckpt", teacher, "--images", images, "--out", tmp_path / "pred3", check=False)
-    assert proc.returncode == 2 and not (tmp_path / "pred3").exists()
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        predict.main(args("--ckpt", teacher, "--images", images, "--out", tmp_path / "pred3"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert f"error: {images / 'colour.dcm'}: a RGB DICOM image" in err                 # the first bad one, by name
+    assert not (tmp_path / "pred3").exists() and not (tmp_path / "pred3.tmp").exists()

@@ -3,6 +3,7 @@ the metadata; onnxruntime's logits match torch's and predict.py writes the same 
 import csv
 import json
 
+import imageio.v3 as iio
 import numpy as np
 import onnx
 import onnxruntime
@@ -10,6 +11,8 @@ import pytest
 import torch
 from conftest import run_script
 
+import export
+import predict
 from engine.deploy import load_onnx
 from engine.state import load_network
 from errors import UserError
@@ -53,8 +56,8 @@ def test_predict_writes_the_same_outputs_from_the_export(exported, tiny_teacher,
     outs = {}
     for name, ckpt in (("pt", tiny_teacher), ("onnx", exported)):
         outs[name] = tmp_path / name
-        run_script("predict.py", "--ckpt", ckpt, "--images", images, "--out", outs[name], "--probabilities",
-                   "--no-overlays")
+        predict.main([str(a) for a in ("--ckpt", ckpt, "--images", images, "--out", outs[name], "--probabilities",
+                                       "--no-overlays")])
     masks = sorted(p.name for p in (outs["pt"] / "masks").iterdir())
     assert len(masks) == 30 and masks == sorted(p.name for p in (outs["onnx"] / "masks").iterdir())
     for name in masks:
@@ -62,17 +65,26 @@ def test_predict_writes_the_same_outputs_from_the_export(exported, tiny_teacher,
     assert list(csv.DictReader(open(outs["pt"] / "areas.csv"))) == list(csv.DictReader(open(outs["onnx"] / "areas.csv")))
     summaries = [json.loads((outs[n] / "summary.json").read_text()) for n in ("pt", "onnx")]
     assert summaries[1]["kind"] == "teacher" and summaries[0]["classes"] == summaries[1]["classes"]
+    for name in sorted(p.name for p in (outs["pt"] / "probabilities").iterdir()):
+        ours, theirs = (iio.imread(outs[n] / "probabilities" / name).astype(int) for n in ("pt", "onnx"))
+        assert np.abs(ours - theirs).max() <= 1, name       # x 255, rounded: a 1e-6 difference may cross a half
 
 
-def test_bad_export_and_onnx_input_are_one_line(tiny_teacher, tiny_data, tmp_path):
-    proc = run_script("export.py", "--ckpt", tiny_teacher, "--out", tmp_path / "teacher.pt2", check=False)
-    assert proc.returncode == 2 and "name the file <name>.onnx" in proc.stderr
+def one_error(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1
+    return lines[0]
+
+
+def test_bad_export_and_onnx_input_are_one_line(tiny_teacher, tiny_data, tmp_path, capsys):
+    assert "name the file <name>.onnx" in one_error(export.main, ["--ckpt", tiny_teacher, "--out",
+                                                                  tmp_path / "teacher.pt2"], capsys)
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(b"not a graph")
-    proc = run_script("predict.py", "--ckpt", foreign, "--images", tiny_data / "images", "--out", tmp_path / "o",
-                      check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: --ckpt {foreign}: not a readable ONNX graph (InvalidProtobuf)"]
+    assert one_error(predict.main, ["--ckpt", foreign, "--images", tiny_data / "images", "--out", tmp_path / "o"],
+                     capsys) == f"error: --ckpt {foreign}: not a readable ONNX graph (InvalidProtobuf)"
     with pytest.raises(UserError, match="missing.onnx: no such file"):
         load_onnx(tmp_path / "missing.onnx", "--ckpt")
     assert not (tmp_path / "o").exists()
