@@ -81,8 +81,9 @@ def _check_radiograph(ds, path: Path) -> None:
                         f"move it out of the images folder")
     kind = str(ds.get("PhotometricInterpretation", "")).strip()
     if int(ds.get("SamplesPerPixel", 1)) != 1 or kind not in GRAY:
-        raise UserError(f"{path}: a {kind or 'colour'} DICOM image with {ds.get('SamplesPerPixel', '?')} samples "
-                        f"per pixel; a radiograph is grey (MONOCHROME1 or MONOCHROME2)")
+        raise UserError(f"{path}: a colour DICOM image ({kind or 'no PhotometricInterpretation'}, "
+                        f"{ds.get('SamplesPerPixel', 1)} samples per pixel); a radiograph is grey (MONOCHROME1 or "
+                        f"MONOCHROME2)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise UserError(f"{path}: a DICOM of {frames} frames; a panoramic radiograph is one image, so save the "
@@ -103,7 +104,10 @@ def read_dicom(path: Path):
                         f"has no installed decoder (pip install -r requirements.txt) or the data is damaged") from None
     if stored.ndim != 2:
         raise UserError(f"{path}: pixel data of shape {stored.shape}; expected one 2-D grey image")
-    pixels = apply_voi_lut(np.asarray(apply_modality_lut(stored, ds), dtype=np.float64), ds).astype(np.float64)
+    values = apply_modality_lut(stored, ds)
+    if "VOILUTSequence" in ds and values.dtype.kind == "f":
+        values = np.rint(values).astype(np.int64)   # a LUT is indexed by integers (a rescale made them float)
+    pixels = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         # about the image's own range: preprocessing rescales by percentiles, so any mirror is the same
         pixels = pixels.max() + pixels.min() - pixels

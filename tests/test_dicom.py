@@ -124,6 +124,13 @@ def test_modality_lut_voi_window_and_monochrome1_as_a_viewer_shows_them(tmp_path
     expected = np.clip((pixels - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
     assert np.allclose(preprocess(read_image(windowed)[0]), preprocess(expected), atol=1e-5)
     assert not np.allclose(read(windowed), read(tmp_path / "same.png"), atol=0.05)
+    # a VOI LUT (here a square root table over the stored range) takes precedence over any window
+    lut = np.round(np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16)
+    with_lut = dicom(pixels, WindowCenter=centre, WindowWidth=width)
+    item = DicomDataset()
+    item.LUTDescriptor, item.LUTData = [4096, 0, 16], lut.tobytes()   # LUTData is OW: the raw words
+    with_lut.VOILUTSequence = [item]
+    assert np.array_equal(read_image(save(with_lut, tmp_path / "lut.dcm"))[0], lut[pixels])
 
 
 def test_spacing_comes_from_the_header_and_says_which(tmp_path):
@@ -164,7 +171,7 @@ def bad_dicom_files(folder):
     save(video, folder / "video.dcm")
     (folder / "damaged.dcm").write_text("exported as text by mistake")
     (folder / "truncated.dcm").write_bytes(save(dicom(pixels), folder / "truncated.dcm").read_bytes()[:-100])
-    return {"report.dcm": "without pixel data", "colour.dcm": "RGB", "frames.dcm": "2 frames",
+    return {"report.dcm": "without pixel data", "colour.dcm": "colour DICOM image (RGB, 3 samples per pixel)", "frames.dcm": "2 frames",
             "video.dcm": "cannot decode its pixel data (MPEG2", "damaged.dcm": "cannot read its DICOM header",
             "truncated.dcm": "cannot decode its pixel data (Explicit VR Little Endian"}
 
@@ -268,5 +275,5 @@ def test_a_dicom_folder_goes_through_check_training_evaluation_and_prediction(di
         predict.main(args("--ckpt", teacher, "--images", images, "--out", tmp_path / "pred3"))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
-    assert f"error: {images / 'colour.dcm'}: a RGB DICOM image" in err                 # the first bad one, by name
+    assert f"error: {images / 'colour.dcm'}: a colour DICOM image (RGB, 3 samples" in err                 # the first bad one, by name
     assert not (tmp_path / "pred3").exists() and not (tmp_path / "pred3.tmp").exists()
