@@ -11,7 +11,10 @@ means with undefined cases scored as the image diagonal), table.md, and overlays
 (ground-truth contour green, prediction red; with several classes, each predicted class in its
 own colour over the ground truth's contours in white). With several classes every metric is
 given per class, as `dice[<class name>]`, and as the mean over the classes under its plain name.
+Distances are in mm with --spacing, else in mm for DICOM cases whose header states the pixel
+spacing, else in pixels; metrics.csv records each case's spacing and where it came from.
 """
+import collections
 import csv
 import dataclasses
 import functools
@@ -25,7 +28,8 @@ from data import prepare_dataset
 from data.check import upstream_dataset
 from engine.cli import Common, output_folder, parse, pixel_spacing, select_device, setting
 from engine.loop import class_map, predict_full_size
-from engine.metrics import BOUNDARY, METRICS, class_metrics, per_class, save_overlay, summarize
+from engine.metrics import BOUNDARY, METRICS, SPACING_COLUMNS, case_spacing, class_metrics, per_class, save_overlay, \
+    spacing_columns, summarize
 from engine.records import environment, fill_folder
 from engine.state import check_same_experiment, load_network, upstream_size
 from errors import UserError, exit_on_user_error
@@ -43,8 +47,9 @@ class EvaluateSettings(Common):
                                          "scoring")
     postprocess: bool = setting(False, "post-process a teacher's predictions (each side's largest connected "
                                        "component, holes filled) before scoring")
-    spacing: tuple[float, ...] = setting((1.0,), "pixel size in mm: one value, or two (row, column); 1 gives "
-                                                 "pixels", within="(0, inf)", metavar="MM")
+    spacing: tuple[float, ...] | None = setting(None, "pixel size in mm of every case: one value, or two (row, "
+                                                      "column); default: a DICOM header's pixel spacing, else "
+                                                      "pixels", within="(0, inf)", metavar="MM")
     batch_size: int = setting(8, "images per forward pass", within="[1, inf)")
     overlays: bool = setting(True, "write the contour overlay PNGs")
 
@@ -55,7 +60,8 @@ OUTPUTS = {"metrics.csv", "summary.json", "table.md", "overlays"}
 def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir=None, refine=None):
     """Per-case metrics of `model` (its logits passed through `refine(images, logits)`, if given) on
     the `ids` of a data.Dataset that have a mask, logits upsampled to each original image size ->
-    (rows, ids without a mask)."""
+    (rows, ids without a mask). `spacing` (row, column mm) applies to every case; None takes each
+    case's from its header, else pixels."""
     names = dataset.classes.names
     rows, unscored = [], []
     for case_id, image, mask, logits in predict_full_size(model, dataset, ids, size, device, batch_size, refine):
@@ -64,9 +70,12 @@ def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir
             continue
         pred = class_map(logits)[None]
         target = torch.from_numpy(mask)[None].to(device)
-        metrics = {k: v[0] for k, v in class_metrics(pred, target, names, spacing).items()}
-        diagonal = math.hypot(mask.shape[0] * spacing[0], mask.shape[1] * spacing[1])
-        rows.append(dict(id=case_id, height=mask.shape[0], width=mask.shape[1], diagonal=diagonal, **metrics))
+        known = case_spacing(spacing, dataset.spacing(case_id))
+        scale = (1.0, 1.0) if known is None else known[:2]
+        metrics = {k: v[0] for k, v in class_metrics(pred, target, names, scale).items()}
+        diagonal = math.hypot(mask.shape[0] * scale[0], mask.shape[1] * scale[1])
+        rows.append(dict(id=case_id, height=mask.shape[0], width=mask.shape[1], **spacing_columns(known),
+                         diagonal=diagonal, **metrics))
         if overlay_dir is not None:
             save_overlay(overlay_dir / f"{case_id}.png", image, pred[0].cpu().numpy(), mask, len(names))
     return rows, unscored
@@ -75,7 +84,7 @@ def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir
 def summary_of(rows) -> dict:
     diagonals = [r["diagonal"] for r in rows]
     return {m: summarize([r[m] for r in rows], diagonals if m.split("[")[0] in BOUNDARY else None)
-            for m in rows[0] if m not in ("id", "height", "width", "diagonal")}
+            for m in rows[0] if m not in ("id", "height", "width", "diagonal", *SPACING_COLUMNS)}
 
 
 def markdown_table(summary: dict, title: str, names) -> str:
@@ -101,6 +110,7 @@ def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, t
     if not rows:
         raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {dataset.root}")
     summary = summary_of(rows)
+    sources = dict(collections.Counter(r["spacing_source"] for r in rows))
     with open(tmp / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -108,12 +118,14 @@ def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, t
     meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], refiner=s.refiner and s.refiner.name,
                 postprocessed=s.postprocess,
                 split=s.split, n=len(rows), ids=[r["id"] for r in rows], unscored_without_mask=unscored,
-                size=list(size), spacing_mm=list(spacing), checkpoint_code_version=ckpt.get("code_version"),
+                size=list(size), spacing_mm=spacing and list(spacing), spacing_sources=sources,
+                checkpoint_code_version=ckpt.get("code_version"),
                 classes=dataset.classes.record(), environment=environment())
     (tmp / "summary.json").write_text(json.dumps(dict(meta=meta, metrics=summary), indent=2) + "\n")
     refined = f" refined by {s.refiner.name}" if s.refiner else " post-processed" if s.postprocess else ""
-    title = f"{s.ckpt.name} ({ckpt['kind']}){refined} on {s.split}, n = {len(rows)}, " \
-            f"{'mm' if spacing != (1.0, 1.0) else 'pixels'}"
+    unit = "pixels" if set(sources) == {"none (pixels)"} else "mm" if "none (pixels)" not in sources \
+        else "mm where a header states the spacing, else pixels"
+    title = f"{s.ckpt.name} ({ckpt['kind']}){refined} on {s.split}, n = {len(rows)}, {unit}"
     table = markdown_table(summary, title, dataset.classes.names)
     (tmp / "table.md").write_text(table)
     return table
@@ -122,7 +134,7 @@ def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, t
 @exit_on_user_error
 def main(argv=None):
     s = parse(EvaluateSettings, __doc__, argv)
-    spacing = pixel_spacing(s.spacing)
+    spacing = None if s.spacing is None else pixel_spacing(s.spacing)
     device = select_device(s.device)
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
     size = upstream_size(s.size, ckpt, "--ckpt", s.ckpt)

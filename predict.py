@@ -1,16 +1,19 @@
 """Segment new radiographs with a trained teacher or student: no ground truth needed.
 
-Reads the network --ckpt (a teacher or a student; its classes and input size come with it) and
-every image in the folder --images (PNG, JPEG or TIFF; gray or RGB; 8 or 16 bit; any size).
+Reads the network --ckpt (a teacher or student checkpoint, or its ONNX export from export.py,
+run with onnxruntime; its classes and input size come with it) and every image in the folder
+--images (PNG, JPEG, TIFF or DICOM; gray or RGB; 8 or 16 bit; any size).
 
 Writes the folder --out: masks/<id>.png at each image's original size, holding the mask values
-the network was trained with (0 background); areas.csv, each image's area of each class (mm²
-with --spacing, else pixels); overlays/<id>.png, each predicted class's contour in its own
+the network was trained with (0 background); areas.csv, each image's area of each class in
+pixels and in mm² (with --spacing, else where a DICOM header states the pixel spacing), and the
+spacing with its source; overlays/<id>.png, each predicted class's contour in its own
 colour (red for a binary dataset), unless --no-overlays; with --probabilities,
 probabilities/<id>_<mask value>.png, each class's probability times 255; and summary.json. The
 folder is filled beside --out and moved into place at the end: a bad image or an interruption
 leaves nothing half-written.
 """
+import collections
 import csv
 import dataclasses
 import functools
@@ -25,8 +28,9 @@ from tqdm import tqdm
 from data import Dataset, from_record, list_images
 from data.dataset import IMAGE_SUFFIXES
 from engine.cli import output_folder, parse, pixel_spacing, select_device, setting
+from engine.deploy import load_onnx
 from engine.loop import class_map, predict_full_size
-from engine.metrics import save_overlay
+from engine.metrics import case_spacing, save_overlay, spacing_columns
 from engine.records import environment, fill_folder
 from engine.state import load_network
 from errors import UserError, exit_on_user_error, problems_error
@@ -34,13 +38,15 @@ from errors import UserError, exit_on_user_error, problems_error
 
 @dataclasses.dataclass
 class PredictSettings:
-    ckpt: Path | None = setting(None, "teacher or student checkpoint to segment with", required=True)
+    ckpt: Path | None = setting(None, "teacher or student checkpoint (.pt), or its export (.onnx), to segment with",
+                                required=True)
     images: Path | None = setting(None, "folder of radiographs to segment (every file in it must be one)",
                                   required=True)
     out: Path | None = setting(None, "folder to write the results to (not inside --images)", required=True)
     device: str = setting("auto", "where to run: auto (CUDA when available), cpu, cuda or cuda:N")
-    spacing: tuple[float, ...] | None = setting(None, "pixel size in mm, one value or two (row, column): areas in "
-                                                      "mm²; default: areas in pixels", within="(0, inf)", metavar="MM")
+    spacing: tuple[float, ...] | None = setting(None, "pixel size in mm of every image, one value or two (row, "
+                                                      "column); default: a DICOM header's pixel spacing, else none "
+                                                      "(areas in pixels only)", within="(0, inf)", metavar="MM")
     batch_size: int = setting(8, "images decoded and predicted together", within="[1, inf)")
     overlays: bool = setting(True, "write the contour overlay PNGs")
     probabilities: bool = setting(False, "write each class's probability map as an 8-bit PNG")
@@ -69,7 +75,6 @@ def write_predictions(s, model, ckpt, dataset: Dataset, device, spacing, tmp: Pa
     for name in folders:
         (tmp / name).mkdir(parents=True)
     values = np.array([0, *classes.values], np.uint8 if max(classes.values) < 256 else np.uint16)
-    unit, pixel_area = ("px", 1) if spacing is None else ("mm2", spacing[0] * spacing[1])
     ids, rows = sorted(dataset.images), []
     cases = predict_full_size(model, dataset, ids, tuple(ckpt["size"]), device, s.batch_size)
     for case_id, image, _, logits in tqdm(cases, desc="predict", total=len(ids), dynamic_ncols=True, mininterval=1.0):
@@ -82,14 +87,19 @@ def write_predictions(s, model, ckpt, dataset: Dataset, device, spacing, tmp: Pa
             for c, value in enumerate(classes.values, 1):
                 iio.imwrite(tmp / "probabilities" / f"{case_id}_{value}.png", probabilities[c])
         counts = np.bincount(labels.ravel(), minlength=len(values))
-        areas = {f"area_{unit}[{name}]": round(counts[c] * pixel_area, 6) for c, name in enumerate(classes.names, 1)}
-        rows.append(dict(id=case_id, height=labels.shape[0], width=labels.shape[1], **areas))
+        known = case_spacing(spacing, dataset.spacing(case_id))
+        pixels = {f"area_px[{name}]": int(counts[c]) for c, name in enumerate(classes.names, 1)}
+        mm2 = {f"area_mm2[{name}]": "" if known is None else round(counts[c] * known[0] * known[1], 6)
+               for c, name in enumerate(classes.names, 1)}
+        rows.append(dict(id=case_id, height=labels.shape[0], width=labels.shape[1], **spacing_columns(known),
+                         **pixels, **mm2))
     with open(tmp / "areas.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], classes=classes.record(), images=str(s.images),
                 n=len(rows), size=list(ckpt["size"]), spacing_mm=spacing and list(spacing),
+                spacing_sources=dict(collections.Counter(r["spacing_source"] for r in rows)),
                 checkpoint_code_version=ckpt.get("code_version"), environment=environment())
     (tmp / "summary.json").write_text(json.dumps(meta, indent=2) + "\n")
     return len(rows)
@@ -103,7 +113,10 @@ def main(argv=None):
     if s.out.is_relative_to(s.images):
         raise UserError(f"--out {s.out}: inside --images {s.images}; write the results elsewhere")
     out = output_folder(s.out, OUTPUTS)
-    model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
+    if s.ckpt.suffix.lower() == ".onnx":
+        model, ckpt = load_onnx(s.ckpt, "--ckpt")
+    else:
+        model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
     dataset = Dataset(image_folder(s.images), {}, from_record(ckpt.get("classes")))
     n = fill_folder(out, functools.partial(write_predictions, s, model, ckpt, dataset, device, spacing))
     print(f"{n} images segmented by {s.ckpt.name}: masks/, areas.csv{', overlays/' * s.overlays}"

@@ -32,6 +32,7 @@ from engine.cli import LabelledPhotometric, Training, autocast, memory_format, p
     writable_file
 from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
+from engine.card import write_model_card
 from engine.records import open_run_logs
 from engine.state import StageState, check_same_experiment, load_network, resume_from, seed_stage, upstream_size
 from errors import UserError, exit_on_user_error
@@ -213,6 +214,10 @@ def main(argv=None):
               train_step=train_step, validate=lambda: validation_dice(model, val_images, val_masks, device),
               save=state.save, checkpoint_path=out, logger=logger, writer=ddp.is_main)
     if ddp.is_main:
+        write_model_card(logs, s, split, dataset.classes, fingerprint, state.best["metrics"], kind="student",
+                         checkpoint=out, size=size, code_version=state.version,
+                         method=f"{s.method} (KD weight {weight}, refined {refiner is not None}, "
+                                f"post-processed {s.postprocess})")
         print(f"{out}: validation Dice {state.best['score']:.4f} of the kept weights (step {state.best['step']}, "
               f"--keep {s.keep}); logs in {logs}/")
 

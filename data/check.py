@@ -3,11 +3,12 @@
     python -m data.check --data DIR [--classes 1=left 2=right]
 
 The teacher, the first stage of an experiment, decodes every image and mask of its split and
-checks them (decodable, a 2-D gray or RGB image, masks of their image's size holding only the
-dataset's classes) and refuses the dataset with one message naming every bad file. It stores a
-fingerprint of the folder (the names, sizes and modification times of its files) in its
-checkpoint, and each later stage stores the one it trusted: a later stage whose --data still has
-that fingerprint skips the check, and one whose data changed checks it again.
+checks them (decodable, a 2-D gray or RGB image or a grey DICOM radiograph, finite pixel
+values, masks of their image's size holding only the dataset's classes) and refuses the dataset
+with one message naming every bad file; a constant image is a warning. It stores a fingerprint
+of the folder (the names, sizes and modification times of its files) in its checkpoint, and each
+later stage stores the one it trusted: a later stage whose --data still has that fingerprint
+skips the check, and one whose data changed checks it again.
 """
 import collections
 import hashlib
@@ -18,7 +19,7 @@ from pathlib import Path
 from errors import OneLineParser, UserError, exit_on_user_error, problems_error
 
 from .classes import dataset_classes, inherited_classes, observed, present_values
-from .dataset import Dataset, decode, few, in_parallel, read_mask, scan, to_gray
+from .dataset import Dataset, constant_warning, few, in_parallel, read_image, read_mask, scan, warn
 from .split import SPLIT_KEYS, inherited_split, read_splits
 
 FINGERPRINTED = ("images", "masks", "splits.json", "classes.json")
@@ -38,13 +39,16 @@ def fingerprint(root) -> str:
 
 
 def check_case(dataset: Dataset, case_id: str) -> dict:
-    """Decode one case's image and mask: its problems, size, bit depth and non-zero mask values."""
-    found = dict(problems=[], size=None, bits=None, values=[])
+    """Decode one case's image and mask: its problems, warnings, size, bit depth, the source of its pixel
+    spacing and its non-zero mask values."""
+    found = dict(problems=[], warnings=[], size=None, bits=None, spacing="none", values=[])
     path, mask_path = dataset.images[case_id], dataset.masks.get(case_id)
     try:
-        raw = decode(path, "image")
-        found["size"] = to_gray(raw, path).shape
-        found["bits"] = 1 if raw.dtype == bool else raw.dtype.itemsize * 8 if raw.dtype.kind in "ui" else str(raw.dtype)
+        image, found["bits"] = read_image(path)
+        found["size"] = image.shape
+        found["warnings"] = [w for w in [constant_warning(image, path)] if w]
+        spacing = dataset.spacing(case_id)
+        found["spacing"] = "none" if spacing is None else spacing[2]
     except UserError as err:
         found["problems"].append(str(err))
     if mask_path is not None:
@@ -60,7 +64,8 @@ def check_case(dataset: Dataset, case_id: str) -> dict:
 def check_folder(root: Path, classes, split: dict | None = None) -> dict:
     """Every problem of a dataset folder in one UserError: its listing, its splits.json, and every
     image of `split` (default: all images) and mask of them, decoded on all cores. Without one,
-    a summary of the cases: their number, masks, sizes, bit depths and non-zero mask values."""
+    a summary of the cases: their number, masks, sizes, bit depths, spacing sources, non-zero mask
+    values and warnings."""
     root = Path(root)
     images, masks, problems = scan(root)
     if (root / "splits.json").exists():
@@ -81,7 +86,9 @@ def check_folder(root: Path, classes, split: dict | None = None) -> dict:
     return dict(cases=len(found), masks=sum(i in masks for i in ids),
                 sizes=collections.Counter(f"{f['size'][0]}x{f['size'][1]}" for f in found),
                 bits=collections.Counter(f["bits"] for f in found),
-                mask_values=sorted({v for f in found for v in f["values"]}))
+                spacing=collections.Counter(f["spacing"] for f in found),
+                mask_values=sorted({v for f in found for v in f["values"]}),
+                warnings=[w for f in found for w in f["warnings"]])
 
 
 def verified(root: Path, classes, split: dict | None, trusted: str | None):
@@ -123,8 +130,10 @@ def main(argv=None):
     classes = observed(classes, summary["mask_values"])
     print(f"{args.data}: {summary['cases']} cases, {summary['masks']} with a mask; classes: {classes.describe()}; "
           f"mask values: {', '.join(map(str, summary['mask_values'])) or 'none'}; sizes: {counted(summary['sizes'])}; "
-          f"bits: {counted(summary['bits'])}; splits.json: {splits}; "
+          f"bits: {counted(summary['bits'])}; pixel spacing: {counted(summary['spacing'])}; splits.json: {splits}; "
           f"no problems (checked in {time.perf_counter() - start:.1f} s)")
+    for warning in summary["warnings"]:
+        warn(warning)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 is drawn in split.py.
 
     DIR/images/<id>.png|jpg|jpeg|tif|tiff   gray or RGB(A), 8 or 16 bit, any size
+    DIR/images/<id>.dcm|dicom or <id>       a DICOM radiograph (an extension-less file by its preamble)
     DIR/masks/<id>.png                      same size as its image; 0 background, k > 0 sinus
     DIR/splits.json                         optional fixed split
     DIR/classes.json                        optional classes, {"1": "left sinus", ...} (classes.py)
 
-Every problem a user can fix is a UserError naming the file or flag. Images are preprocessed
-once, here: luminance, clip to the 1st/99th percentile, scale to [0, 1]. Resizing to the
-training size uses bilinear interpolation with antialiasing (area-weighted when shrinking, so
-a 2900-pixel radiograph does not alias on its way to 512) and the mask nearest-exact, which
-samples at the same pixel centres as the bilinear image.
+Every problem a user can fix is a UserError naming the file or flag; pixels that are not finite
+numbers are one, a constant image (a blank exposure) a warning. Images are preprocessed once,
+here: luminance (DICOM: the displayed values, see dicom.py), clip to the 1st/99th percentile,
+scale to [0, 1]. Resizing to the training size uses bilinear interpolation with antialiasing
+(area-weighted when shrinking, so a 2900-pixel radiograph does not alias on its way to 512) and
+the mask nearest-exact, which samples at the same pixel centres as the bilinear image.
 """
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +28,10 @@ import torch.nn.functional as F
 from errors import UserError, problems_error
 
 from .classes import Classes, binary
+from .dicom import DICOM_SUFFIXES, has_preamble, header_spacing, read_dicom
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_PHANTOM = dict(n=600, size=(256, 512), seed=0)
 
@@ -65,17 +70,32 @@ def _listing(folder):
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def is_raster(path: Path) -> bool:
+    """An image file imageio decodes; every other file list_images lets through is DICOM."""
+    return path.suffix.lower() in RASTER_SUFFIXES
+
+
+def image_id(path: Path):
+    """The case id of an image file (its name without the image suffix), or None if it is not one. DICOM
+    files from a PACS often have no suffix, or a UID as their name: those are known by their preamble
+    and keep their whole name."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return path.stem
+    return path.name if has_preamble(path) else None
+
+
 def list_images(folder, problems: list) -> dict:
     """{id: image path} of the images in `folder`; a file that is not one is added to `problems`."""
     files = {}
     for path in _listing(folder):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        case_id = image_id(path)
+        if case_id is None:
             problems.append(f"{path}: not a supported image type; use one of {', '.join(IMAGE_SUFFIXES)} "
-                            f"(or move the file out of {folder.name}/)")
-        elif path.stem in files:
-            problems.append(f"{path} and {files[path.stem]}: two images with the id {path.stem!r}; keep one")
+                            f"or a DICOM file (or move the file out of {folder.name}/)")
+        elif case_id in files:
+            problems.append(f"{path} and {files[case_id]}: two images with the id {case_id!r}; keep one")
         else:
-            files[path.stem] = path
+            files[case_id] = path
     return files
 
 
@@ -126,6 +146,35 @@ def to_gray(array, path):
     if array.ndim != 2:
         raise UserError(f"{path}: expected one 2-D gray or RGB image, got an array of shape {array.shape}")
     return array
+
+
+def read_image(path):
+    """(2-D gray image, bits per stored sample) of the radiograph at `path`, any supported type; pixels
+    that are not finite numbers (a float TIFF's NaN holes) are an error naming the file, since every
+    later step (percentiles, losses, the prediction) would silently turn them into garbage."""
+    if is_raster(path):
+        raw = decode(path, "image")
+        image = to_gray(raw, path)
+        bits = 1 if raw.dtype == bool else raw.dtype.itemsize * 8 if raw.dtype.kind in "ui" else str(raw.dtype)
+    else:
+        image, bits = read_dicom(path)
+    if image.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            raise UserError(f"{path}: {bad} of its {image.size} pixels are NaN or infinite; a radiograph holds "
+                            f"finite intensities, so fix the file or remove it")
+    return image, bits
+
+
+def constant_warning(image, path):
+    """A warning naming the image if all its pixels are equal (a blank exposure), else None."""
+    lo = image.min()
+    return f"{path}: every pixel is {lo:g}, a blank image; it teaches and shows nothing" if lo == image.max() else None
+
+
+def warn(message) -> None:
+    """A one-line warning on stderr (beside any progress bar, which keeps stdout for results)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def preprocess(image):
@@ -182,10 +231,17 @@ class Dataset:
     def read(self, case_id):
         """(image float32 (H0, W0) in [0, 1], class indices uint8 (H0, W0) or None) at the original size."""
         path = self.images[case_id]
-        image = to_gray(decode(path, "image"), path)
+        image, _ = read_image(path)
+        if (warning := constant_warning(image, path)) is not None:
+            warn(warning)
         mask = self.masks.get(case_id)
         labels = None if mask is None else self.classes.labels(read_mask(mask, image.shape, path), mask)
         return preprocess(image), labels
+
+    def spacing(self, case_id):
+        """(row mm, column mm, source) its header states for a DICOM case; None for any other."""
+        path = self.images[case_id]
+        return None if is_raster(path) else header_spacing(path)
 
     def tensors(self, ids, size, with_masks=True):
         """images float32 (N, 1, H, W) and class indices int64 (N, H, W) (or None), resized to `size`."""

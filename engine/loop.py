@@ -1,8 +1,9 @@
 """The step loop every training stage shares: progress bar with the running loss, periodic
-validation and checkpointing, a clean stop on a non-finite loss; learning-rate schedules and
-batched inference."""
+validation and checkpointing, every step's numbers in train.jsonl and their curves in curves.png,
+a clean stop on a non-finite loss; learning-rate schedules and batched inference."""
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from errors import UserError
 from .metrics import dice_score
+from .records import StepLog, logs_folder
 
 
 class NonFiniteLoss(Exception):
@@ -80,32 +82,51 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
     """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
     `val_every` steps and at the end `save(step_done, validate())`. `saved_at_start`: a
     checkpoint of step `start_step` exists (always so when resuming). Only the `writer` (the one
-    process, or rank 0 of several) validates, saves and shows progress."""
+    process, or rank 0 of several) validates, saves, shows progress and writes train.jsonl and
+    curves.png into the checkpoint's logs folder (the curves after each validation, and at a stop
+    on a non-finite loss, which they then show)."""
     if start_step >= steps:
         if writer:
             print(f"{checkpoint_path}: already trained for {start_step} steps; nothing to do")
         return
+    logs = logs_folder(checkpoint_path)
+    record = StepLog(logs, start_step) if writer else None
+
+    def draw():
+        if record is not None:
+            from .curves import plot_curves   # here: matplotlib's import costs evaluate.py and predict.py 0.4 s
+            plot_curves(record.entries, logs / "curves.png", f"{desc}: {Path(checkpoint_path).name}")
+
     running: dict = {}
     last_saved = start_step if start_step or saved_at_start else None
     bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, dynamic_ncols=True,
                mininterval=1.0, disable=not writer)
-    for step in bar:
-        try:
-            losses = train_step(step)
-        except NonFiniteLoss as err:
-            bar.close()
-            logger.info("non-finite %s at step %d", err.name, step)
-            kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is kept" if last_saved is not None
-                    else "no checkpoint had been written yet")
-            raise UserError(f"non-finite {err.name} at step {step}: training stopped; {kept}. "
-                            f"Try a lower --lr.") from None
-        running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in losses.items()}
-        bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
-        done = step + 1
-        if writer and (done % val_every == 0 or done == steps):
-            metrics = validate()
-            save(done, metrics)
-            last_saved = done
-            logger.info("step %d %s %s", done, " ".join(f"{k}={v:.4f}" for k, v in running.items()),
-                        " ".join(f"val_{k}={v:.4f}" for k, v in metrics.items()))
-    bar.close()
+    try:
+        for step in bar:
+            try:
+                losses = train_step(step)
+            except NonFiniteLoss as err:
+                bar.close()
+                logger.info("non-finite %s at step %d", err.name, step)
+                draw()
+                kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is kept"
+                        if last_saved is not None else "no checkpoint had been written yet")
+                raise UserError(f"non-finite {err.name} at step {step}: training stopped; {kept}. "
+                                f"Try a lower --lr.") from None
+            running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in losses.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+            done = step + 1
+            if record is not None:
+                record.add(done, "train", losses)
+            if writer and (done % val_every == 0 or done == steps):
+                metrics = validate()
+                save(done, metrics)
+                last_saved = done
+                record.add(done, "val", metrics)
+                draw()
+                logger.info("step %d %s %s", done, " ".join(f"{k}={v:.4f}" for k, v in running.items()),
+                            " ".join(f"val_{k}={v:.4f}" for k, v in metrics.items()))
+    finally:
+        bar.close()
+        if record is not None:
+            record.close()

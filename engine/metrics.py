@@ -19,6 +19,7 @@ from kernels import boundary_metrics
 from kernels.boundary_reference import mask_boundary
 
 OVERLAP = ("dice", "iou", "precision", "recall")
+SPACING_COLUMNS = ("spacing_row_mm", "spacing_col_mm", "spacing_source")
 BOUNDARY = ("hd", "hd95", "hd95_pooled", "assd")
 METRICS = OVERLAP + BOUNDARY
 
@@ -63,6 +64,19 @@ def class_metrics(pred: torch.Tensor, target: torch.Tensor, names, spacing=(1.0,
         out.update({per_class(k, name): v for k, v in case_metrics(pred == c, target == c, spacing).items()})
     mean = {k: np.mean([out[per_class(k, n)] for n in names], axis=0).tolist() for k in METRICS}
     return mean | out
+
+
+def case_spacing(explicit, header):
+    """(row mm, column mm, source) of one case: the explicit --spacing (a pair), else what its DICOM
+    header states (data.Dataset.spacing), else None (no physical size known: pixels)."""
+    return (*explicit, "--spacing") if explicit is not None else header
+
+
+def spacing_columns(spacing) -> dict:
+    """The SPACING_COLUMNS of a per-case CSV row for case_spacing's result."""
+    if spacing is None:
+        return dict(spacing_row_mm="", spacing_col_mm="", spacing_source="none (pixels)")
+    return dict(zip(SPACING_COLUMNS, spacing))
 
 
 def summarize(values, penalty=None) -> dict:

@@ -1,5 +1,6 @@
 """What is written beside every run: config.json (settings, code version, environment),
-split.json and train.log, and the environment record results carry."""
+split.json, train.log, train.jsonl (every step's numbers) and curves.png, and the environment
+record results carry."""
 import json
 import logging
 import os
@@ -48,11 +49,15 @@ def environment() -> dict:
                 command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write, so a reader never sees half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Atomic write, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def fill_folder(out: Path, write):
@@ -70,11 +75,50 @@ def fill_folder(out: Path, write):
     return result
 
 
+def logs_folder(checkpoint: Path) -> Path:
+    """`<stem>_logs/` beside a checkpoint: where everything about its run is written."""
+    return Path(checkpoint).with_name(Path(checkpoint).stem + "_logs")
+
+
+class StepLog:
+    """train.jsonl in a logs folder: one JSON object a line, `{"step": n, "train": {name: value}}`
+    after each training step and `{"step": n, "val": {name: value}}` after each validation, n the
+    number of steps done. A run resumed at `start_step` first drops the lines after it (steps
+    that were redone), so that the file describes the run as if it had never stopped."""
+
+    def __init__(self, logs: Path, start_step: int):
+        self.path = Path(logs) / "train.jsonl"
+        self.entries = [e for e in self._read() if e["step"] <= start_step] if start_step else []
+        self.path.parent.mkdir(exist_ok=True)
+        write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries))
+        self.file = open(self.path, "a")
+
+    def _read(self) -> list:
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:   # the last line of a killed run may be cut short
+                break
+        return entries
+
+    def add(self, step: int, kind: str, values: dict) -> None:
+        entry = {"step": step, kind: {k: float(v) for k, v in values.items()}}
+        self.entries.append(entry)
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict, writer: bool = True):
     """`<stem>_logs/` beside a checkpoint, with config.json (settings, environment) and split.json
     written and train.log opened, by the `writer` alone (rank 0 of several processes); the others
     get a logger that writes nothing."""
-    logs = checkpoint.with_name(checkpoint.stem + "_logs")
+    logs = logs_folder(checkpoint)
     if not writer:
         silent = logging.getLogger("sinus-wkd-silent")
         silent.propagate = False

@@ -147,6 +147,8 @@ def test_predict_writes_each_class_with_its_mask_value(two_class_micro, tmp_path
     assert len(masks) == 20 and set(np.unique(masks)) <= {0, 1, 2}
     with open(tmp_path / "p/areas.csv") as f:
         row = next(csv.DictReader(f))
-    assert list(row) == ["id", "height", "width", "area_px[left sinus]", "area_px[right sinus]"]
+    assert list(row) == ["id", "height", "width", "spacing_row_mm", "spacing_col_mm", "spacing_source",
+                         "area_px[left sinus]", "area_px[right sinus]", "area_mm2[left sinus]", "area_mm2[right sinus]"]
+    assert row["spacing_source"] == "none (pixels)" and row["area_mm2[left sinus]"] == ""
     assert int(row["area_px[right sinus]"]) == (masks[0] == 2).sum()
     assert (tmp_path / "p/probabilities/case_0000_2.png").is_file()
