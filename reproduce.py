@@ -40,21 +40,19 @@ from reproduction.figures import draw_figures
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
 
 # Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json.
-# The quick profile's are measured on the project's 2-core CPU (AMD EPYC, fp32, one thread per run,
-# two runs at once in warm worker slots): start-up from 20- and 220-step runs of each stage, and
-# per-step time from the wall times of a whole quick reproduction (results/quick/results.json;
-# evaluation: the mean of 29 test-split and 6 unlabelled-split runs). A student whose objective
-# needs no unlabelled batch pushes half the images and costs about half a step (measured 26.9 s
-# against 51-60 s for a whole 300-step run). The paper profile's are an estimate until a GPU run
-# replaces them: torch's FlopCounterMode gives, per 256x512 image, 167 GFLOP for a forward and
-# backward pass of the width-32 U-Net (56 forward only), 104 (35) for a SinusCycle-GAN generator
-# and 38 (13) for a discriminator; with batches of 8 that is 1.3 TFLOP per teacher step, 3.4 per
-# student step (16 images through the student, the teacher and refiner forward) and 6.4 per
-# refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
+# The quick profile's are measured on the project's 2-core CPU (AMD EPYC, fp32, one thread per run):
+# single runs of each stage of seed 0 (teacher 800 steps in 39 s, refiner 200 in 50 s, a KD
+# student 150 in 20 s, an evaluation about 4 s). A student whose objective needs no unlabelled
+# batch pushes half the images and costs about half a step. The paper profile's are an estimate
+# until a GPU run replaces them: torch's FlopCounterMode gives, per 256x512 image, 167 GFLOP for a
+# forward and backward pass of the width-32 U-Net (56 forward only), 104 (35) for a SinusCycle-GAN
+# generator and 38 (13) for a discriminator; with batches of 8 that is 1.3 TFLOP per teacher step,
+# 3.4 per student step (16 images through the student, the teacher and refiner forward) and 6.4
+# per refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
-           "quick": dict(train_teacher=(7.6, 0.083), train_cyclegan=(6.1, 0.357), train_student=(4.7, 0.165),
-                         evaluate=(4.3, 0.0)),
+           "quick": dict(train_teacher=(4.0, 0.044), train_cyclegan=(6.0, 0.22), train_student=(4.0, 0.11),
+                         evaluate=(4.0, 0.0)),
            "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
                          evaluate=(30.0, 0.0))}
 

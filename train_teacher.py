@@ -1,7 +1,8 @@
 """Stage 1: train the teacher U-Net on the labelled split (cross-entropy + soft Dice).
 
 Reads --data (drawing the split, or taking splits.json; the classes from classes.json or
---classes) and checks every file of the split before training; writes the checkpoint --out with
+--classes) and checks every image of the split and the masks of its labelled and validation
+cases before training (no stage opens an unlabelled or test mask); writes the checkpoint --out with
 the final weights (or with --keep best those of the best validation check), the resolved split and classes (which every later stage
 inherits) and the full training state for --resume, and <out stem>_logs/ beside it.
 """
@@ -12,14 +13,14 @@ import torch
 
 from data import Dataset, Geometry, Photometric, dataset_classes, from_record, labeled_batch, new_split, observed, \
     prepare_dataset, strengths
-from data.check import verified
+from data.check import check_folder, verified
 from engine.cli import LabelledPhotometric, Training, autocast, check_size, memory_format, parse, select_device, \
     setting, writable_file
 from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
 from engine.state import StageState, resume_from, seed_stage
-from errors import exit_on_user_error
+from errors import UserError, exit_on_user_error
 from nets.unet import UNet
 from objectives import supervised_loss
 
@@ -49,8 +50,13 @@ def main(argv=None):
     resume = resume_from(out, "teacher", s)
     run_seed = seed_stage(s.seed, "teacher", s.deterministic)
     classes = from_record(resume["classes"]) if resume else dataset_classes(root, s.classes)
-    fingerprint, checked = verified(root, classes, resume and resume["split"], resume and resume["data_fingerprint"])
-    split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction, s.val_fraction)
+    try:
+        split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction,
+                                                         s.val_fraction)
+    except UserError:
+        check_folder(root, classes)      # a folder the split cannot be drawn from: name all of its problems
+        raise
+    fingerprint, checked = verified(root, classes, split, resume and resume["data_fingerprint"])
     dataset = Dataset.open(root, classes if resume else observed(classes, checked["mask_values"]))
 
     images, masks = dataset.tensors(split["labeled"], size)

@@ -38,11 +38,11 @@ def fingerprint(root) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def check_case(dataset: Dataset, case_id: str) -> dict:
-    """Decode one case's image and mask: its problems, warnings, size, bit depth, the source of its pixel
-    spacing and its non-zero mask values."""
+def check_case(dataset: Dataset, case_id: str, with_mask: bool = True) -> dict:
+    """Decode one case's image and (`with_mask`) mask: its problems, warnings, size, bit depth, the
+    source of its pixel spacing and its non-zero mask values."""
     found = dict(problems=[], warnings=[], size=None, bits=None, spacing="none", values=[])
-    path, mask_path = dataset.images[case_id], dataset.masks.get(case_id)
+    path, mask_path = dataset.images[case_id], dataset.masks.get(case_id) if with_mask else None
     try:
         image, found["bits"] = read_image(path)
         found["size"] = image.shape
@@ -63,9 +63,11 @@ def check_case(dataset: Dataset, case_id: str) -> dict:
 
 def check_folder(root: Path, classes, split: dict | None = None) -> dict:
     """Every problem of a dataset folder in one UserError: its listing, its splits.json, and every
-    image of `split` (default: all images) and mask of them, decoded on all cores. Without one,
-    a summary of the cases: their number, masks, sizes, bit depths, spacing sources, non-zero mask
-    values and warnings."""
+    image of `split` (default: all images), decoded on all cores, with the masks of all images, or
+    of a split's labelled and validation ids only: a training stage never opens the masks of the
+    unlabelled split (a semi-supervised method must not have them) nor of the test split
+    (evaluate.py checks those as it reads them). Without a problem, a summary of the cases: their
+    number, masks, sizes, bit depths, spacing sources, non-zero mask values and warnings."""
     root = Path(root)
     images, masks, problems = scan(root)
     if (root / "splits.json").exists():
@@ -79,11 +81,13 @@ def check_folder(root: Path, classes, split: dict | None = None) -> dict:
     if missing or unmasked:
         problems.append(f"--data {root}: the split's ids {few(missing + unmasked)} have no image or mask any more")
     dataset = Dataset(images, masks, classes, root)
-    found = in_parallel(lambda case_id: check_case(dataset, case_id), [i for i in ids if i in images])
+    readable = set(ids) if split is None else {i for key in ("labeled", "val") for i in split[key]}
+    found = in_parallel(lambda case_id: check_case(dataset, case_id, case_id in readable),
+                        [i for i in ids if i in images])
     problems += [p for f in found for p in f["problems"]]
     if problems:
         raise problems_error(problems, f"--data {root}")
-    return dict(cases=len(found), masks=sum(i in masks for i in ids),
+    return dict(cases=len(found), masks=sum(i in masks for i in ids), masks_read=len(readable & set(masks)),
                 sizes=collections.Counter(f"{f['size'][0]}x{f['size'][1]}" for f in found),
                 bits=collections.Counter(f["bits"] for f in found),
                 spacing=collections.Counter(f["spacing"] for f in found),

@@ -228,13 +228,14 @@ class Dataset:
             raise problems_error(problems, f"--data {root}")
         return cls(images, masks, classes, Path(root))
 
-    def read(self, case_id):
-        """(image float32 (H0, W0) in [0, 1], class indices uint8 (H0, W0) or None) at the original size."""
+    def read(self, case_id, with_mask: bool = True):
+        """(image float32 (H0, W0) in [0, 1], class indices uint8 (H0, W0) or None) at the original size;
+        without `with_mask` the mask file is not opened at all (unlabelled cases, whatever is on disk)."""
         path = self.images[case_id]
         image, _ = read_image(path)
         if (warning := constant_warning(image, path)) is not None:
             warn(warning)
-        mask = self.masks.get(case_id)
+        mask = self.masks.get(case_id) if with_mask else None
         labels = None if mask is None else self.classes.labels(read_mask(mask, image.shape, path), mask)
         return preprocess(image), labels
 
@@ -254,8 +255,8 @@ class Dataset:
             raise UserError(f"--data {self.root}: ids without {what}: {few(missing)}")
 
         def job(case_id):
-            image, labels = self.read(case_id)
-            return _resize(image, labels if with_masks else None, size)
+            image, labels = self.read(case_id, with_masks)
+            return _resize(image, labels, size)
 
         cases = in_parallel(job, ids)
         h, w = size

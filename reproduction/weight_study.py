@@ -30,6 +30,7 @@ from data import Corruption, Photometric, augment_photometric, corrupt, inherite
     prepare_dataset, step_generator, strengths
 from engine.loop import predict_logits
 from engine.state import load_network
+from errors import exit_on_user_error
 from kernels import kd_weight_map
 from train_student import StudentSettings
 
@@ -88,6 +89,7 @@ def _near_boundary(pred: np.ndarray) -> np.ndarray:
     return np.where(fg, ndimage.distance_transform_edt(fg), ndimage.distance_transform_edt(~fg)) <= BAND
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)

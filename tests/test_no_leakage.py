@@ -1,0 +1,56 @@
+"""No training stage and no design study opens a mask it must not have: those of the unlabelled
+split (a semi-supervised method does not have them; the phantom does) and of the test split.
+
+Every file the data code decodes is recorded while the teacher, the refiner, the students of
+every method (KD refined and post-processed included) and the KD-weight study run in this
+process; none may be a mask of an unlabelled or test case. Decoding the labelled and validation
+masks is what they are for, and is checked to happen, so that the recording cannot pass by
+recording nothing.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+import data.dataset
+import train_cyclegan
+import train_student
+import train_teacher
+from objectives import OBJECTIVES
+from reproduction import weight_study
+
+TINY = ["--size", "32", "64", "--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list:
+    paths = []
+    decode = data.dataset.decode
+
+    def recording(path, what):
+        paths.append(Path(path))
+        return decode(path, what)
+    monkeypatch.setattr(data.dataset, "decode", recording)
+    return paths
+
+
+def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_path, opened):
+    teacher, refiner = tmp_path / "teacher.pt", tmp_path / "cyclegan.pt"
+    train_teacher.main(["--data", str(tiny_data), "--out", str(teacher), "--width", "4", "--labeled-ratio", "0.4",
+                        *TINY])
+    train_cyclegan.main(["--data", str(tiny_data), "--teacher", str(teacher), "--out", str(refiner), "--width", "4",
+                         "--blocks", "1", "--disc-width", "4", "--disc-layers", "1", *TINY])
+    students = []
+    for method, extra in [(m, []) for m in OBJECTIVES if m != "wkd_refine"] + [
+            ("wkd_refine", ["--refiner", str(refiner)]), ("wkd", ["--postprocess"])]:
+        students.append(tmp_path / f"{method}{len(students)}.pt")
+        train_student.main(["--data", str(tiny_data), "--teacher", str(teacher), "--method", method, "--out",
+                            str(students[-1]), "--width", "4", "--unlabeled-batch-size", "2", *TINY, *extra])
+    weight_study.main(["--data", str(tiny_data), "--teacher", str(teacher), "--student", f"start={teacher}",
+                       "--student", f"2={students[-1]}", "--out", str(tmp_path / "study.json")])
+
+    split = torch.load(teacher, weights_only=True)["split"]
+    masks = {p.stem for p in opened if p.parent.name == "masks"}
+    assert not masks & set(split["unlabeled"]), "an unlabelled mask was opened"
+    assert not masks & set(split["test"]), "a test mask was opened"
+    assert set(split["labeled"]) <= masks and set(split["val"]) <= masks
