@@ -89,10 +89,9 @@ def kd_label(weight: str, source: str) -> str:
 
 
 class Planner:
-    def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, device: str = "auto",
-                 precision: str | None = None):
+    def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, precision: str | None = None):
         self.p = PROFILES[profile]
-        self.data, self.out, self.device = data, out, device
+        self.data, self.out = data, out
         self.precision = precision or self.p["precision"]
         self.seeds = {group: seeds or n for group, n in self.p["seeds"].items()}
         self.runs: dict[str, Run] = {}

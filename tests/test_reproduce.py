@@ -185,3 +185,28 @@ def test_plan_json_and_single_runs_for_a_cluster(tiny_data, tmp_path):
     assert not out.exists()                            # a plan only: nothing ran
     assert "done in" in reproduce(tiny_data, out, "--run", first["name"])
     assert "finished already" in reproduce(tiny_data, out, "--run", first["name"])
+
+
+def claim_results(shift):
+    """Six seeds of the three claims' rows: kd at the control, wkd and wkd_refine `shift` above it."""
+    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "wkd": shift, "wkd_refine": shift}
+    for seed in range(6):
+        noise = 0.001 * (seed % 3)
+        for row, offset in values.items():
+            runs[f"{row}{seed}"] = evaluation([["table1", row]], seed, [0.7 + offset + noise + 0.01 * i for i in range(4)])
+            for metric in ("hd95", "assd"):     # distances that grow with the Dice here: worse, not better
+                runs[f"{row}{seed}"]["metrics"][metric] = runs[f"{row}{seed}"]["metrics"]["dice"]
+                runs[f"{row}{seed}"]["cases"][metric] = runs[f"{row}{seed}"]["cases"]["dice"]
+    return {"runs": runs, "precision": "fp32", "threads_per_run": 1,
+            "environment": {"cpu": "a CPU", "torch": "2.13"}}
+
+
+def test_claims_are_read_by_the_fixed_rule_and_compared_across_runs():
+    from reproduction.compare import side_by_side
+    from reproduction.tables import claims, verdict
+    (_, _, _, weight), (_, _, _, refine), (_, _, _, method) = claims(collect(claim_results(0.02)))
+    assert verdict(weight["dice"], "dice") == "helps" and verdict(weight["hd95"], "hd95") == "hurts"
+    assert verdict(refine["dice"], "dice").startswith("no difference larger than")
+    table = side_by_side(claim_results(0.02), claim_results(0.0))
+    assert table.count("**differ**") == 4 and table.count("| same:") == 2     # weight and method change
+
