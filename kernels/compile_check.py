@@ -109,7 +109,7 @@ def _out(student, phase):
     return None
 
 
-def _source(launch, backend):
+def source(launch, backend):
     """ASTSource with the signature and attributes a launch with these arguments gets."""
     fn = launch.kernel
     signature, constexprs, attrs = {}, dict(launch.constexprs), {}
@@ -157,7 +157,7 @@ def compile_one(launch, arch):
     # a fresh cache, so that ptxas runs (and reports) even for a binary compiled before
     with tempfile.TemporaryDirectory(prefix="kd-compile-check-") as cache, _environ(
             TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
-        compiled = triton.compile(_source(launch, backend), target=target, options=launch.options)
+        compiled = triton.compile(source(launch, backend), target=target, options=launch.options)
     text = log.getvalue()
     spills = _PTXAS_LINE.search(text)
     regs = _REGS.search(text)
@@ -175,7 +175,7 @@ def run(archs, quick=False):
     rows, seen = [], {}
     for name, launch, traffic in configurations(quick):
         for arch in archs:
-            key = (arch, _source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
+            key = (arch, source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
             if key not in seen:
                 start = time.perf_counter()
                 seen[key] = compile_one(launch, arch)
