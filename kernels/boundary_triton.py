@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .boundary_reference import case_distances, padded_rows, summarize
+from .boundary_reference import case_distances, case_metrics, summarize
 from .launch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
@@ -159,8 +159,9 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     out = {name: torch.tensor(value, dtype=torch.float64) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
     cpu_cases = [b for b, flag in enumerate(flags) if flag]
     if cpu_cases:
-        per_case = [case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing) for b in cpu_cases]
-        sq, n = padded_rows([pg ** 2 for pg, _ in per_case] + [gp ** 2 for _, gp in per_case])
-        for name, value in summarize(sq, n, percentile, mode).items():
-            out[name][cpu_cases] = value
+        for b in cpu_cases:
+            metrics = case_metrics(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
+                                   percentile, mode)
+            for name, value in zip(("hd", "hd95", "assd"), metrics):
+                out[name][b] = value
     return out

@@ -37,8 +37,8 @@ import triton
 
 from kernels import boundary_metrics, kd_weight_map, weighted_kd_loss
 from kernels.backend import INTERPRET
-from kernels.bench_boundary import (SPACING, gpu_timings, largest_difference, library_baselines, ratios,
-                                    sinus_batch, time_cpu_path)
+from kernels.bench_boundary import (SPACING, gpu_timings, largest_difference, ratios, side_by_side, sinus_batch,
+                                    time_cpu_path)
 from kernels.bench_kd import MODES, copy_bandwidth, timing_row
 from kernels.check_rows import Rows, machine
 from kernels.kd_reference import kd_loss_reference, weight_map_reference
@@ -220,10 +220,10 @@ def boundary_bench_step(rows, size, on_gpu):
     cpu = time_cpu_path(pred, truth, size["cpu_repeats"])
     rows.emit(BOUNDARY, dict(step="boundary_bench", path="cpu", shape=[batch, h, w], **machine(), **cpu))
     # MedPy and MONAI last: absent on a bare GPU machine, and slow where present
-    baselines = library_baselines(pred, truth, size["library_images"])
-    for name, summary in baselines.items():
-        rows.emit(BOUNDARY, dict(step="boundary_bench", path=name, shape=[h, w], **summary))
-    found, arithmetic = ratios(cpu["median_ms"], baselines, gpu)
+    compared = side_by_side(pred, truth, size["library_images"], size["cpu_repeats"])
+    for name, summary in compared.items():
+        rows.emit(BOUNDARY, dict(step="boundary_bench", path=f"side_by_side/{name}", shape=[h, w], **summary))
+    found, arithmetic = ratios(compared, gpu)
     rows.emit(BOUNDARY, dict(step="boundary_ratios", ratios=found, arithmetic=arithmetic))
 
 

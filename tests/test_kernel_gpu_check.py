@@ -41,7 +41,8 @@ def test_driver_writes_every_row_without_medpy(tmp_path, monkeypatch, capsys):
     assert rows["kd_bench.jsonl"][-1] == dict(step="torch_compile", skipped="not asked for (--torch-compile)")
     boundary = {r.get("path", r["step"]): r for r in rows["boundary_bench.jsonl"]}
     assert boundary["cpu"]["median_ms"] > 0 and boundary["cpu"]["cpu"]
-    assert boundary["medpy"]["absent"] and boundary["monai"]["absent"]
+    assert boundary["side_by_side/medpy"]["absent"] and boundary["side_by_side/monai"]["absent"]
+    assert boundary["side_by_side/cpu_path"]["median_ms"] > 0
     assert boundary["boundary_ratios"]["ratios"] == {}
     summary, = rows["summary.jsonl"]
     assert summary["ok"] and summary["failures"] == []
