@@ -12,6 +12,7 @@ serial compile time to a 16-core host.
 import argparse
 import json
 import os
+import tempfile
 
 HOST_CORES = 16
 
@@ -20,6 +21,8 @@ def main():
     # The recording runs the host code on CPU tensors, through the interpreter; set here, not at
     # import, since the compiling workers import this module again and must not interpret.
     os.environ["TRITON_INTERPRET"] = "1"
+    # a cold cache, as on a fresh machine: the workers inherit it
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu-check-compile-")
     import torch
     import triton
 

@@ -29,6 +29,7 @@ from triton.runtime.jit import native_specialize_impl
 from . import boundary_triton, kd_triton
 from .kd_reference import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
+from .sass_count import per_pixel
 
 BENCH_SHAPE = (16, 2, 512, 1024)
 BOUNDARY_SHAPE = (32, 1024, 2048)
@@ -167,13 +168,28 @@ def compile_one(launch, arch):
     shared = compiled.metadata.shared
     return dict(registers=int(regs.group(1)), spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
                 stack_bytes=stack, shared_bytes=shared, warps=launch.options["num_warps"],
-                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.options["num_warps"], arch))
+                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.options["num_warps"], arch),
+                **instruction_counts(launch, compiled.asm["cubin"]))
 
 
-def run(archs, quick=False):
-    """Compile every distinct configuration for each arch; a list of result rows."""
+def instruction_counts(launch, cubin):
+    """SASS instructions, and a pixel where the kernel has pixels (`sass_count.per_pixel`)."""
+    meta = launch.constexprs
+    if "ROWS" in meta:
+        return per_pixel(cubin, pixels_per_thread=meta["ROWS"] * meta["COLS"] / (launch.options["num_warps"] * 32))
+    if "RING" in meta:
+        radius = launch.args[launch.kernel.arg_names.index("R")] if "R" in launch.kernel.arg_names else meta["R"]
+        return per_pixel(cubin, window=2 * radius + 1)
+    return per_pixel(cubin)
+
+
+def run(archs, quick=False, match=None):
+    """Compile every distinct configuration (those whose name `match` searches) for each arch;
+    a list of result rows."""
     rows, seen = [], {}
     for name, launch, traffic in configurations(quick):
+        if match and not re.search(match, name):
+            continue
         for arch in archs:
             key = (arch, source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
             if key not in seen:
@@ -181,7 +197,8 @@ def run(archs, quick=False):
                 seen[key] = compile_one(launch, arch)
                 seen[key]["compile_s"] = round(time.perf_counter() - start, 2)
                 print(f"sm_{arch} {name}: {seen[key]['registers']} registers, "
-                      f"{seen[key]['spill_store_bytes']}/{seen[key]['spill_load_bytes']} B spilled", file=sys.stderr)
+                      f"{seen[key]['spill_store_bytes']}/{seen[key]['spill_load_bytes']} B spilled, "
+                      f"{seen[key].get('instructions_per_pixel')} instructions a pixel", file=sys.stderr)
             rows.append(dict(config=name, arch=f"sm_{arch}", **seen[key], modelled_traffic=traffic))
     return rows
 
@@ -191,12 +208,13 @@ def main():
     parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/kernels_sm90.json")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     parser.add_argument("--quick", action="store_true", help="only the extreme configurations")
+    parser.add_argument("--match", help="only configurations whose name this regular expression searches")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     if not ptxas_available():
         raise SystemExit("this triton has no bundled ptxas: nothing to compile with")
-    rows = run(args.arch, args.quick)
+    rows = run(args.arch, args.quick, args.match)
     worst = {f"sm_{a}": dict(max_registers=max(r["registers"] for r in rows if r["arch"] == f"sm_{a}"),
                              max_spill_bytes=max(r["spill_store_bytes"] + r["spill_load_bytes"]
                                                  for r in rows if r["arch"] == f"sm_{a}"),
