@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .kd_reference import SSIM_C1, SSIM_C2
-from .kd_tiles import foreground, load_logits, weighted_kl
+from .kd_tiles import LOG2E, foreground, load_logits, weighted_kl
 
 _C1 = tl.constexpr(SSIM_C1)
 _C2 = tl.constexpr(SSIM_C2)
@@ -127,7 +127,7 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
             if WITH_LOSS:
                 zs = load_logits(s_img, yo * s_h + x * s_w, s_c, C, valid, C_P)
                 zt = load_logits(t_img, yo * t_h + x * t_w, t_c, C, valid, C_P)
-                acc_wkl += weighted_kl(zs, zt, w, inv_t, C, C_P, False)
+                acc_wkl += weighted_kl(zs, zt, w, LOG2E * inv_t, C, C_P)
                 acc_w += w
         i += 1
 

@@ -44,6 +44,12 @@ def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
     return lanes // cols, cols
 
 
+def classes_last(c, c_pad, *logits) -> bool:
+    """Whether every logit tensor is channels-last with no padded class (stride 1 along C, C
+    along W), which the pixel kernel then addresses with compile-time strides."""
+    return c == c_pad and all(x.stride(1) == 1 and x.stride(3) == c for x in logits)
+
+
 def ssim_ring(window: int) -> int:
     """Rows of the register ring of window sums: the window, padded to a power of two."""
     return triton.next_power_of_2(window)
@@ -95,7 +101,8 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
                 *strides, *weight_strides, *out_strides)
         # only the agreement weight shares its t = 1 softmax with the loss
         constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PIXEL_PHASES[phase],
-                          T_IS_ONE=mode == "agree" and temperature == 1.0)
+                          T_IS_ONE=mode == "agree" and temperature == 1.0,
+                          CLASSES_LAST=classes_last(c, c_pad, student, teacher, *([out] if phase == "grad" else [])))
         kernel, options = kd_pixel_kernel, dict(num_warps=PIXEL_WARPS)
     if grid >= INT32_LIMIT:
         raise ValueError(f"logits of shape {tuple(student.shape)} need {grid} programs; at most 2**31 - 1")
