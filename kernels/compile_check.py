@@ -55,9 +55,8 @@ def ptxas_available() -> bool:
 def configurations(quick=False):
     """(name, Launch, modelled traffic) for every choice the dispatch can make.
 
-    Classes 2..8 fall into padded sizes 2, 4, 8 (C itself is a runtime value); windows share a
-    binary when they share a ring size and radius specialisation, so duplicates are dropped by
-    the caller. `quick` keeps the extremes: C = 2 and 8, float32 and bfloat16, windows 3 and 15.
+    Classes 2..8 fall into padded sizes 2, 4, 8 (C itself is a runtime value); each window is a
+    binary of its own (the radius is a constexpr); duplicates are dropped by the caller. `quick` keeps the extremes: C = 2 and 8, float32 and bfloat16, windows 3 and 15.
     """
     classes = (2, 8) if quick else (2, 4, 8)
     dtypes = ("float32", "bfloat16") if quick else tuple(DTYPES)
@@ -178,8 +177,7 @@ def instruction_counts(launch, cubin):
     if "ROWS" in meta:
         return per_pixel(cubin, pixels_per_thread=meta["ROWS"] * meta["COLS"] / (launch.options["num_warps"] * 32))
     if "RING" in meta:
-        radius = launch.args[launch.kernel.arg_names.index("R")] if "R" in launch.kernel.arg_names else meta["R"]
-        return per_pixel(cubin, window=2 * radius + 1)
+        return per_pixel(cubin, window=2 * meta["R"] + 1)
     return per_pixel(cubin)
 
 
@@ -209,12 +207,19 @@ def main():
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     parser.add_argument("--quick", action="store_true", help="only the extreme configurations")
     parser.add_argument("--match", help="only configurations whose name this regular expression searches")
+    parser.add_argument("--before", help="an earlier report: its instructions a pixel go beside this one's, by name")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     if not ptxas_available():
         raise SystemExit("this triton has no bundled ptxas: nothing to compile with")
     rows = run(args.arch, args.quick, args.match)
+    if args.before:
+        with open(args.before) as f:
+            before = {(r["config"], r["arch"]): r for r in json.load(f)["configurations"]}
+        for row in rows:
+            if (row["config"], row["arch"]) in before and "instructions_per_pixel" in before[row["config"], row["arch"]]:
+                row["instructions_per_pixel_before"] = before[row["config"], row["arch"]]["instructions_per_pixel"]
     worst = {f"sm_{a}": dict(max_registers=max(r["registers"] for r in rows if r["arch"] == f"sm_{a}"),
                              max_spill_bytes=max(r["spill_store_bytes"] + r["spill_load_bytes"]
                                                  for r in rows if r["arch"] == f"sm_{a}"),

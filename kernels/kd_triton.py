@@ -87,8 +87,9 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         parts = _parts(student, grid, SSIM_PHASES[phase]["WITH_LOSS"])
         o_n, _, o_h, o_w = out_strides
         args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), 1.0 / map_temperature,
-                radius, strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
-        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
+                strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
+        # the radius a constexpr: the window's offsets unroll (a binary per window)
+        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), R=radius, **SSIM_PHASES[phase])
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
         rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
