@@ -77,6 +77,7 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
                    C, H, W, inv_t, gamma, inv_map_t, strips, chunks, chunk_rows,
                    s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, o_n, o_h, o_w,
                    C_P: tl.constexpr, LANES: tl.constexpr, RING: tl.constexpr, R: tl.constexpr,
+                   CLASSES_LAST: tl.constexpr,
                    WITH_LOSS: tl.constexpr, STORE_WEIGHT: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // (strips * chunks)).to(tl.int64)  # image offsets may pass 2**31
@@ -100,7 +101,11 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
     acc_wkl = tl.zeros([LANES], tl.float32)
     acc_w = tl.zeros([LANES], tl.float32)
     # a while loop: triton 3.6's interpreter cannot take a range() bound computed from arguments
-    # column offsets once; row offsets and counts from the scalar row index (uniform arithmetic)
+    # column offsets once; row offsets and counts from the scalar row index (uniform arithmetic);
+    # channels-last without padded classes: compile-time strides (see kd_pixel_kernel)
+    if CLASSES_LAST:
+        s_w = C_P
+        t_w = C_P
     s_col = x * s_w
     t_col = x * t_w
     o_col = x * o_w

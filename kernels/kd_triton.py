@@ -37,8 +37,9 @@ INT32_LIMIT = 2 ** 31
 
 def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
     """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget. Where a row's
-    pixels are not contiguous (channels-last, strided views) every element needs its own 64-bit
-    address, so the tile is halved to stay within 128 registers (two 8-warp CTAs, no spills)."""
+    elements are not contiguous (strided views, channels-last with padded classes) every element
+    needs its own 64-bit address, so the tile is halved to stay within 128 registers (two 8-warp
+    CTAs, no spills)."""
     lanes = PIXEL_LANES // c_pad // (1 if rows_contiguous else 2)
     cols = min(triton.next_power_of_2(width), lanes)
     return lanes // cols, cols
@@ -46,7 +47,8 @@ def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
 
 def classes_last(c, c_pad, *logits) -> bool:
     """Whether every logit tensor is channels-last with no padded class (stride 1 along C, C
-    along W), which the pixel kernel then addresses with compile-time strides."""
+    along W), which the kernels then address with compile-time strides: a row's elements are
+    then contiguous, as in NCHW."""
     return c == c_pad and all(x.stride(1) == 1 and x.stride(3) == c for x in logits)
 
 
@@ -89,10 +91,12 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), 1.0 / map_temperature,
                 strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
         # the radius a constexpr: the window's offsets unroll (a binary per window)
-        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), R=radius, **SSIM_PHASES[phase])
+        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), R=radius,
+                          CLASSES_LAST=classes_last(c, c_pad, student, teacher), **SSIM_PHASES[phase])
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
-        rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
+        compile_time_strides = classes_last(c, c_pad, student, teacher, *([out] if phase == "grad" else []))
+        rows, cols = pixel_tile(c_pad, w, compile_time_strides or (student.stride(3) == 1 and teacher.stride(3) == 1))
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
         parts = _parts(student, grid, phase == "loss")
@@ -103,7 +107,7 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         # only the agreement weight shares its t = 1 softmax with the loss
         constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PIXEL_PHASES[phase],
                           T_IS_ONE=mode == "agree" and temperature == 1.0,
-                          CLASSES_LAST=classes_last(c, c_pad, student, teacher, *([out] if phase == "grad" else [])))
+                          CLASSES_LAST=compile_time_strides)
         kernel, options = kd_pixel_kernel, dict(num_warps=PIXEL_WARPS)
     if grid >= INT32_LIMIT:
         raise ValueError(f"logits of shape {tuple(student.shape)} need {grid} programs; at most 2**31 - 1")

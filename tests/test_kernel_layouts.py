@@ -57,7 +57,7 @@ def test_layouts_in_and_gradient_out(monkeypatch, mode, student_layout, teacher_
 
 
 @pytest.mark.parametrize("classes", [2, 4])
-@pytest.mark.parametrize("mode", ["none", "agree", "tensor"])
+@pytest.mark.parametrize("mode", ["none", "agree", "tensor", "ssim"])
 def test_channels_last_without_padded_classes_takes_compile_time_strides(monkeypatch, classes, mode):
     gen = torch.Generator().manual_seed(classes)
     student = (3 * torch.randn(2, classes, 5, 9, generator=gen)).contiguous(memory_format=torch.channels_last)
