@@ -20,7 +20,7 @@ to its file as it is produced, so a timeout loses at most the row in progress:
 - summary.jsonl: the failures (a failing step is a row, the steps after it still run) and the
   time of each step. Exit status 1 when anything failed.
 Every kernel the steps will launch is recorded first and compiled in parallel worker
-processes (`precompile.py`), since a cold cache would otherwise compile ~190 specialisations
+processes (`precompile.py`), since a cold cache would otherwise compile 163 specialisations
 one after another. `--size tiny` runs the same steps at toy sizes, on the CPU through the
 Triton interpreter too (the driver's test).
 """
