@@ -11,9 +11,9 @@ MONAI (hd95 + assd) on a few images. Without CUDA it times the CPU path, MedPy a
 and the JSON says so.
 """
 import argparse
+import importlib
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -23,6 +23,7 @@ import torch
 import triton
 
 from kernels import boundary_metrics
+from kernels.check_rows import machine
 
 BATCH, HEIGHT, WIDTH = 32, 1024, 2048
 SPACING = (0.1, 0.1)
@@ -83,33 +84,54 @@ def time_cpu_path(pred, truth, repeats):
     return _summary(times)
 
 
-def time_medpy(pred, truth, n_images):
-    """Per-image times of MedPy's hd95 + assd, and the largest difference to our pooled values."""
+def _medpy_case(p, g):
     from medpy.metric import binary
-
-    times, worst = [], 0.0
-    for p, g in zip(pred[:n_images].numpy(), truth[:n_images].numpy()):
-        start = time.perf_counter()
-        hd95, assd = binary.hd95(p, g, SPACING, 1), binary.assd(p, g, SPACING, 1)
-        times.append((time.perf_counter() - start) * 1e3)
-        ours = boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, mode="pooled",
-                                backend="torch")
-        worst = max(worst, abs(hd95 - float(ours["hd95"])), abs(assd - float(ours["assd"])))
-    return _summary(times), worst
+    return dict(hd95=binary.hd95(p, g, SPACING, 1), assd=binary.assd(p, g, SPACING, 1)), "pooled"
 
 
-def time_monai(pred, truth, n_images):
-    """Per-image times of MONAI's HD95 and ASSD on the CPU, as a training loop would call them."""
+def _monai_case(p, g):
+    """MONAI's HD95 and ASSD on the CPU, as a training loop would call them."""
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    p, g = torch.from_numpy(p)[None, None].float(), torch.from_numpy(g)[None, None].float()
+    return dict(hd95=float(compute_hausdorff_distance(p, g, percentile=95, spacing=list(SPACING))),
+                assd=float(compute_average_surface_distance(p, g, symmetric=True, spacing=list(SPACING)))), "max"
 
-    times = []
-    for p, g in zip(pred[:n_images], truth[:n_images]):
-        p, g = p[None, None].float(), g[None, None].float()
-        start = time.perf_counter()
-        compute_hausdorff_distance(p, g, percentile=95, spacing=list(SPACING))
-        compute_average_surface_distance(p, g, symmetric=True, spacing=list(SPACING))
-        times.append((time.perf_counter() - start) * 1e3)
-    return _summary(times)
+
+LIBRARIES = (("medpy", "medpy.metric", _medpy_case), ("monai", "monai.metrics", _monai_case))
+
+
+def side_by_side(pred, truth, n_images, repeats):
+    """Per-image times of our CPU path (the median of `repeats` calls), MedPy's and MONAI's
+    hd95 + assd, taken image after image in turn, so that a busy machine slows all of them alike;
+    with each library's largest difference to our values in its convention. A library that is not
+    importable (never installed on a bare GPU machine) is recorded as absent."""
+    libraries, out = [], {}
+    for name, module, case in LIBRARIES:
+        try:
+            importlib.import_module(module)
+            libraries.append((name, case))
+        except ImportError as error:
+            out[name] = dict(absent=True, reason=f"{type(error).__name__}: {error}")
+    times = {name: [] for name in ["cpu_path"] + [name for name, _ in libraries]}
+    worst = {name: 0.0 for name, _ in libraries}
+    for p, g in zip(pred[:n_images].numpy(), truth[:n_images].numpy()):
+        ours = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, backend="torch")
+            ours.append((time.perf_counter() - start) * 1e3)
+        times["cpu_path"].append(statistics.median(ours))
+        for name, case in libraries:
+            start = time.perf_counter()
+            theirs, mode = case(p, g)
+            times[name].append((time.perf_counter() - start) * 1e3)
+            mine = boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, mode=mode,
+                                    backend="torch")
+            worst[name] = max(worst[name], *(abs(theirs[k] - float(mine[k])) for k in theirs))
+    out["cpu_path"] = _summary(times["cpu_path"])
+    for name, _ in libraries:
+        out[name] = dict(_summary(times[name]), max_abs_difference_to_cpu_path=worst[name])
+    return out
 
 
 def _gpu_call_ms(pred, truth) -> float:
@@ -148,62 +170,75 @@ def largest_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} ({os.cpu_count()} logical cores)"
-    except (OSError, IndexError):
-        return platform.processor() or "unknown CPU"
+def sinus_batch(batch=BATCH, height=HEIGHT, width=WIDTH, seed=0):
+    """(prediction, ground truth) bool tensors (batch, height, width) of sinus-like cases."""
+    rng = np.random.default_rng(seed)
+    pairs = [sinus_pair(rng, height, width) for _ in range(batch)]
+    return torch.from_numpy(np.stack([p for p, _ in pairs])), torch.from_numpy(np.stack([g for _, g in pairs]))
+
+
+def gpu_timings(pred, truth, repeats):
+    """The Triton path on CUDA: its gate against the CPU path (AssertionError beyond 1e-3, or a
+    NaN against a finite value), then batch and single-case times."""
+    pred_gpu, truth_gpu = pred.to("cuda"), truth.to("cuda")
+    out = dict(device=torch.cuda.get_device_name())
+    out["max_abs_difference_to_cpu_path"] = max(
+        largest_difference(boundary_metrics(pred_gpu, truth_gpu, spacing=SPACING, mode=mode),
+                           boundary_metrics(pred, truth, spacing=SPACING, mode=mode, backend="torch"))
+        for mode in ("max", "pooled"))
+    if out["max_abs_difference_to_cpu_path"] > 1e-3:
+        raise AssertionError(f"Triton path disagrees with the CPU reference by "
+                             f"{out['max_abs_difference_to_cpu_path']:.3g}: not timing it")
+    batch = time_gpu_batch(pred_gpu, truth_gpu, repeats)
+    out["batch"] = batch
+    out["per_image_ms_amortised_over_batch"] = batch["median_ms"] / len(pred)
+    out["per_image_single_case"] = time_gpu_single(pred_gpu, truth_gpu)
+    out["input_bytes_per_second"] = 2 * pred.numel() / (batch["median_ms"] * 1e-3)
+    return out
+
+
+def ratios(compared, gpu=None):
+    """Each library's median over ours (`side_by_side`'s CPU path, and the Triton path where
+    timed), with the arithmetic written out."""
+    out, arithmetic = {}, []
+    ours = [("cpu_path", compared["cpu_path"]["median_ms"])]
+    if gpu:
+        ours.append(("triton", gpu["per_image_ms_amortised_over_batch"]))
+    for name, summary in compared.items():
+        if name == "cpu_path" or "median_ms" not in summary:
+            continue
+        for label, ms in ours:
+            out[f"{name}_over_{label}"] = summary["median_ms"] / ms
+            arithmetic.append(f"{name}_over_{label} = {summary['median_ms']:.4g} ms / {ms:.4g} ms "
+                              f"= {out[f'{name}_over_{label}']:.4g}")
+    return out, arithmetic
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/boundary_h100.json")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions of the GPU batch")
-    parser.add_argument("--cpu-repeats", type=int, default=3, help="timed passes of the CPU path over the batch")
-    parser.add_argument("--medpy-images", type=int, default=4, help="images timed with MedPy (~0.5 s each)")
+    parser.add_argument("--cpu-repeats", type=int, default=3,
+                        help="timed passes of the CPU path over the batch, and calls per image beside the libraries")
+    parser.add_argument("--medpy-images", type=int, default=4,
+                        help="images timed side by side with MedPy (~1 s each) and MONAI")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the CPU path and MONAI on one thread each, as the comparison states
 
-    rng = np.random.default_rng(0)
-    pairs = [sinus_pair(rng) for _ in range(BATCH)]
-    pred = torch.from_numpy(np.stack([p for p, _ in pairs]))
-    truth = torch.from_numpy(np.stack([g for _, g in pairs]))
+    pred, truth = sinus_batch()
     foreground = truth.flatten(1).float().mean(1)
-
-    report = dict(shape=[BATCH, HEIGHT, WIDTH], spacing=SPACING, cpu=_cpu_name(),
-                  load_average_1min=os.getloadavg()[0],  # shared machines make CPU times noisy
+    report = dict(shape=[BATCH, HEIGHT, WIDTH], spacing=SPACING, **machine(), torch_threads=torch.get_num_threads(),
                   truth_foreground_fraction=dict(min=float(foreground.min()), max=float(foreground.max())),
                   versions=dict(torch=torch.__version__, triton=triton.__version__, scipy=scipy.__version__,
                                 numpy=np.__version__))
     report["cpu_path_per_image"] = time_cpu_path(pred, truth, args.cpu_repeats)
-    report["medpy_hd95_assd_per_image"], report["medpy_max_abs_difference"] = time_medpy(pred, truth,
-                                                                                         args.medpy_images)
-    report["monai_hd95_assd_per_image"] = time_monai(pred, truth, args.medpy_images)
-    cpu_ms = report["cpu_path_per_image"]["median_ms"]
-    medpy_ms = report["medpy_hd95_assd_per_image"]["median_ms"]
-    report["ratios"] = dict(medpy_over_cpu_path=medpy_ms / cpu_ms)
-
-    if torch.cuda.is_available():
-        report["device"] = torch.cuda.get_device_name()
-        pred_gpu, truth_gpu = pred.to("cuda"), truth.to("cuda")
-        report["gpu_max_abs_difference_to_cpu_path"] = max(
-            largest_difference(boundary_metrics(pred_gpu, truth_gpu, spacing=SPACING, mode=mode),
-                              boundary_metrics(pred, truth, spacing=SPACING, mode=mode, backend="torch"))
-            for mode in ("max", "pooled"))
-        if report["gpu_max_abs_difference_to_cpu_path"] > 1e-3:
-            raise SystemExit(f"Triton path disagrees with the CPU reference by "
-                             f"{report['gpu_max_abs_difference_to_cpu_path']:.3g}: not timing it")
-        batch = time_gpu_batch(pred_gpu, truth_gpu, args.repeats)
-        report["triton_batch"] = batch
-        gpu_ms = batch["median_ms"] / BATCH
-        report["triton_per_image_ms_amortised_over_batch"] = gpu_ms
-        report["triton_per_image_single_case"] = time_gpu_single(pred_gpu, truth_gpu)
-        report["triton_input_bytes_per_second"] = 2 * pred.numel() / (batch["median_ms"] * 1e-3)
-        report["ratios"].update(cpu_path_over_triton=cpu_ms / gpu_ms, medpy_over_triton=medpy_ms / gpu_ms)
+    gpu = gpu_timings(pred, truth, args.repeats) if torch.cuda.is_available() else None
+    if gpu:
+        report["triton"] = gpu
     else:
-        report["device"] = report["cpu"]
         report["note"] = "no CUDA device: the CPU path, MedPy and MONAI only, no Triton timing"
+    report["side_by_side"] = side_by_side(pred, truth, args.medpy_images, args.cpu_repeats)
+    report["ratios"], report["arithmetic"] = ratios(report["side_by_side"], gpu)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 """Benchmark of the weighted KD loss, forward + backward (SPEC section 8); a script, never a test.
 
     python -m kernels.bench_kd --out bench/kd_<device>.json
+    python -m kernels.bench_kd --impls compile --rows DIR/kd_bench.jsonl   # rows as they come
 
 On CUDA, at (16, 2, 512, 1024) in float32 and bfloat16 and for every weight mode, it first
 checks the Triton path against the float64 reference, then times the Triton kernels, the eager
@@ -15,13 +16,13 @@ a test vehicle, not a timing.
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import triton
 
+from kernels.check_rows import Rows, cpu_model, machine
 from kernels.kd_loss import weighted_kd_loss
 from kernels.kd_reference import kd_loss_reference, weight_map_reference
 from kernels.kd_traffic import kd_traffic
@@ -87,7 +88,7 @@ def check_triton(device):
             grad_err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
             limit = 1e-4 if dtype == torch.float32 else 1e-2
             if not (loss_err < 1e-4 and grad_err < limit):
-                raise SystemExit(f"Triton {dtype_name} {mode}: loss error {loss_err:.2e}, "
+                raise AssertionError(f"Triton {dtype_name} {mode}: loss error {loss_err:.2e}, "
                                  f"gradient error {grad_err:.2e} against the float64 reference")
             errors[f"{dtype_name}/{mode}"] = {"loss_rel_err": loss_err, "grad_rel_err": grad_err}
     return errors
@@ -101,30 +102,69 @@ def copy_bandwidth(device, nbytes, warmup, reps):
     return {**timing, "bytes": nbytes, "GB_per_s": nbytes / timing["median_ms"] / 1e6}
 
 
+def implementations(device, mode, names):
+    """Name -> loss function of the implementations asked for: triton, eager, compile."""
+    table = {"triton": lambda s, t: weighted_kd_loss(s, t, weight=mode),
+             "eager": lambda s, t: reference_loss(s, t, mode)}
+    if "compile" in names:
+        table["compile"] = torch.compile(lambda s, t: reference_loss(s, t, mode))
+    return {name: table[name] for name in names}
+
+
+def timing_row(device, shape, dtype_name, mode, names, warmup, reps, seed, copy=None):
+    """One row: forward + backward times of each implementation in `names`, with the modelled
+    bytes and the bandwidth they imply (against the copy's, where `copy` was measured)."""
+    dtype = DTYPES[dtype_name]
+    student, teacher = fresh_logits(shape, dtype, device, seed=seed)
+    traffic = kd_traffic(shape, dtype.itemsize, mode)
+    row = {"dtype": dtype_name, "mode": mode, "shape": list(shape), "modelled_step_bytes": traffic["step_bytes"],
+           "min_step_bytes": traffic["step_min_bytes"]}
+    for name, loss_fn in implementations(device, mode, names).items():
+        step = lambda: torch.autograd.grad(loss_fn(student, teacher), student)  # noqa: E731
+        row[name] = time_ms(step, device, warmup, reps)
+        seconds = row[name]["median_ms"] * 1e-3
+        row[name]["GB_per_s_at_min_bytes"] = traffic["step_min_bytes"] / seconds / 1e9
+        if copy:
+            row[name]["fraction_of_copy_at_min_bytes"] = row[name]["GB_per_s_at_min_bytes"] / copy["GB_per_s"]
+            if name == "triton":  # the bytes the kernels are modelled to move
+                row[name]["fraction_of_copy_at_modelled_bytes"] = (
+                    traffic["step_bytes"] / seconds / 1e9 / copy["GB_per_s"])
+    for base in ("eager", "compile"):
+        if "triton" in row and base in row:
+            row[f"speedup_vs_{base}"] = row[base]["median_ms"] / row["triton"]["median_ms"]
+    if "triton" not in row and {"eager", "compile"} <= set(row):
+        row["compile_speedup_vs_eager"] = row["eager"]["median_ms"] / row["compile"]["median_ms"]
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/kd_h100.json")
+    parser.add_argument("--out", help="JSON file to write, e.g. bench/kd_h100.json")
+    parser.add_argument("--rows", help="instead: append each row to this JSON-lines file as it is measured")
+    parser.add_argument("--impls", nargs="+", choices=("triton", "eager", "compile"),
+                        help="implementations to time (default: triton where CUDA is, eager, compile)")
     parser.add_argument("--reps", type=int, default=50, help="timed repeats per measurement")
     args = parser.parse_args()
+    if not (args.out or args.rows):
+        parser.error("give --out or --rows")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     shape = GPU_SHAPE if on_gpu else CPU_SHAPE
     warmup = 10 if on_gpu else 2
     reps = args.reps if on_gpu else min(args.reps, 10)
+    names = args.impls or (["triton"] if on_gpu else []) + ["eager", "compile"]
     report = {
-        "device": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "triton": triton.__version__, "shape": list(shape),
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu: {cpu_model()}",
+        "torch": torch.__version__, "triton": triton.__version__, "shape": list(shape), **machine(),
         "measure": "loss + student gradient (torch.autograd.grad), weight_map included",
     }
-    if on_gpu:
+    if on_gpu and "triton" in names:
         report["correctness"] = check_triton(device)
-    else:
-        report["device"] = f"cpu: {report['device']} ({os.cpu_count()} cores)"
-        report["load_average_1min"] = os.getloadavg()[0]  # shared machines make CPU times noisy
+    elif not on_gpu:
         report["note"] = (f"no CUDA device: CPU paths only (eager and torch.compile of the reference) "
                           f"at {CPU_SHAPE} instead of {GPU_SHAPE}; no Triton timing, no bandwidth ceiling")
-
+    rows = Rows(os.path.dirname(os.path.abspath(args.rows))) if args.rows else None
     numel = 1
     for size in shape:
         numel *= size
@@ -134,37 +174,18 @@ def main():
         if copy:
             report[f"copy_{dtype_name}"] = copy
         for mode in MODES:
-            student, teacher = fresh_logits(shape, dtype, device, seed=len(results))
-            compiled = torch.compile(lambda s, t, mode=mode: reference_loss(s, t, mode))
-            impls = {"eager": lambda s, t: reference_loss(s, t, mode), "compile": compiled}
-            if on_gpu:
-                impls = {"triton": lambda s, t: weighted_kd_loss(s, t, weight=mode), **impls}
-            traffic = kd_traffic(shape, dtype.itemsize, mode)
-            row = {"dtype": dtype_name, "mode": mode, "modelled_step_bytes": traffic["step_bytes"],
-                   "min_step_bytes": traffic["step_min_bytes"]}
-            for name, loss_fn in impls.items():
-                step = lambda: torch.autograd.grad(loss_fn(student, teacher), student)  # noqa: E731
-                row[name] = time_ms(step, device, warmup, reps)
-                seconds = row[name]["median_ms"] * 1e-3
-                row[name]["GB_per_s_at_min_bytes"] = traffic["step_min_bytes"] / seconds / 1e9
-                if copy:
-                    row[name]["fraction_of_copy_at_min_bytes"] = row[name]["GB_per_s_at_min_bytes"] / copy["GB_per_s"]
-                    if name == "triton":  # the bytes the kernels are modelled to move
-                        row[name]["fraction_of_copy_at_modelled_bytes"] = (
-                            traffic["step_bytes"] / seconds / 1e9 / copy["GB_per_s"])
-            if on_gpu:
-                for base in ("eager", "compile"):
-                    row[f"speedup_vs_{base}"] = row[base]["median_ms"] / row["triton"]["median_ms"]
-            else:
-                row["compile_speedup_vs_eager"] = row["eager"]["median_ms"] / row["compile"]["median_ms"]
+            row = timing_row(device, shape, dtype_name, mode, names, warmup, reps, len(results), copy)
             results.append(row)
-            print(json.dumps(row))
+            if rows:
+                rows.emit(os.path.basename(args.rows), row)
+            else:
+                print(json.dumps(row), flush=True)
     report["results"] = results
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

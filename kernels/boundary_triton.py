@@ -23,16 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .boundary_reference import case_distances, padded_rows, summarize
+from .boundary_reference import case_distances, case_metrics, summarize
 from .launch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
 # loop is 9.2 instructions a pair in the sm_90 SASS (294 for a thread's 32 pairs of a 64 x 64
 # tile), an H200 issues 132 SMs x 128 lanes x 1.98 GHz = 3.3e13 a second, taken at half that (an
-# estimate); the CPU path was measured at 1.07 us a boundary point (3.78 ms for a sinus case of
-# ~3 550 boundary points, bench/boundary_cpu.json at 96203b4).
+# estimate); the CPU path was measured at 0.81 us a boundary point (2.88 ms for a sinus case of
+# ~3 550 boundary points, one thread, bench/boundary_cpu.json).
 GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 9.2
-CPU_SECONDS_PER_POINT = 1.07e-6
+CPU_SECONDS_PER_POINT = 0.81e-6
 GPU_PAIRS_PER_CPU_POINT = GPU_PAIRS_PER_SECOND * CPU_SECONDS_PER_POINT
 MAX_POINTS_PER_MASK = 2 ** 17
 BLOCK_PIXELS = 1024
@@ -159,8 +159,9 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     out = {name: torch.tensor(value, dtype=torch.float64) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
     cpu_cases = [b for b, flag in enumerate(flags) if flag]
     if cpu_cases:
-        per_case = [case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing) for b in cpu_cases]
-        sq, n = padded_rows([pg ** 2 for pg, _ in per_case] + [gp ** 2 for _, gp in per_case])
-        for name, value in summarize(sq, n, percentile, mode).items():
-            out[name][cpu_cases] = value
+        for b in cpu_cases:
+            metrics = case_metrics(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
+                                   percentile, mode)
+            for name, value in zip(("hd", "hd95", "assd"), metrics):
+                out[name][b] = value
     return out

@@ -29,6 +29,7 @@ from triton.runtime.jit import native_specialize_impl
 from . import boundary_triton, kd_triton
 from .kd_reference import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
+from .sass_count import per_pixel
 
 BENCH_SHAPE = (16, 2, 512, 1024)
 BOUNDARY_SHAPE = (32, 1024, 2048)
@@ -54,9 +55,8 @@ def ptxas_available() -> bool:
 def configurations(quick=False):
     """(name, Launch, modelled traffic) for every choice the dispatch can make.
 
-    Classes 2..8 fall into padded sizes 2, 4, 8 (C itself is a runtime value); windows share a
-    binary when they share a ring size and radius specialisation, so duplicates are dropped by
-    the caller. `quick` keeps the extremes: C = 2 and 8, float32 and bfloat16, windows 3 and 15.
+    Classes 2..8 fall into padded sizes 2, 4, 8 (C itself is a runtime value); each window is a
+    binary of its own (the radius is a constexpr); duplicates are dropped by the caller. `quick` keeps the extremes: C = 2 and 8, float32 and bfloat16, windows 3 and 15.
     """
     classes = (2, 8) if quick else (2, 4, 8)
     dtypes = ("float32", "bfloat16") if quick else tuple(DTYPES)
@@ -109,7 +109,7 @@ def _out(student, phase):
     return None
 
 
-def _source(launch, backend):
+def source(launch, backend):
     """ASTSource with the signature and attributes a launch with these arguments gets."""
     fn = launch.kernel
     signature, constexprs, attrs = {}, dict(launch.constexprs), {}
@@ -157,7 +157,7 @@ def compile_one(launch, arch):
     # a fresh cache, so that ptxas runs (and reports) even for a binary compiled before
     with tempfile.TemporaryDirectory(prefix="kd-compile-check-") as cache, _environ(
             TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
-        compiled = triton.compile(_source(launch, backend), target=target, options=launch.options)
+        compiled = triton.compile(source(launch, backend), target=target, options=launch.options)
     text = log.getvalue()
     spills = _PTXAS_LINE.search(text)
     regs = _REGS.search(text)
@@ -167,21 +167,36 @@ def compile_one(launch, arch):
     shared = compiled.metadata.shared
     return dict(registers=int(regs.group(1)), spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
                 stack_bytes=stack, shared_bytes=shared, warps=launch.options["num_warps"],
-                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.options["num_warps"], arch))
+                ctas_per_sm=occupancy(int(regs.group(1)), shared, launch.options["num_warps"], arch),
+                **instruction_counts(launch, compiled.asm["cubin"]))
 
 
-def run(archs, quick=False):
-    """Compile every distinct configuration for each arch; a list of result rows."""
+def instruction_counts(launch, cubin):
+    """SASS instructions, and a pixel where the kernel has pixels (`sass_count.per_pixel`)."""
+    meta = launch.constexprs
+    if "ROWS" in meta:
+        return per_pixel(cubin, pixels_per_thread=meta["ROWS"] * meta["COLS"] / (launch.options["num_warps"] * 32))
+    if "RING" in meta:
+        return per_pixel(cubin, window=2 * meta["R"] + 1)
+    return per_pixel(cubin)
+
+
+def run(archs, quick=False, match=None):
+    """Compile every distinct configuration (those whose name `match` searches) for each arch;
+    a list of result rows."""
     rows, seen = [], {}
     for name, launch, traffic in configurations(quick):
+        if match and not re.search(match, name):
+            continue
         for arch in archs:
-            key = (arch, _source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
+            key = (arch, source(launch, make_backend(GPUTarget("cuda", arch, 32))).hash(), str(launch.options))
             if key not in seen:
                 start = time.perf_counter()
                 seen[key] = compile_one(launch, arch)
                 seen[key]["compile_s"] = round(time.perf_counter() - start, 2)
                 print(f"sm_{arch} {name}: {seen[key]['registers']} registers, "
-                      f"{seen[key]['spill_store_bytes']}/{seen[key]['spill_load_bytes']} B spilled", file=sys.stderr)
+                      f"{seen[key]['spill_store_bytes']}/{seen[key]['spill_load_bytes']} B spilled, "
+                      f"{seen[key].get('instructions_per_pixel')} instructions a pixel", file=sys.stderr)
             rows.append(dict(config=name, arch=f"sm_{arch}", **seen[key], modelled_traffic=traffic))
     return rows
 
@@ -191,12 +206,20 @@ def main():
     parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/kernels_sm90.json")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     parser.add_argument("--quick", action="store_true", help="only the extreme configurations")
+    parser.add_argument("--match", help="only configurations whose name this regular expression searches")
+    parser.add_argument("--before", help="an earlier report: its instructions a pixel go beside this one's, by name")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     if not ptxas_available():
         raise SystemExit("this triton has no bundled ptxas: nothing to compile with")
-    rows = run(args.arch, args.quick)
+    rows = run(args.arch, args.quick, args.match)
+    if args.before:
+        with open(args.before) as f:
+            before = {(r["config"], r["arch"]): r for r in json.load(f)["configurations"]}
+        for row in rows:
+            if (row["config"], row["arch"]) in before and "instructions_per_pixel" in before[row["config"], row["arch"]]:
+                row["instructions_per_pixel_before"] = before[row["config"], row["arch"]]["instructions_per_pixel"]
     worst = {f"sm_{a}": dict(max_registers=max(r["registers"] for r in rows if r["arch"] == f"sm_{a}"),
                              max_spill_bytes=max(r["spill_store_bytes"] + r["spill_load_bytes"]
                                                  for r in rows if r["arch"] == f"sm_{a}"),

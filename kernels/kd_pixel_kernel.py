@@ -8,7 +8,8 @@ The grid is one-dimensional, image after image, so the batch size has no grid-ax
 import triton
 import triton.language as tl
 
-from .kd_tiles import GRAD, LOSS, WEIGHT_MAP, load_logits, softmax, store_grad, weighted_kl
+from .kd_tiles import (GRAD, LOG2E, LOSS, WEIGHT_MAP, load_logits, log2_scale, logit_gap, probabilities, sigmoid_parts,
+                       store_grad, weighted_kl)
 
 UNIFORM = tl.constexpr(0)
 AGREE = tl.constexpr(1)
@@ -17,11 +18,13 @@ WEIGHT_CODES = {"none": 0, "agree": 1, "tensor": 2}
 
 
 @triton.jit
-def agreement(zs, zt):
+def agreement(zs, zt, C_P: tl.constexpr):
     """1 - total-variation distance of the class distributions at t = 1."""
-    ps, _ = softmax(zs)
-    pt, _ = softmax(zt)
-    return 1.0 - 0.5 * tl.sum(tl.abs(pt - ps), axis=0)
+    if C_P == 2:  # the two classes differ by the same amount, in opposite directions
+        ps1, _, _ = sigmoid_parts(logit_gap(zs) * LOG2E)
+        pt1, _, _ = sigmoid_parts(logit_gap(zt) * LOG2E)
+        return 1.0 - tl.abs(pt1 - ps1)
+    return 1.0 - 0.5 * tl.sum(tl.abs(probabilities(zt, LOG2E, C_P) - probabilities(zs, LOG2E, C_P)), axis=0)
 
 
 @triton.jit
@@ -29,7 +32,8 @@ def kd_pixel_kernel(s_ptr, t_ptr, w_ptr, out_ptr, part_ptr, scale_ptr,
                     C, H, W, inv_t, tiles_h, tiles_w,
                     s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, w_n, w_h, w_w, o_n, o_c, o_h, o_w,
                     C_P: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                    WEIGHT: tl.constexpr, PHASE: tl.constexpr, T_IS_ONE: tl.constexpr):
+                    WEIGHT: tl.constexpr, PHASE: tl.constexpr, T_IS_ONE: tl.constexpr,
+                    CLASSES_LAST: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // (tiles_h * tiles_w)).to(tl.int64)  # image offsets may pass 2**31
     tile = pid % (tiles_h * tiles_w)
@@ -37,23 +41,31 @@ def kd_pixel_kernel(s_ptr, t_ptr, w_ptr, out_ptr, part_ptr, scale_ptr,
     y = tile // tiles_w * ROWS + lane // COLS
     x = tile % tiles_w * COLS + lane % COLS
     inside = (y < H) & (x < W)
+    if CLASSES_LAST:
+        # Channels-last with C = C_P: a pixel's classes are C_P adjacent elements, so the
+        # compiler gives each thread whole pixels and vectorises them (run-time strides keep
+        # it from doing so, and cost registers and shuffles)
+        s_w = C_P
+        t_w = C_P
+        if PHASE == GRAD:  # the gradient has the student's layout; a weight map has its own
+            o_w = C_P
     zs = load_logits(s_ptr + n * s_n, y * s_h + x * s_w, s_c, C, inside, C_P)
     zt = load_logits(t_ptr + n * t_n, y * t_h + x * t_w, t_c, C, inside, C_P)
+    k = log2_scale(inv_t, T_IS_ONE)
 
     if WEIGHT == UNIFORM:
         w = tl.full([ROWS * COLS], 1.0, tl.float32)
     elif WEIGHT == AGREE:
-        w = agreement(zs, zt)
+        w = agreement(zs, zt, C_P)
     else:
         w = tl.load(w_ptr + n * w_n + y * w_h + x * w_w, mask=inside, other=0.0).to(tl.float32)
     w = tl.where(inside, w, 0.0)
 
     if PHASE == LOSS:
-        tl.store(part_ptr + pid, tl.sum(weighted_kl(zs, zt, w, inv_t, C, C_P, T_IS_ONE), axis=0))
+        tl.store(part_ptr + pid, tl.sum(weighted_kl(zs, zt, w, k, C, C_P), axis=0))
         tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(w, axis=0))
     elif PHASE == GRAD:
-        store_grad(out_ptr + n * o_n, y * o_h + x * o_w, o_c, zs, zt, w * tl.load(scale_ptr), inv_t,
-                   inside, C, C_P, T_IS_ONE)
+        store_grad(out_ptr + n * o_n, y * o_h + x * o_w, o_c, zs, zt, w * tl.load(scale_ptr), k, inside, C, C_P)
     else:
         tl.static_assert(PHASE == WEIGHT_MAP)
         tl.store(out_ptr + n * o_n + y * o_h + x * o_w, w, mask=inside)

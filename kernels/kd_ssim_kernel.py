@@ -25,28 +25,29 @@ import triton
 import triton.language as tl
 
 from .kd_reference import SSIM_C1, SSIM_C2
-from .kd_tiles import foreground, load_logits, weighted_kl
+from .kd_tiles import LOG2E, fast_log2, foreground, load_logits, weighted_kl
 
 _C1 = tl.constexpr(SSIM_C1)
 _C2 = tl.constexpr(SSIM_C2)
 
 
 @triton.jit
-def horizontal_sums(qt, qs, R, LANES: tl.constexpr):
-    """Sums of qT, qS, qT^2, qS^2, qT*qS over lanes j-R..j+R; only lanes R..LANES-R-1 are used."""
+def horizontal_sums(qt, qs, R: tl.constexpr, LANES: tl.constexpr):
+    """Sums of qT, qS, qT^2, qS^2, qT*qS over lanes j-R..j+R; only lanes R..LANES-R-1 are used.
+
+    The radius is a constexpr, so the 2R+1 offsets unroll; the two maps travel joined, one
+    gather (one shared-memory round trip, two barriers) per offset instead of two."""
     lane = tl.arange(0, LANES)
+    joined = tl.join(qt, qs)
     h_t = tl.zeros([LANES], tl.float32)
     h_s = tl.zeros([LANES], tl.float32)
     h_tt = tl.zeros([LANES], tl.float32)
     h_ss = tl.zeros([LANES], tl.float32)
     h_ts = tl.zeros([LANES], tl.float32)
-    d = -R
-    while d <= R:  # a while loop: triton 3.6's interpreter cannot take a range() bound from arguments
+    for d in tl.static_range(-R, R + 1):
         # the halo lanes' own sums are never used, so clamping their sources is harmless
         src = tl.minimum(tl.maximum(lane + d, 0), LANES - 1)
-        a = tl.gather(qt, src, 0)
-        b = tl.gather(qs, src, 0)
-        d += 1
+        a, b = tl.split(tl.gather(joined, tl.broadcast_to(src[:, None], (LANES, 2)), 0))
         h_t += a
         h_s += b
         h_tt += a * a
@@ -58,23 +59,25 @@ def horizontal_sums(qt, qs, R, LANES: tl.constexpr):
 @triton.jit
 def ssim_weight(sum_t, sum_s, sum_tt, sum_ss, sum_ts, count, gamma):
     """clamp(SSIM, 0, 1) ** gamma from the window sums of count pixels."""
-    mu_t = sum_t / count
-    mu_s = sum_s / count
-    var_t = sum_tt / count - mu_t * mu_t
-    var_s = sum_ss / count - mu_s * mu_s
-    cov = sum_ts / count - mu_t * mu_s
+    inv_count = 1.0 / count
+    mu_t = sum_t * inv_count
+    mu_s = sum_s * inv_count
+    var_t = sum_tt * inv_count - mu_t * mu_t
+    var_s = sum_ss * inv_count - mu_s * mu_s
+    cov = sum_ts * inv_count - mu_t * mu_s
     ssim = ((2.0 * mu_t * mu_s + _C1) * (2.0 * cov + _C2)) / (
         (mu_t * mu_t + mu_s * mu_s + _C1) * (var_t + var_s + _C2))
     # Clamp with comparisons: min/max may drop a NaN, which must reach the loss.
     w = tl.where(ssim < 0.0, 0.0, tl.where(ssim > 1.0, 1.0, ssim))
-    return tl.where(w > 0.0, tl.exp2(gamma * tl.log2(w)), w)
+    return tl.where(w > 0.0, tl.exp2(gamma * fast_log2(w)), w)
 
 
 @triton.jit
 def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
-                   C, H, W, inv_t, gamma, inv_map_t, R, strips, chunks, chunk_rows,
+                   C, H, W, inv_t, gamma, inv_map_t, strips, chunks, chunk_rows,
                    s_n, s_c, s_h, s_w, t_n, t_c, t_h, t_w, o_n, o_h, o_w,
-                   C_P: tl.constexpr, LANES: tl.constexpr, RING: tl.constexpr,
+                   C_P: tl.constexpr, LANES: tl.constexpr, RING: tl.constexpr, R: tl.constexpr,
+                   CLASSES_LAST: tl.constexpr,
                    WITH_LOSS: tl.constexpr, STORE_WEIGHT: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // (strips * chunks)).to(tl.int64)  # image offsets may pass 2**31
@@ -98,17 +101,28 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
     acc_wkl = tl.zeros([LANES], tl.float32)
     acc_w = tl.zeros([LANES], tl.float32)
     # a while loop: triton 3.6's interpreter cannot take a range() bound computed from arguments
+    # column offsets once; row offsets and counts from the scalar row index (uniform arithmetic);
+    # channels-last without padded classes: compile-time strides (see kd_pixel_kernel)
+    if CLASSES_LAST:
+        s_w = C_P
+        t_w = C_P
+    s_col = x * s_w
+    t_col = x * t_w
+    o_col = x * o_w
+    map_k = LOG2E * inv_map_t
     i = 0
+    newest_slot = 0  # i mod (2R + 1), kept by a wrap: a division by 2R + 1 costs ~20 instructions a row
     while i < chunk_rows + 2 * R:
-        # a row index per lane: some interpreters turn a tensor & a scalar bool into integers
-        y = y_first - R + i + tl.zeros([LANES], tl.int32)
+        y_row = y_first - R + i
+        # a row index per lane for the masks: some interpreters turn a tensor & a scalar bool into integers
+        y = y_row + tl.zeros([LANES], tl.int32)
         row_in = x_in & (y >= 0) & (y < H)
-        zs_row = load_logits(s_img, y * s_h + x * s_w, s_c, C, row_in, C_P) * inv_map_t
-        zt_row = load_logits(t_img, y * t_h + x * t_w, t_c, C, row_in, C_P) * inv_map_t
-        qs = tl.where(row_in, foreground(zs_row, C, C_P), 0.0)
-        qt = tl.where(row_in, foreground(zt_row, C, C_P), 0.0)
+        zs_row = load_logits(s_img, y_row * s_h + s_col, s_c, C, row_in, C_P)
+        zt_row = load_logits(t_img, y_row * t_h + t_col, t_c, C, row_in, C_P)
+        qs = tl.where(row_in, foreground(zs_row, map_k, C, C_P), 0.0)
+        qt = tl.where(row_in, foreground(zt_row, map_k, C, C_P), 0.0)
         h_t, h_s, h_tt, h_ss, h_ts = horizontal_sums(qt, qs, R, LANES)
-        newest = slot == i % (2 * R + 1)
+        newest = slot == newest_slot
         ring_t = tl.where(newest, h_t[None, :], ring_t)
         ring_s = tl.where(newest, h_s[None, :], ring_s)
         ring_tt = tl.where(newest, h_tt[None, :], ring_tt)
@@ -116,20 +130,23 @@ def kd_ssim_kernel(s_ptr, t_ptr, out_ptr, part_ptr,
         ring_ts = tl.where(newest, h_ts[None, :], ring_ts)
 
         if i >= 2 * R:  # the window of row y - R is complete
-            yo = y - R
+            yo = y_row - R
             row_count = (tl.minimum(yo + R, H - 1) - tl.maximum(yo - R, 0) + 1).to(tl.float32)
-            valid = owned & (yo < y_end)
+            valid = owned & (y - R < y_end)
             w = ssim_weight(tl.sum(ring_t, axis=0), tl.sum(ring_s, axis=0), tl.sum(ring_tt, axis=0),
                             tl.sum(ring_ss, axis=0), tl.sum(ring_ts, axis=0), row_count * col_count, gamma)
             w = tl.where(valid, w, 0.0)
             if STORE_WEIGHT:
-                tl.store(out_ptr + n * o_n + yo * o_h + x * o_w, w, mask=valid)
+                tl.store(out_ptr + n * o_n + yo * o_h + o_col, w, mask=valid)
             if WITH_LOSS:
-                zs = load_logits(s_img, yo * s_h + x * s_w, s_c, C, valid, C_P)
-                zt = load_logits(t_img, yo * t_h + x * t_w, t_c, C, valid, C_P)
-                acc_wkl += weighted_kl(zs, zt, w, inv_t, C, C_P, False)
+                zs = load_logits(s_img, yo * s_h + s_col, s_c, C, valid, C_P)
+                zt = load_logits(t_img, yo * t_h + t_col, t_c, C, valid, C_P)
+                acc_wkl += weighted_kl(zs, zt, w, LOG2E * inv_t, C, C_P)
                 acc_w += w
         i += 1
+        newest_slot += 1
+        if newest_slot == 2 * R + 1:
+            newest_slot = 0
 
     if WITH_LOSS:
         tl.store(part_ptr + pid, tl.sum(acc_wkl, axis=0))

@@ -44,6 +44,13 @@ def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
     return lanes // cols, cols
 
 
+def classes_last(c, c_pad, *logits) -> bool:
+    """Whether every logit tensor is channels-last with no padded class (stride 1 along C, C
+    along W), which the kernels then address with compile-time strides: a row's elements are
+    then contiguous, as in NCHW."""
+    return c == c_pad and all(x.stride(1) == 1 and x.stride(3) == c for x in logits)
+
+
 def ssim_ring(window: int) -> int:
     """Rows of the register ring of window sums: the window, padded to a power of two."""
     return triton.next_power_of_2(window)
@@ -81,10 +88,15 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         parts = _parts(student, grid, SSIM_PHASES[phase]["WITH_LOSS"])
         o_n, _, o_h, o_w = out_strides
         args = (student, teacher, out, parts, c, h, w, 1.0 / temperature, float(gamma), 1.0 / map_temperature,
-                radius, strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
-        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), **SSIM_PHASES[phase])
+                strips, chunks, chunk_rows, *strides, o_n, o_h, o_w)
+        # the radius a constexpr: the window's offsets unroll (a binary per window)
+        constexprs = dict(C_P=c_pad, LANES=SSIM_LANES, RING=ssim_ring(window), R=radius,
+                          CLASSES_LAST=classes_last(c, c_pad, student, teacher), **SSIM_PHASES[phase])
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
+        compile_time_strides = classes_last(c, c_pad, student, teacher, *([out] if phase == "grad" else []))
+        # channels-last keeps the half tile even with compile-time strides: at full size the
+        # agree loss at t != 1 spills under triton 3.6 (fp16, C = 2)
         rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
@@ -95,7 +107,8 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
                 *strides, *weight_strides, *out_strides)
         # only the agreement weight shares its t = 1 softmax with the loss
         constexprs = dict(C_P=c_pad, ROWS=rows, COLS=cols, WEIGHT=WEIGHT_CODES[mode], PHASE=PIXEL_PHASES[phase],
-                          T_IS_ONE=mode == "agree" and temperature == 1.0)
+                          T_IS_ONE=mode == "agree" and temperature == 1.0,
+                          CLASSES_LAST=compile_time_strides)
         kernel, options = kd_pixel_kernel, dict(num_warps=PIXEL_WARPS)
     if grid >= INT32_LIMIT:
         raise ValueError(f"logits of shape {tuple(student.shape)} need {grid} programs; at most 2**31 - 1")

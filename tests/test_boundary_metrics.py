@@ -121,9 +121,11 @@ def test_reference_matches_brute_force(name, mode):
         assert ours[key] == pytest.approx(expected[key], abs=TOL, nan_ok=True), key
 
 
-@pytest.mark.parametrize("points_per_pixel", [0.0, 1e9], ids=["distance_transform", "kd_tree"])
-def test_both_distance_engines_are_exact(monkeypatch, points_per_pixel):
+@pytest.mark.parametrize("points_per_pixel,brute_force_pairs", [(0.0, 0), (1e9, 0), (0.0, 1e12)],
+                         ids=["distance_transform", "kd_tree", "all_pairs"])
+def test_every_distance_engine_is_exact(monkeypatch, points_per_pixel, brute_force_pairs):
     monkeypatch.setattr(boundary_reference, "KD_TREE_POINTS_PER_PIXEL", points_per_pixel)
+    monkeypatch.setattr(boundary_reference, "BRUTE_FORCE_PAIRS", brute_force_pairs)
     for name in NON_EMPTY:
         pred, target = CASES[name]
         ours, expected = _reference(pred, target, spacing=SPACING, mode="pooled"), brute_force(pred, target,

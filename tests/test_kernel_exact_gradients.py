@@ -22,25 +22,28 @@ def half_ulp(x: torch.Tensor, dtype) -> torch.Tensor:
     return 0.5 * info.eps * torch.exp2(torch.floor(torch.log2(magnitude)))
 
 
-def inputs(dtype, weight_kind):
+def inputs(dtype, weight_kind, shape=SHAPE, memory_format=torch.contiguous_format):
     gen = torch.Generator().manual_seed(21)
-    student = (3 * torch.randn(SHAPE, generator=gen)).to(dtype)
-    teacher = (student.float() + 2 * torch.randn(SHAPE, generator=gen)).to(dtype)
+    student = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    teacher = (student.float() + 2 * torch.randn(shape, generator=gen)).to(dtype)
+    student, teacher = (x.contiguous(memory_format=memory_format) for x in (student, teacher))
     if weight_kind != "heavy":
         return student, teacher, weight_kind
     # Z = sum w is large while most gradient entries carry w_i = 1: w_i / Z ~ 1e-6, whose
     # products with t * (pS - pT) lie below float16's smallest subnormal, as 1/Z does at the
     # benchmark size (16, 2, 512, 1024) with w = 1.
-    weight = torch.ones(SHAPE[0], *SHAPE[2:], dtype=torch.float64)
+    weight = torch.ones(shape[0], *shape[2:], dtype=torch.float64)
     weight[0, ::3, ::4] = 2.0 ** 24
     return student, teacher, weight
 
 
+@pytest.mark.parametrize("shape,memory_format", [(SHAPE, torch.contiguous_format), ((1, 2, 6, 10), torch.channels_last)],
+                         ids=["C=3", "C=2-channels-last"])  # the general path; the two-class one
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("weight_kind,reduction", [("heavy", "weighted_mean"), ("none", "mean"),
                                                    ("agree", "weighted_mean"), ("ssim", "weighted_mean")])
-def test_scaled_gradient_is_the_oracle_rounded_once(dtype, weight_kind, reduction):
-    student, teacher, weight = inputs(dtype, weight_kind)
+def test_scaled_gradient_is_the_oracle_rounded_once(dtype, weight_kind, reduction, shape, memory_format):
+    student, teacher, weight = inputs(dtype, weight_kind, shape, memory_format)
     s = student.clone().requires_grad_()
     (weighted_kd_loss(s, teacher, weight=weight, temperature=2.0, reduction=reduction,
                       backend="interpret") * LOSS_SCALE).backward()
@@ -53,7 +56,7 @@ def test_scaled_gradient_is_the_oracle_rounded_once(dtype, weight_kind, reductio
     if weight_kind == "heavy" and dtype == torch.float16:
         # the test is where it matters: unscaled, most of the gradient would underflow
         assert (expected / LOSS_SCALE).abs().lt(torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps).float().mean() > 0.5
-    assert s.grad.dtype == dtype
+    assert s.grad.dtype == dtype and s.grad.stride() == student.stride()
     error = (s.grad.double() - expected).abs()
     # float32 probabilities carry ~eps32 absolute error, so pS - pT is good to a few eps32 times
     # the pixel's factor scale * t * w / Z. Triton's interpreter casts float32 to bfloat16 by
