@@ -81,7 +81,9 @@ def test_kd_gradient_is_t_w_times_ps_minus_pt_over_z(name):
     loss.backward()
     w = kd_weight_map(zs.detach(), zt, mode=weight, window=3, map_temperature=4.0, backend="torch")
     expected = t * w[:, None] * ((zs.detach() / t).softmax(1) - (zt / t).softmax(1)) / w.sum()
-    torch.testing.assert_close(zs.grad, expected, rtol=1e-4, atol=1e-7)
+    # atol: the kernel's ssim weight uses exp2 and one reciprocal of the window count, whose float32
+    # rounding differs from the reference's by ~1e-6 relative; the gradient is of order 1e-3
+    torch.testing.assert_close(zs.grad, expected, rtol=1e-4, atol=1e-6)
     assert zs.grad.abs().sum() > 0
 
 
