@@ -16,7 +16,8 @@ network has dropout. The labelled and the unlabelled batch go through the studen
 and only the labelled one updates the BatchNorm running statistics, so that every student, the
 supervised control included, is evaluated with statistics of clean labelled images; the
 unlabelled pass draws its dropout from a stream of its own. A student with lambda 0 therefore
-trains exactly as the supervised control of its seed.
+trains exactly as the supervised control of its seed. Objectives that register a step (bcp,
+unimatch) make their passes, mixed inputs included, through that same unlabelled path.
 """
 import contextlib
 import copy

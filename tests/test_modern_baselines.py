@@ -176,3 +176,13 @@ def test_bcp_needs_two_images_of_each_kind(tiny_data, tiny_teacher, tmp_path):
     proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "bcp",
                       "--out", tmp_path / "s.pt", "--steps", 1, "--width", 4, "--batch-size", 1, check=False)
     assert proc.returncode == 2 and "at least 2" in proc.stderr
+
+
+def test_the_plan_scales_both_as_their_code_and_trains_them_on_the_baseline_seeds(tmp_path):
+    from reproduction.plan import PROFILES, Planner, method_settings
+    assert method_settings("bcp", 30000) == {"--lambda-max": 1.0, "--ramp-steps": 1, "--ema-decay": 0.99}
+    assert method_settings("unimatch", 150) == {"--lambda-max": 1.0, "--ramp-steps": 1}
+    runs = Planner("quick", tmp_path / "data", tmp_path / "out").plan()
+    for method in ("bcp", "unimatch"):
+        students = [r for r in runs if r.script == "train_student" and r.name.endswith(f"student-{method}.pt")]
+        assert len(students) == PROFILES["quick"]["seeds"]["baselines"]
