@@ -1,5 +1,6 @@
 """BCP and UniMatch, the state-of-the-art baselines: their mixing on known boxes, their losses, the
 U-Net's feature hook, the plain objectives' step, and both methods end to end."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -44,7 +45,7 @@ def test_the_plain_objectives_step_is_their_loss_of_one_pass():
     student = Passes()
     b = inputs(student, targets=lambda x: zt)
     s = SimpleNamespace(weight=None, temperature=1.0, weight_window=3, weight_gamma=1.0, weight_map_temperature=4.0)
-    b = StepInputs(**{**b.__dict__, "settings": s})
+    b = dataclasses.replace(b, settings=s)
     got = OBJECTIVES["kd"].unlabelled_term(b)
     assert len(student.inputs) == 1 and torch.equal(student.inputs[0], b.noised) and student.features == [None]
     torch.testing.assert_close(got, OBJECTIVES["kd"].loss(logits(2, 2, 4, 6, seed=1), zt, s))
@@ -136,7 +137,7 @@ def test_unimatch_cutmix_mixes_images_and_pseudo_labels_with_the_same_box(monkey
     monkeypatch.setattr(objectives, "cutmix_boxes", lambda n, shape, g: box)
     student = Passes()
     b = inputs(student)
-    b = StepInputs(**{**b.__dict__, "noised": torch.stack([torch.full((1, 4, 6), 0.5), torch.full((1, 4, 6), 0.75)])})
+    b = dataclasses.replace(b, noised=torch.stack([torch.full((1, 4, 6), 0.5), torch.full((1, 4, 6), 0.75)]))
     weak = logits(4, 2, 4, 6, seed=1)[:2]          # what Passes answers first, weak half
     label = weak.argmax(1)
     seen = []
