@@ -16,17 +16,19 @@ network has dropout. The labelled and the unlabelled batch go through the studen
 and only the labelled one updates the BatchNorm running statistics, so that every student, the
 supervised control included, is evaluated with statistics of clean labelled images; the
 unlabelled pass draws its dropout from a stream of its own. A student with lambda 0 therefore
-trains exactly as the supervised control of its seed.
+trains exactly as the supervised control of its seed. Objectives that register a step (bcp,
+unimatch) make their passes, mixed inputs included, through that same unlabelled path.
 """
 import contextlib
 import copy
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
 
-from data import Corruption, Geometry, Photometric, derive_seed, labeled_batch, prepare_dataset, strengths, \
-    unlabeled_views
+from data import Corruption, Geometry, Photometric, augment_photometric, corrupt, derive_seed, labeled_batch, \
+    prepare_dataset, step_generator, strengths, unlabeled_views
 from data.check import upstream_dataset
 from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
     writable_file
@@ -40,7 +42,7 @@ from kernels.kd_reference import WEIGHT_MODES
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from nets.unet import UNet
-from objectives import OBJECTIVES, ema_update, ramp, supervised_loss
+from objectives import OBJECTIVES, StepInputs, ema_update, ramp, supervised_loss
 
 
 @dataclasses.dataclass
@@ -65,8 +67,9 @@ class StudentSettings(LabelledPhotometric, Training):
     width: int = setting(16, "student U-Net width", within="[1, inf)")
     init: str = setting("teacher", "start from the teacher's weights (same width only) or from random ones",
                         choices=("teacher", "scratch"))
-    confidence: float = setting(0.95, "pseudo_label: minimum teacher probability of a pixel used", within="[0, 1]")
-    ema_decay: float = setting(0.99, "mean_teacher: EMA decay of the student's copy (horizon 1 / (1 - decay) "
+    confidence: float = setting(0.95, "pseudo_label, unimatch: minimum probability of a pseudo-labelled pixel "
+                                      "used", within="[0, 1]")
+    ema_decay: float = setting(0.99, "mean_teacher, bcp: EMA decay of the student's copy (horizon 1 / (1 - decay) "
                                      "steps)", within="[0, 1)")
     dropout: float = setting(0.1, "noised student: channel dropout on the student's decoder inputs", within="[0, 1)")
     strong_gamma: float = setting(0.5, "noised student's view: log-gamma range +-", within="[0, 3]")
@@ -179,9 +182,25 @@ def main(argv=None):
                 return refine_logits(refiner, x, logits)
             return postprocess_logits(x, logits) if s.postprocess else logits
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, features=None) -> torch.Tensor:
+        x = x.contiguous(memory_format=channels)
         with autocast(s.precision, device):
-            return net(x.contiguous(memory_format=channels))
+            return net(x) if features is None else net(x, features=features)
+
+    def unlabelled_passes(step: int):
+        """The student's passes on unlabelled (or mixed) images of `step`, the k-th drawing its dropout
+        from stream k; the first stream is the one every objective of one pass has always used."""
+        count = itertools.count()
+
+        def student(x: torch.Tensor, features=None) -> torch.Tensor:
+            k = next(count)
+            stream = derive_seed(run_seed, step, "unlabeled", *([k] if k else []))
+            with running_statistics_kept(model), own_random_stream(stream, device):
+                return forward(x, features)
+        return student
+
+    def perturb(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return corrupt(augment_photometric(x, g, strong), g, corruption)
 
     def train_step(step):
         xl, yl = labeled_batch(images, masks, s.batch_size * ddp.world, run_seed, step, device, geometry,
@@ -195,9 +214,9 @@ def main(argv=None):
             xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size * ddp.world, run_seed, step, device, geometry,
                                      strong, corruption)
             xu, xs = ddp.share(xu), ddp.share(xs)
-            with running_statistics_kept(model), own_random_stream(derive_seed(run_seed, step, "unlabeled"), device):
-                student_logits = forward(xs)
-            unsup = method.loss(student_logits, targets(xu), s)
+            unsup = method.unlabelled_term(StepInputs(
+                labelled=xl, masks=yl, clean=xu, noised=xs, student=unlabelled_passes(step), targets=targets,
+                perturb=perturb, generator=step_generator(run_seed, step, "objective"), settings=s))
             unsup, extra = unsup if isinstance(unsup, tuple) else (unsup, {})
             lam = ramp(step, s.lambda_max, s.ramp_steps)
             losses.update(unsup=check_finite(unsup, "unlabelled loss"), **extra, **{"lambda": lam})

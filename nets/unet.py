@@ -34,11 +34,22 @@ class UNet(nn.Module):
         """Input sides must be multiples of this."""
         return 2 ** self.config["depth"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, features=None) -> torch.Tensor:
+        """Logits of `x`; `features`, a function of the encoder's feature list returning another,
+        perturbs the features before decoding (UniMatch's feature-perturbation branch)."""
+        skips = self.encode(x)
+        return self.decode(skips if features is None else features(skips))
+
+    def encode(self, x: torch.Tensor) -> list:
+        """The encoder's features, finest first, deepest last."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
+        return skips
+
+    def decode(self, skips: list) -> torch.Tensor:
+        skips = list(skips)
         x = skips.pop()
         for block in self.up:
             skip = skips.pop()

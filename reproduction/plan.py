@@ -56,10 +56,17 @@ def method_settings(method: str, steps: int) -> list:
     Mean teacher (SSL4MIS): consistency weight 0.1 against a supervised loss of half (CE + Dice),
     so 0.2 against this repo's CE + Dice, ramped up over the whole run; EMA decay 0.99 over 30,000
     iterations is a horizon of 1/300 of the run, which below 10 steps would make the EMA copy the
-    student itself, so the horizon is max(steps / 300, 10) steps."""
+    student itself, so the horizon is max(steps / 300, 10) steps. BCP (its ACDC code) keeps the
+    same EMA decay over the same 30,000 self-training iterations, so the same horizon, and weights
+    its mixed loss as its supervised one with no ramp (the consistency weight it computes is only
+    logged). UniMatch has no ramp; its weights are in the objective."""
+    horizon = max(steps / 300, 10.0)
     if method == "mean_teacher":
-        horizon = max(steps / 300, 10.0)
         return {"--lambda-max": 0.2, "--ramp-steps": steps, "--ema-decay": round(1 - 1 / horizon, 6)}
+    if method == "bcp":
+        return {"--lambda-max": 1.0, "--ramp-steps": 1, "--ema-decay": round(1 - 1 / horizon, 6)}
+    if method == "unimatch":
+        return {"--lambda-max": 1.0, "--ramp-steps": 1}
     return {}
 
 

@@ -97,5 +97,7 @@ def test_kd_with_a_zero_weight_map_gives_no_unlabelled_gradient():
 
 def test_each_objective_tells_its_target_network():
     assert OBJECTIVES["supervised"].target is None and OBJECTIVES["supervised"].loss is None
-    assert OBJECTIVES["mean_teacher"].target == "ema"
-    assert all(o.target == "teacher" for n, o in OBJECTIVES.items() if n not in ("supervised", "mean_teacher"))
+    assert OBJECTIVES["mean_teacher"].target == "ema" and OBJECTIVES["bcp"].target == "ema"
+    assert OBJECTIVES["unimatch"].target == "student"      # its pseudo labels come from its own weak pass
+    assert all(o.target == "teacher" for n, o in OBJECTIVES.items()
+               if n not in ("supervised", "mean_teacher", "bcp", "unimatch"))
