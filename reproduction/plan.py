@@ -39,7 +39,7 @@ PROFILES = {
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
     # CPU, within 20 minutes on 2 cores: small input and networks. Students start from their
     # teacher and train for 150 steps; every run keeps its final weights.
-    "quick": dict(size=(48, 96), precision="fp32", seeds=dict(primary=7, baselines=3, ablation=3, efficiency=2),
+    "quick": dict(size=(48, 96), precision="fp32", seeds=dict(primary=7, baselines=3, ablation=3, efficiency=1),
                   ratio=0.02, table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
                   cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=1, steps=200),
                   student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
