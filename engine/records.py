@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.check_rows import cpu_model
+
 from .cli import REPO, record
 
 
@@ -24,17 +26,6 @@ def git_hash() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
-
-
-def cpu_model() -> str:
-    """The processor's model name as the kernel reports it (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
