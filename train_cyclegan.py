@@ -21,6 +21,7 @@ mean HD95 is not worse; otherwise the checkpoint holds the identity (the teacher
 prediction), and the log and the checkpoint's metrics say which was kept.
 """
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -323,7 +324,7 @@ def main(argv=None):
         return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
 
     def validate(generator=gan.nets["G_AB"]):
-        refine = lambda x, z: refine_logits(generator, x, z)  # noqa: E731
+        refine = functools.partial(refine_logits, generator)
         refined = case_metrics(predict_logits(teacher, val_images, device, refine=refine), val_masks)
         return refinement_gain(teacher_cases, refined)
 
