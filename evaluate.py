@@ -13,6 +13,8 @@ own colour over the ground truth's contours in white). With several classes ever
 given per class, as `dice[<class name>]`, and as the mean over the classes under its plain name.
 Distances are in mm with --spacing, else in mm for DICOM cases whose header states the pixel
 spacing, else in pixels; metrics.csv records each case's spacing and where it came from.
+
+Settings: the block below, on the shared ones of settings.py (Common).
 """
 import collections
 import csv
@@ -26,15 +28,17 @@ import torch
 
 from data import prepare_dataset
 from data.check import upstream_dataset
-from engine.cli import Common, output_folder, parse, pixel_spacing, select_device, setting
+from engine.cli import output_folder, parse, pixel_spacing, select_device, setting
 from engine.loop import class_map, predict_full_size
 from engine.metrics import BOUNDARY, METRICS, SPACING_COLUMNS, case_spacing, class_metrics, per_class, save_overlay, \
-    spacing_columns, summarize
+    spacing_columns, case_statistics
 from engine.records import environment, fill_folder
-from engine.state import check_same_experiment, load_network, upstream_size
+from engine.state import check_same_experiment, upstream_size
 from errors import UserError, exit_on_user_error
+from nets import load_network
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
+from settings import Common
 
 
 @dataclasses.dataclass
@@ -83,7 +87,7 @@ def evaluate(model, dataset, ids, size, device, spacing, batch_size, overlay_dir
 
 def summary_of(rows) -> dict:
     diagonals = [r["diagonal"] for r in rows]
-    return {m: summarize([r[m] for r in rows], diagonals if m.split("[")[0] in BOUNDARY else None)
+    return {m: case_statistics([r[m] for r in rows], diagonals if m.split("[")[0] in BOUNDARY else None)
             for m in rows[0] if m not in ("id", "height", "width", "diagonal", *SPACING_COLUMNS)}
 
 

@@ -17,8 +17,8 @@ import torch
 
 from engine.cli import parse, setting, writable_file
 from engine.deploy import export_onnx
-from engine.state import load_network
 from errors import UserError, exit_on_user_error
+from nets import load_network
 
 
 @dataclasses.dataclass

@@ -32,8 +32,8 @@ from engine.deploy import load_onnx
 from engine.loop import class_map, predict_full_size
 from engine.metrics import case_spacing, save_overlay, spacing_columns
 from engine.records import environment, fill_folder
-from engine.state import load_network
 from errors import UserError, exit_on_user_error, problems_error
+from nets import load_network
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from data import prepare_dataset
-from engine.cli import DEFAULT_DATA, REPO, check_device, parse, setting, writable_dir, writable_file
+from engine.cli import REPO, check_device, parse, setting, writable_dir, writable_file
 from engine.records import environment, write_json
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
@@ -38,17 +38,11 @@ from reproduction.plan import PROFILES, Planner
 from reproduction.schedule import execute, run_in_slot, slots_of
 from reproduction.figures import draw_figures
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
+from settings import DEFAULT_DATA
 
-# Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json.
-# The quick profile's are measured on the project's 2-core CPU (AMD EPYC, fp32, one thread per run):
-# single runs of each stage of seed 0 (teacher 800 steps in 39 s, refiner 200 in 50 s, a KD
-# student 150 in 20 s, an evaluation about 4 s). A student whose objective needs no unlabelled
-# batch pushes half the images and costs about half a step. The paper profile's are an estimate
-# until a GPU run replaces them: torch's FlopCounterMode gives, per 256x512 image, 167 GFLOP for a
-# forward and backward pass of the width-32 U-Net (56 forward only), 104 (35) for a SinusCycle-GAN
-# generator and 38 (13) for a discriminator; with batches of 8 that is 1.3 TFLOP per teacher step,
-# 3.4 per student step (16 images through the student, the teacher and refiner forward) and 6.4
-# per refiner step, taken at an assumed 100 TFLOP/s achieved in bf16.
+# Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json:
+# measured on a 2-core CPU for the quick profile, from FLOP counts for the paper profile until a
+# GPU run replaces them (docs/RESULTS.md, "Costs").
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
            "quick": dict(train_teacher=(4.0, 0.044), train_cyclegan=(6.0, 0.22), train_student=(4.0, 0.11),
@@ -122,7 +116,7 @@ def portable(arg, out: Path, data: Path) -> str:
     return text.replace(str(out), "<out>").replace(str(data), "<data>")
 
 
-def record(run, wall: float | None, previous: dict, out: Path, data: Path) -> dict:
+def run_record(run, wall: float | None, previous: dict, out: Path, data: Path) -> dict:
     entry = dict(script=run.script, seed=run.seed, steps=run.steps, cells=run.cells, needs=run.needs,
                  argv=[portable(a, out, data) for a in run.argv],
                  wall_s=wall if wall is not None else previous.get("wall_s"))
@@ -307,14 +301,14 @@ def main(argv=None):
         if not ok:
             print(f"  FAILED {run.name}: {last} (log: {log_file(run)})", flush=True)
         else:
-            results["runs"][run.name] = record(run, seconds, {}, out, data)
+            results["runs"][run.name] = run_record(run, seconds, {}, out, data)
             write_json(results_path, results)
 
     status = execute(todo, done, slots, threads, stage_argv, log_file, on_start, on_finish)
     previous, results["runs"] = results["runs"], {}
     for run in runs:     # only the plan's runs: entries of runs the plan no longer has are dropped
         if run.name in done:
-            results["runs"][run.name] = record(run, None, previous.get(run.name, {}), out, data)
+            results["runs"][run.name] = run_record(run, None, previous.get(run.name, {}), out, data)
         elif run.name in previous:
             results["runs"][run.name] = previous[run.name]
     if todo:

@@ -19,6 +19,8 @@ Selection: the candidate G_AB (that of the best validation check, or with --keep
 when its per-case validation Dice gain over the teacher has a 95 % lower bound above zero and its
 mean HD95 is not worse; otherwise the checkpoint holds the identity (the teacher's own
 prediction), and the log and the checkpoint's metrics say which was kept.
+
+Settings: the block below, on the shared ones of settings.py (Training).
 """
 import dataclasses
 import functools
@@ -32,15 +34,17 @@ from scipy import stats
 
 from data import Geometry, augment_geometry, batch_indices, derive_seed, prepare_dataset, step_generator, strengths
 from data.check import upstream_dataset
-from engine.cli import Training, autocast, memory_format, parse, select_device, setting, writable_file
+from engine.cli import autocast, memory_format, parse, select_device, setting, writable_file
 from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
-from engine.state import StageState, load_network, resume_from, seed_stage, upstream_size, weights_copy
+from engine.state import StageState, resume_from, seed_stage, upstream_size, weights_copy
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
+from nets import load_network
 from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_logit, refine_logits
+from settings import Training
 
 # How the real masks shown to D_B are deformed, besides the labelled images' own augmentation.
 REAL_DEFORM = Geometry(rotate=10.0, scale=(0.85, 1.15), shift=0.05, flip=0.5)
@@ -152,7 +156,7 @@ def deform_masks(masks: torch.Tensor, g: torch.Generator, pixels: float) -> torc
     return (out > 0.5).to(masks.dtype)
 
 
-class Judge:
+class DiscriminatorView:
     """What a discriminator sees: the mask binarised (straight-through) and translated, alone or with
     its image (--disc-input)."""
 
@@ -164,7 +168,7 @@ class Judge:
         return discriminator(translate(pair(image, seen) if self.with_image else seen, g))
 
 
-def generator_loss(nets, judge, xa, qa, xb, yb, s, g):
+def generator_loss(nets, view, xa, qa, xb, yb, s, g):
     """LSGAN + cycle L1 + identity L1 of both generators on their maps -> (loss, fake A, fake B, parts)."""
     def through(name, image, mask):
         return torch.sigmoid(nets[name](pair(image, mask)))
@@ -172,18 +176,18 @@ def generator_loss(nets, judge, xa, qa, xb, yb, s, g):
     fake_a = through("G_BA", xb, yb)                 # teacher-like map of xl
     cycle = F.l1_loss(through("G_BA", xa, fake_b), qa) + F.l1_loss(through("G_AB", xb, fake_a), yb)
     identity = F.l1_loss(through("G_AB", xb, yb), yb)
-    adversarial = lsgan(judge(nets["D_B"], xa, fake_b, g), True) + lsgan(judge(nets["D_A"], xb, fake_a, g), True)
+    adversarial = lsgan(view(nets["D_B"], xa, fake_b, g), True) + lsgan(view(nets["D_A"], xb, fake_a, g), True)
     loss = s.adversarial_weight * adversarial + s.cycle_weight * cycle + s.identity_weight * identity
     parts = dict(adv=adversarial.detach(), cycle=cycle.detach(), idt=identity.detach())
     return loss, fake_a.detach(), fake_b.detach(), parts
 
 
-def discriminator_loss(nets, judge, xa, qa, xb, real_b, fake_a, fake_b, g):
+def discriminator_loss(nets, view, xa, qa, xb, real_b, fake_a, fake_b, g):
     """D_A: the teacher's maps real, G_BA's fakes; D_B: (deformed) expert masks real, G_AB's fakes.
     The fakes are pooled (image, map) pairs."""
-    return 0.5 * (lsgan(judge(nets["D_A"], xa, qa, g), True) + lsgan(judge(nets["D_A"], *fake_a.split(1, 1), g), False)
-                  + lsgan(judge(nets["D_B"], xb, real_b, g), True)
-                  + lsgan(judge(nets["D_B"], *fake_b.split(1, 1), g), False))
+    return 0.5 * (lsgan(view(nets["D_A"], xa, qa, g), True) + lsgan(view(nets["D_A"], *fake_a.split(1, 1), g), False)
+                  + lsgan(view(nets["D_B"], xb, real_b, g), True)
+                  + lsgan(view(nets["D_B"], *fake_b.split(1, 1), g), False))
 
 
 def case_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
@@ -236,7 +240,7 @@ class CycleGAN:
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, constant_then_linear(s.steps, s.decay_start))
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, constant_then_linear(s.steps, s.decay_start))
         self.pool_a, self.pool_b = HistoryPool(s.pool_size, device), HistoryPool(s.pool_size, device)
-        self.judge = Judge(s.disc_input == "pair")
+        self.view = DiscriminatorView(s.disc_input == "pair")
 
     def modules(self) -> dict:
         """Everything whose state --resume needs."""
@@ -252,7 +256,7 @@ class CycleGAN:
         nets["D_B"].requires_grad_(False)
         learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.judge, xa, qa, xb, yb, s, generators[2])
+            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, generators[2])
         value_g = check_finite(loss_g, "generator loss")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -265,7 +269,7 @@ class CycleGAN:
         fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), generators[1]))
         real_b = deform_masks(yb, generators[3], s.real_deform)
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(self.parallel, self.judge, xa, qa, xb, real_b, fake_a, fake_b, generators[2])
+            loss_d = discriminator_loss(self.parallel, self.view, xa, qa, xb, real_b, fake_a, fake_b, generators[2])
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()

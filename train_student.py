@@ -18,6 +18,8 @@ supervised control included, is evaluated with statistics of clean labelled imag
 unlabelled pass draws its dropout from a stream of its own. A student with lambda 0 therefore
 trains exactly as the supervised control of its seed. Objectives that register a step (bcp,
 unimatch) make their passes, mixed inputs included, through that same unlabelled path.
+
+Settings: the block below, on the shared ones of settings.py (Training, LabelledPhotometric).
 """
 import contextlib
 import copy
@@ -30,19 +32,20 @@ import torch
 from data import Corruption, Geometry, Photometric, augment_photometric, corrupt, derive_seed, labeled_batch, \
     prepare_dataset, step_generator, strengths, unlabeled_views
 from data.check import upstream_dataset
-from engine.cli import LabelledPhotometric, Training, autocast, memory_format, parse, select_device, setting, \
-    writable_file
+from engine.cli import autocast, memory_format, parse, select_device, setting, writable_file
 from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.card import write_model_card
 from engine.records import open_run_logs
-from engine.state import StageState, check_same_experiment, load_network, resume_from, seed_stage, upstream_size
+from engine.state import StageState, check_same_experiment, resume_from, seed_stage, upstream_size
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
+from nets import load_network
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from nets.unet import UNet
 from objectives import OBJECTIVES, StepInputs, ema_update, ramp, supervised_loss
+from settings import LabelledPhotometric, Training
 
 
 @dataclasses.dataclass

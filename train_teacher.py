@@ -2,11 +2,15 @@
 
 Reads --data (drawing the split, or taking splits.json; the classes from classes.json or
 --classes) and checks every image of the split and the masks of its labelled and validation
-cases before training (no stage opens an unlabelled or test mask); writes the checkpoint --out with
-the final weights (or with --keep best those of the best validation check), the resolved split and classes (which every later stage
-inherits) and the full training state for --resume, and <out stem>_logs/ beside it.
+cases before training (no stage opens an unlabelled or test mask); writes the checkpoint --out
+with the final weights (or with --keep best those of the best validation check), the resolved
+split and classes (which every later stage inherits) and the full training state for --resume,
+and <out stem>_logs/ beside it.
+
+Settings: the block below, on the shared ones of settings.py (Training, LabelledPhotometric).
 """
 import dataclasses
+import typing
 from pathlib import Path
 
 import torch
@@ -14,8 +18,7 @@ import torch
 from data import Dataset, Geometry, Photometric, dataset_classes, from_record, labeled_batch, new_split, observed, \
     prepare_dataset, strengths
 from data.check import check_folder, verified
-from engine.cli import LabelledPhotometric, Training, autocast, check_size, memory_format, parse, select_device, \
-    setting, writable_file
+from engine.cli import autocast, check_size, memory_format, parse, select_device, setting, writable_file
 from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
@@ -23,14 +26,18 @@ from engine.state import StageState, resume_from, seed_stage
 from errors import UserError, exit_on_user_error
 from nets.unet import UNet
 from objectives import supervised_loss
+from settings import LabelledPhotometric, Training
 
 
 @dataclasses.dataclass
 class TeacherSettings(LabelledPhotometric, Training):
     out: Path = setting(Path("teacher.pt"), "checkpoint to write (logs go to a folder beside it)")
     size: tuple[int, int] = setting((128, 256), "network input size H W, each a multiple of 16", metavar=("H", "W"))
-    labeled_ratio: float | None = setting(None, "fraction of the training ids that keep their labels (default "
-                                                "0.1; not allowed with a splits.json, which fixes the labelled set)",
+    # not the flag's default: a splits.json fixes the labelled set, and a ratio given beside one is an error
+    default_labeled_ratio: typing.ClassVar[float] = 0.1
+    labeled_ratio: float | None = setting(None, f"fraction of the training ids that keep their labels (default "
+                                                f"{default_labeled_ratio}; not allowed with a splits.json, which "
+                                                f"fixes the labelled set)",
                                           within="(0, 1]")
     test_fraction: float = setting(0.2, "fraction of the masked ids held out for testing", within="(0, 1)")
     val_fraction: float = setting(0.1, "fraction of the masked ids held out for validation", within="(0, 1)")
@@ -51,8 +58,8 @@ def main(argv=None):
     run_seed = seed_stage(s.seed, "teacher", s.deterministic)
     classes = from_record(resume["classes"]) if resume else dataset_classes(root, s.classes)
     try:
-        split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction,
-                                                         s.val_fraction)
+        split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.default_labeled_ratio,
+                                                         s.test_fraction, s.val_fraction)
     except UserError:
         check_folder(root, classes)      # a folder the split cannot be drawn from: name all of its problems
         raise

@@ -33,7 +33,6 @@ from .dicom import DICOM_SUFFIXES, has_preamble, header_spacing, read_dicom
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_PHANTOM = dict(n=600, size=(256, 512), seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,10 +58,10 @@ def prepare_dataset(path) -> Path:
             raise UserError(f"--data {root}: has no images/ folder; expected {root}/images/<id>.png "
                             f"(and masks/<id>.png), or an empty folder to generate the phantom in")
         start = time.perf_counter()
-        phantom.generate(root, **DEFAULT_PHANTOM, own_folder=own)
-        h, w = DEFAULT_PHANTOM["size"]
-        print(f"generated the default phantom dataset ({DEFAULT_PHANTOM['n']} cases, {h}x{w}, "
-              f"seed {DEFAULT_PHANTOM['seed']}) in {root} in {time.perf_counter() - start:.1f} s")
+        phantom.generate(root, **phantom.DEFAULT, own_folder=own)
+        h, w = phantom.DEFAULT["size"]
+        print(f"generated the default phantom dataset ({phantom.DEFAULT['n']} cases, {h}x{w}, "
+              f"seed {phantom.DEFAULT['seed']}) in {root} in {time.perf_counter() - start:.1f} s")
     return root
 
 

@@ -115,7 +115,12 @@ def is_interrupted_phantom(out_dir):
     return bool(names) and names <= leftovers and (STAGING in names or "phantom.json" in names)
 
 
-def generate(out_dir, n=300, size=(256, 512), seed=0, workers=None, own_folder=False, classes=1):
+# The dataset every script generates in data/ on first use, and `python -m data.phantom`'s defaults.
+DEFAULT = dict(n=600, size=(256, 512), seed=0)
+
+
+def generate(out_dir, n=DEFAULT["n"], size=DEFAULT["size"], seed=DEFAULT["seed"], workers=None, own_folder=False,
+             classes=1):
     """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json; with
     `classes` 2, the two sinuses are mask values 1 (image left) and 2 (image right), declared in
     out_dir/classes.json.
@@ -181,10 +186,12 @@ def draw_grid(path, seed=0, size=GRID_SIZE, rows=4, cols=2):
 def parse_args(argv=None):
     ap = OneLineParser(prog="python -m data.phantom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder to create images/, masks/ and phantom.json in")
-    ap.add_argument("--n", type=int, default=300, help="number of cases (default 300)")
+    ap.add_argument("--n", type=int, default=DEFAULT["n"], help=f"number of cases (default {DEFAULT['n']})")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                    help="image height and width in pixels (default 256 512; %d %d per --grid cell)" % GRID_SIZE)
-    ap.add_argument("--seed", type=int, default=0, help="dataset seed; case i uses SeedSequence([seed, i])")
+                    help="image height and width in pixels (default %d %d; %d %d per --grid cell)"
+                         % (*DEFAULT["size"], *GRID_SIZE))
+    ap.add_argument("--seed", type=int, default=DEFAULT["seed"],
+                    help="dataset seed; case i uses SeedSequence([seed, i])")
     ap.add_argument("--classes", type=int, default=1, choices=(1, 2),
                     help="1: the mask is the union of both sinuses (default); 2: left and right sinus as mask "
                          "values 1 and 2, declared in classes.json")
@@ -195,7 +202,7 @@ def parse_args(argv=None):
     if args.n < 1:
         ap.error(f"argument --n: {args.n} must be at least 1")
     if args.size is None:
-        args.size = GRID_SIZE if args.grid is not None else (256, 512)
+        args.size = GRID_SIZE if args.grid is not None else DEFAULT["size"]
     if min(args.size) < 16:
         ap.error(f"argument --size: {args.size[0]} {args.size[1]} must be at least 16 16")
     return args

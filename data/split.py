@@ -22,7 +22,7 @@ def _round(x):
     return int(math.floor(x + 0.5))   # half up, unlike Python's round-half-even
 
 
-def resolve_split(root, seed=0, labeled_ratio=0.1, test_fraction=0.2, val_fraction=0.1) -> dict:
+def resolve_split(root, seed: int, labeled_ratio: float, test_fraction: float, val_fraction: float) -> dict:
     """{labeled, unlabeled, val, test}: sorted id lists, from splits.json or drawn by `seed`."""
     listed = Dataset.open(root)
     images, masks = listed.images, listed.masks
@@ -78,15 +78,17 @@ def read_splits(path, images, masks):
     return split
 
 
-def new_split(root: Path, seed: int, labeled_ratio: float | None, test_fraction: float, val_fraction: float) -> dict:
+def new_split(root: Path, seed: int, labeled_ratio: float | None, default_ratio: float, test_fraction: float,
+              val_fraction: float) -> dict:
     """The teacher's split: from root/splits.json (which fixes the labelled set, so a
-    --labeled-ratio is an error there), else drawn by `seed` (labelled ratio 0.1 by default)."""
+    --labeled-ratio is an error there), else drawn by `seed` with `labeled_ratio`, or
+    `default_ratio` where none was given."""
     fixed = (root / "splits.json").exists()
     if fixed and labeled_ratio is not None:
         raise UserError(f"--labeled-ratio {labeled_ratio}: {root / 'splits.json'} fixes the labelled set; "
                         f"drop the flag or remove splits.json")
-    ratio = None if fixed else 0.1 if labeled_ratio is None else labeled_ratio
-    split = resolve_split(root, seed, ratio or 0.1, test_fraction, val_fraction)
+    ratio = None if fixed else default_ratio if labeled_ratio is None else labeled_ratio
+    split = resolve_split(root, seed, ratio or default_ratio, test_fraction, val_fraction)
     return dict(split, seed=seed, labeled_ratio=ratio)
 
 

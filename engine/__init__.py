@@ -1,1 +1,2 @@
-"""Run plumbing shared by every stage: errors, seeding, logging, checkpoints."""
+"""Run plumbing every stage shares: the command line, the step loop, checkpoints and resume, run records,
+metrics, data parallelism, deployment files. It knows no network and no method."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data import SPLIT_KEYS
 
-from .cli import REPO, record
+from .cli import REPO, settings_json
 from .records import write_text
 
 TEMPLATE = REPO / "MODEL_CARD.md"
@@ -27,7 +27,7 @@ def fill_model_card(settings, split: dict, classes, fingerprint: str, metrics: d
     """The model card's text: TEMPLATE (the repository's MODEL_CARD.md) with each $name replaced.
     `metrics` are the best validation numbers with their `step`, as a StageState keeps them;
     `classes` a data.Classes; `size` the network input (H, W); `method` one line on how it learnt."""
-    args = record(settings)
+    args = settings_json(settings)
     data = Path(args.get("data", ""))
     phantom = (data / "phantom.json").exists()
     text = string.Template(TEMPLATE.read_text()).substitute(

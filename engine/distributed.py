@@ -106,7 +106,3 @@ def synchronise_batchnorm(module: nn.Module) -> nn.Module:
         else:
             synchronise_batchnorm(child)
     return module
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module

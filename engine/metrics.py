@@ -79,7 +79,7 @@ def spacing_columns(spacing) -> dict:
     return dict(zip(SPACING_COLUMNS, spacing))
 
 
-def summarize(values, penalty=None) -> dict:
+def case_statistics(values, penalty=None) -> dict:
     """mean, std, median over the defined values; n and n_undefined; with `penalty` (a number or one
     per case), also the mean with each undefined value replaced by it (the image diagonal, for
     boundary metrics)."""

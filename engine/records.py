@@ -14,7 +14,7 @@ import torch
 
 from kernels.check_rows import cpu_model
 
-from .cli import REPO, record
+from .cli import REPO, settings_json
 
 
 def git_hash() -> str:
@@ -116,7 +116,7 @@ def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict, writer: 
         silent.addHandler(logging.NullHandler())
         return logs, silent
     logs.mkdir(exist_ok=True)
-    write_json(logs / "config.json", dict(args=record(settings), environment=environment(), **extra))
+    write_json(logs / "config.json", dict(args=settings_json(settings), environment=environment(), **extra))
     write_json(logs / "split.json", split)
     logger = logging.getLogger("sinus-wkd")
     logger.handlers.clear()

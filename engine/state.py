@@ -15,10 +15,8 @@ import torch
 
 from data import derive_seed
 from errors import UserError
-from nets.cyclegan import ResnetGenerator
-from nets.unet import UNet
 
-from .cli import record
+from .cli import settings_json
 from .records import git_hash
 
 # Flags a resumed run may change: where it writes, whether it resumes, and on which device.
@@ -90,16 +88,6 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_network(path, kinds, flag: str, device: torch.device):
-    """The frozen network of a checkpoint (the refiner G_AB of a cyclegan one), and the checkpoint."""
-    ckpt = load_checkpoint(path, kinds, flag)
-    if ckpt["kind"] == "cyclegan":
-        net = rebuild(ResnetGenerator, ckpt, flag, path, config=ckpt["config"].get("G_AB"))
-    else:
-        net = rebuild(UNet, ckpt, flag, path)
-    return freeze(net.to(device)), ckpt
-
-
 def upstream_size(size, ckpt: dict, flag: str, path) -> tuple:
     """The input size of a later stage: its upstream network's; a different --size is an error."""
     trained = tuple(ckpt["size"])
@@ -169,7 +157,7 @@ def resume_from(out: Path, kind: str, settings) -> dict | None:
     if not (settings.resume and out.exists()):
         return None
     ckpt = load_checkpoint(out, (kind,), "--out")
-    now = record(settings)
+    now = settings_json(settings)
     for key, value in now.items():
         then = ckpt["args"].get(key)
         if key not in RESUME_MAY_CHANGE and then != value:
@@ -222,5 +210,5 @@ class StageState:
         train_state.update(step=step, rng=rng_state(), best_score=self.best["score"], best_step=self.best["step"])
         save_checkpoint(self.path, dict(
             kind=self.kind, config=self.config, model=self.best["weights"], split=self.split, size=self.size,
-            metrics=self.best["metrics"], args=record(self.settings), code_version=self.version, step=step,
+            metrics=self.best["metrics"], args=settings_json(self.settings), code_version=self.version, step=step,
             train_state=train_state, **self.extra))

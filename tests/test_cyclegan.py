@@ -13,7 +13,8 @@ import torch
 
 import train_cyclegan
 from data import load_tensors, phantom
-from engine.state import check_same_experiment, load_checkpoint, load_network
+from engine.state import check_same_experiment, load_checkpoint
+from nets import load_network
 from errors import UserError
 from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 
@@ -95,7 +96,7 @@ def test_refined_logits_keep_the_teacher_and_carry_the_generator_at_the_map_temp
 def test_discriminators_see_binary_translated_masks_but_pass_gradients():
     soft = torch.full((2, 1, 16, 32), 0.7, requires_grad=True)
     seen = []
-    judge = train_cyclegan.Judge(with_image=False)
+    judge = train_cyclegan.DiscriminatorView(with_image=False)
     judge(lambda x: seen.append(x) or x.sum(), torch.rand(2, 1, 16, 32), soft, torch.Generator().manual_seed(1))
     assert set(seen[0].unique().tolist()) <= {0.0, 1.0} and seen[0].shape == (2, 1, 16, 32)
     seen[0].sum().backward()
@@ -186,7 +187,7 @@ def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
     xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
     yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
     qa = train_cyclegan.teacher_map(teacher, xa, 4.0)
-    judge, g = train_cyclegan.Judge(with_image=False), torch.Generator().manual_seed(0)
+    judge, g = train_cyclegan.DiscriminatorView(with_image=False), torch.Generator().manual_seed(0)
     s = train_cyclegan.CycleGANSettings(teacher=tiny / "teacher.pt")
     loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, judge, xa, qa, xb, yb, s, g)
     fakes = train_cyclegan.pair(xb, fake_a), train_cyclegan.pair(xa, fake_b)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import data.dataset
+import data.phantom
 from data import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, load_case, \
     load_tensors, prepare_dataset, resolve_split, step_generator, strengths
 from data.dataset import preprocess
@@ -94,7 +94,7 @@ def make_split_dataset(root, n_masked=30, n_unmasked=5):
 
 def test_split_fractions_and_partition(tmp_path):
     root = make_split_dataset(tmp_path)
-    split = resolve_split(root, seed=0, labeled_ratio=0.1)
+    split = resolve_split(root, 0, 0.1, 0.2, 0.1)
     masked = {f"m{i:02d}" for i in range(30)}
     # 30 masked: 6 test, 3 val, 21 train of which round(2.1) = 2 labelled
     assert [len(split[k]) for k in ("test", "val", "labeled")] == [6, 3, 2]
@@ -107,17 +107,17 @@ def test_split_fractions_and_partition(tmp_path):
 
 def test_split_is_deterministic_and_independent_of_listing_order(tmp_path, monkeypatch):
     root = make_split_dataset(tmp_path)
-    a = resolve_split(root, seed=1, labeled_ratio=0.2)
-    assert resolve_split(root, seed=1, labeled_ratio=0.2) == a
-    assert resolve_split(root, seed=2, labeled_ratio=0.2) != a
+    a = resolve_split(root, 1, 0.2, 0.2, 0.1)
+    assert resolve_split(root, 1, 0.2, 0.2, 0.1) == a
+    assert resolve_split(root, 2, 0.2, 0.2, 0.1) != a
     listing = Path.iterdir
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(list(listing(self))[::-1]))
-    assert resolve_split(root, seed=1, labeled_ratio=0.2) == a
+    assert resolve_split(root, 1, 0.2, 0.2, 0.1) == a
 
 
 def test_labeled_ratio_one_labels_every_training_id(tmp_path):
     root = make_split_dataset(tmp_path)
-    split = resolve_split(root, seed=0, labeled_ratio=1.0)
+    split = resolve_split(root, 0, 1.0, 0.2, 0.1)
     assert len(split["labeled"]) == 21
     assert split["unlabeled"] == [f"u{i:02d}" for i in range(5)]
 
@@ -126,19 +126,19 @@ def test_splits_json_is_honoured(tmp_path):
     root = make_split_dataset(tmp_path, n_masked=6, n_unmasked=2)
     fixed = {"labeled": ["m03"], "unlabeled": ["u01", "m00", "u00"], "val": ["m05", "m01"], "test": ["m02"]}
     (root / "splits.json").write_text(json.dumps(fixed))
-    split = resolve_split(root, seed=0, labeled_ratio=0.5)
+    split = resolve_split(root, 0, 0.5, 0.2, 0.1)
     assert split == {k: sorted(v) for k, v in fixed.items()}
 
 
 def test_prepare_dataset_generates_the_phantom_in_an_empty_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data.dataset, "DEFAULT_PHANTOM", dict(n=8, size=(32, 64), seed=0))
+    monkeypatch.setattr(data.phantom, "DEFAULT", dict(n=8, size=(32, 64), seed=0))
     (tmp_path / "empty").mkdir()
     root = prepare_dataset(tmp_path / "empty")
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "phantom" in out[0] and str(root) in out[0]
     assert len(list((root / "images").iterdir())) == 8
     assert prepare_dataset(root) == root and capsys.readouterr().out == ""   # second call reuses it
-    split = resolve_split(root, seed=0, labeled_ratio=0.1)
+    split = resolve_split(root, 0, 0.1, 0.2, 0.1)
     image, mask = load_case(root, split["test"][0])
     assert image.shape == mask.shape == (32, 64) and mask.any()
 

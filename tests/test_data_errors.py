@@ -87,7 +87,7 @@ def test_splits_json_with_unknown_ids(tmp_path):
     masked_dataset(tmp_path)
     (tmp_path / "splits.json").write_text(json.dumps(
         {"labeled": ["c0", "ghost"], "unlabeled": [], "val": ["c1"], "test": ["c2"]}))
-    raises(resolve_split, tmp_path, must_name=["splits.json", "ghost"])
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["splits.json", "ghost"])
 
 
 @pytest.mark.parametrize("held_out", ["val", "test"])
@@ -96,7 +96,7 @@ def test_splits_json_with_val_or_test_overlapping_training(tmp_path, held_out):
     split = {"labeled": ["c0", "c3"], "unlabeled": ["c4"], "val": ["c1"], "test": ["c2"]}
     split[held_out].append("c3")
     (tmp_path / "splits.json").write_text(json.dumps(split))
-    raises(resolve_split, tmp_path, must_name=["splits.json", "c3", held_out])
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["splits.json", "c3", held_out])
 
 
 def test_splits_json_labelled_without_mask_or_unreadable(tmp_path):
@@ -104,14 +104,14 @@ def test_splits_json_labelled_without_mask_or_unreadable(tmp_path):
     write_case(tmp_path, "nomask")
     (tmp_path / "splits.json").write_text(json.dumps(
         {"labeled": ["nomask"], "unlabeled": [], "val": ["c1"], "test": ["c2"]}))
-    raises(resolve_split, tmp_path, must_name=["splits.json", "nomask"])
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["splits.json", "nomask"])
     (tmp_path / "splits.json").write_text("{not json")
-    raises(resolve_split, tmp_path, must_name=["splits.json"])
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["splits.json"])
 
 
 def test_too_few_labelled_images(tmp_path):
     masked_dataset(tmp_path, 3)
-    raises(resolve_split, tmp_path, seed=0, labeled_ratio=0.1, must_name=["--data", "3 masked"])
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["--data", "3 masked"])
 
 
 def test_labeled_ratio_out_of_range():

@@ -17,7 +17,7 @@ import train_cyclegan
 import train_student
 import train_teacher
 from objectives import OBJECTIVES
-from reproduction import weight_study
+from bench import weight_study
 
 TINY = ["--size", "32", "64", "--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
 

@@ -8,7 +8,8 @@ from conftest import run_script
 
 import train_student
 from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
-from engine.state import load_network, seed_stage
+from engine.state import seed_stage
+from nets import load_network
 from kernels import weighted_kd_loss
 from nets.unet import UNet
 

@@ -1,13 +1,13 @@
 """How well does a KD pixel weight find the teacher's mistakes? A measurement, not a test.
 
-    python -m reproduction.weight_study --data DIR --teacher teacher.pt \\
+    python -m bench.weight_study --data DIR --teacher teacher.pt \\
         --student start=teacher.pt --student 150=student.pt --out weight_study.json
 
 For each student (a student checkpoint, or a teacher checkpoint for a student at its first step,
 which starts from the teacher's weights), on the labelled validation split at training size, it
 computes the teacher's prediction on the clean images and the student's on the clean images and
-on a noised view (as the student sees them in training, with the default strengths of
-train_student.py), and from each pair every weight variant below. A pixel is "wrong" where the
+on a noised view (as the student sees them in training, with the noise strengths stored in the
+first student checkpoint given), and from each pair every weight variant below. A pixel is "wrong" where the
 teacher's argmax differs from the validation mask: the validation split is the only labelled
 data a design choice may look at (never the unlabelled or the test split's masks). Reported per
 variant: the AUROC with which 1 - w ranks wrong above right pixels (0.5 = no information), over
@@ -20,6 +20,7 @@ best mean all-pixel AUROC on the noised view over the students given.
 """
 import argparse
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,9 @@ from scipy import ndimage, stats
 from data import Corruption, Photometric, augment_photometric, corrupt, inherited_split, load_tensors, \
     prepare_dataset, step_generator, strengths
 from engine.loop import predict_logits
-from engine.state import load_network
-from errors import exit_on_user_error
+from errors import UserError, exit_on_user_error
 from kernels import kd_weight_map
-from train_student import StudentSettings
+from nets import load_network
 
 # (mode, window, map temperature) of each weight variant; ssim-w7-t1 is SPEC section 4's structural
 # weight. The exponent gamma is left out: a monotone transform of w, it cannot change a ranking.
@@ -50,12 +50,13 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def noised_view(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """The student's view of each image in training: strong photometric changes, blur, cutout."""
-    s = StudentSettings()
+def noised_view(images: torch.Tensor, seed: int, student_args: dict) -> torch.Tensor:
+    """The student's view of each image in training (strong photometric changes, blur, cutout), with
+    the strengths of the student settings `student_args`."""
+    settings = types.SimpleNamespace(**student_args)
     g = step_generator(seed, 0, "weight-study")
-    return corrupt(augment_photometric(images, g, strengths(Photometric, s, "strong_")), g,
-                   strengths(Corruption, s, "strong_"))
+    return corrupt(augment_photometric(images, g, strengths(Photometric, settings, "strong_")), g,
+                   strengths(Corruption, settings, "strong_"))
 
 
 def describe(weight: torch.Tensor, wrong: torch.Tensor, band: torch.Tensor) -> dict:
@@ -65,14 +66,14 @@ def describe(weight: torch.Tensor, wrong: torch.Tensor, band: torch.Tensor) -> d
                 weight_share_wrong=float(w[wrong].sum() / w.sum()))
 
 
-def study(teacher, student, images, masks, seed: int) -> dict:
+def study(teacher, student, images, masks, seed: int, student_args: dict) -> dict:
     device = torch.device("cpu")
     zt = predict_logits(teacher, images, device)
     pred = zt.argmax(1)
     wrong = pred != masks
     edges = torch.from_numpy(np.stack([_near_boundary(p) for p in pred.numpy()]))
     out = dict(wrong_share=float(wrong.float().mean()), wrong_share_band=float(wrong[edges].float().mean()))
-    for view, x in (("clean", images), ("noised", noised_view(images, seed))):
+    for view, x in (("clean", images), ("noised", noised_view(images, seed, student_args))):
         zs = predict_logits(student, x, device)
         for name, (mode, window, map_temperature) in VARIANTS.items():
             w = kd_weight_map(zs, zt, mode=mode, window=window, map_temperature=map_temperature, backend="torch")
@@ -82,11 +83,12 @@ def study(teacher, student, images, masks, seed: int) -> dict:
 
 def _near_boundary(pred: np.ndarray) -> np.ndarray:
     """Pixels within BAND of the boundary of a predicted mask (empty mask: none)."""
-    fg = pred.astype(bool)
-    if not fg.any() or fg.all():
-        return np.zeros_like(fg)
+    foreground = pred.astype(bool)
+    if not foreground.any() or foreground.all():
+        return np.zeros_like(foreground)
     # each pixel's distance to the nearest pixel of the other side of the boundary
-    return np.where(fg, ndimage.distance_transform_edt(fg), ndimage.distance_transform_edt(~fg)) <= BAND
+    inside, outside = ndimage.distance_transform_edt(foreground), ndimage.distance_transform_edt(~foreground)
+    return np.where(foreground, inside, outside) <= BAND
 
 
 @exit_on_user_error
@@ -105,10 +107,15 @@ def main(argv=None):
     images, masks = load_tensors(root, split["val"], ckpt["size"])
     result = dict(teacher=args.teacher.name, split="val", cases=len(images), variants=VARIANTS, band_pixels=BAND,
                   students={})
+    students = {}
     for entry in args.student:
         label, _, path = entry.partition("=")
-        student, _ = load_network(Path(path), ("student", "teacher"), "--student", torch.device("cpu"))
-        result["students"][label] = study(teacher, student, images, masks, ckpt["split"]["seed"])
+        students[label] = load_network(Path(path), ("student", "teacher"), "--student", torch.device("cpu"))
+    student_args = next((ckpt["args"] for _, ckpt in students.values() if ckpt["kind"] == "student"), None)
+    if student_args is None:
+        raise UserError("--student: give at least one student checkpoint; the noised view takes its strengths from it")
+    for label, (student, _) in students.items():
+        result["students"][label] = study(teacher, student, images, masks, ckpt["split"]["seed"], student_args)
         print(label, {k: round(v["auroc"], 3) for k, v in result["students"][label].items()
                       if isinstance(v, dict) and k.startswith("noised/")}, flush=True)
     noised = [k for k in VARIANTS if k.startswith("ssim")]
