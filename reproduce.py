@@ -34,7 +34,7 @@ from engine.records import environment, write_json
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
 from objectives import OBJECTIVES
-from reproduction.plan import PROFILES, Planner
+from reproduction.plan import PROFILES, Planner, shown
 from reproduction.schedule import execute, run_in_slot, slots_of
 from reproduction.figures import draw_figures
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
@@ -289,7 +289,7 @@ def main(argv=None):
     def on_start(run, device):
         speed = remaining["spent"] / remaining["estimated_done"] if remaining["estimated_done"] else 1.0
         eta = remaining["estimate"] * speed / len(slots)
-        cells = "; ".join(f"{t} {label.replace('|', ' at ')}" for t, label in run.cells) or "shared"
+        cells = "; ".join(f"{t} {shown(label)}" for t, label in run.cells) or "shared"
         print(f"[{len(walls) + len(done) + 1}/{len(runs)}] {run.script} {run.name} on {device} ({cells})"
               f", ETA {clock(eta)}", flush=True)
 

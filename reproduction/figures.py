@@ -11,7 +11,7 @@ matplotlib.use("Agg")       # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .plan import TABLE4_METHODS, percent  # noqa: E402
+from .plan import TABLE4_METHODS, percent, table4_label  # noqa: E402
 from .tables import claims, paired_difference  # noqa: E402
 
 METRICS = (("dice", "Δ Dice (points)", 100.0), ("hd95", "Δ HD95 (px)", 1.0))
@@ -61,7 +61,7 @@ def draw_label_efficiency(path, cells: dict, ratios) -> None:
     for offset, method in zip((-0.06, 0.06), TABLE4_METHODS):
         means = []
         for xi, ratio in zip(x, ratios):
-            runs = cells.get(("table4", f"{method}|{percent(ratio)}"), {})
+            runs = cells.get(("table4", table4_label(method, ratio)), {})
             values = [100 * r["metrics"]["dice"]["mean"] for r in runs.values()]
             ax.plot([xi + offset] * len(values), values, "o", ms=3, alpha=0.6,
                     color="tab:gray" if method == TABLE4_METHODS[0] else "tab:orange")

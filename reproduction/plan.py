@@ -95,6 +95,23 @@ def kd_label(weight: str, source: str) -> str:
     return f"{weight}, {source}"
 
 
+def table4_label(method: str, ratio: float) -> str:
+    """Table 4's row of a method at a labelled ratio: "method|2 %", as results.json stores it."""
+    return f"{method}|{percent(ratio)}"
+
+
+def label_parts(label: str) -> tuple[str, str]:
+    """(method, ratio) of a Table 4 row, ("", label) of any other."""
+    method, _, ratio = label.rpartition("|")
+    return method, ratio
+
+
+def shown(label: str) -> str:
+    """A row label as the tables and the console print it: "method at 2 %"."""
+    method, ratio = label_parts(label)
+    return f"{method} at {ratio}" if method else ratio
+
+
 class Planner:
     def __init__(self, profile: str, data: Path, out: Path, seeds: int | None = None, precision: str | None = None):
         self.p = PROFILES[profile]
@@ -197,5 +214,5 @@ class Planner:
                 if seed < n["primary" if ratio == r else "efficiency"]:
                     for method in TABLE4_METHODS:
                         self.evaluation(self.method_student(ratio, seed, method),
-                                        ("table4", f"{method}|{percent(ratio)}"))
+                                        ("table4", table4_label(method, ratio)))
         return list(self.runs.values())

@@ -22,7 +22,8 @@ from scipy import stats
 from engine.metrics import per_class
 from objectives import OBJECTIVES
 
-from .plan import CLAIMS, CONTROL, FULL_LABELS, KD_CELLS, TABLE4_METHODS, kd_label, percent
+from .plan import CLAIMS, CONTROL, FULL_LABELS, KD_CELLS, TABLE4_METHODS, kd_label, label_parts, percent, shown, \
+    table4_label
 
 LOWER_IS_BETTER = {"hd", "hd95", "hd95_pooled", "assd"}
 CASE_METRICS = ("dice", "iou", "hd95", "assd", "precision", "recall")
@@ -44,10 +45,10 @@ def table_specs(profile: dict) -> dict:
                        rows=["teacher", "post-processed", "refined"], metrics=list(CASE_METRICS),
                        control=lambda row: None if row == "teacher" else ("table3", "teacher")),
         "table4": dict(title="Table 4: label efficiency (test split)",
-                       rows=[f"{m}|{percent(x)}" for x in profile["table4_ratios"] for m in TABLE4_METHODS],
+                       rows=[table4_label(m, x) for x in profile["table4_ratios"] for m in TABLE4_METHODS],
                        metrics=["dice", "hd95"],
-                       control=lambda row: None if row.startswith(CONTROL + "|")
-                       else ("table4", CONTROL + "|" + row.split("|")[1])),
+                       control=lambda row: None if label_parts(row)[0] == CONTROL
+                       else ("table4", f"{CONTROL}|{label_parts(row)[1]}")),
     }
 
 
@@ -160,7 +161,7 @@ def layout(spec: dict, cells: dict, name: str):
     row_names, columns, values, differences, seeds = [], [], {}, {}, {}
     classes = [("", None)] + [(f" · {c}", c) for c in class_names(cells)]
     for label in spec["rows"]:
-        group, row = label.split("|") if "|" in label else ("", label)
+        group, row = label_parts(label)
         runs = cells.get((name, label), {})
         for suffix, class_name in classes:
             if row + suffix not in row_names:
@@ -201,13 +202,14 @@ def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
     labels = [label for label in spec["rows"] if any((label, m) in differences for m in DIFFERENCE_METRICS)]
     metrics = [m for m in DIFFERENCE_METRICS if m in spec["metrics"]]
     if labels:
-        control = spec["control"](labels[0])[1].split("|")[0]
+        control_label = spec["control"](labels[0])[1]
+        control = label_parts(control_label)[0] or control_label
         md += ["", f"Paired difference from `{control}` (mean [95 % interval] over the seeds both share; * where "
                    f"the interval excludes 0):", "", "| | seeds | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
                "|---" * (len(metrics) + 2) + "|"]
         for label in labels:
             d0 = next((differences.get((label, m)) for m in metrics if differences.get((label, m))), None)
-            md.append(f"| {label.replace('|', ' at ')} | {d0['n'] if d0 and d0['over'] == 'seeds' else 1} | "
+            md.append(f"| {shown(label)} | {d0['n'] if d0 and d0['over'] == 'seeds' else 1} | "
                       + " | ".join(fmt_difference(differences.get((label, m)), m) for m in metrics) + " |")
     buf = io.StringIO()
     writer = csv.writer(buf)        # long format: one line per row and metric
@@ -217,7 +219,7 @@ def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
         runs = cells.get((name, label), {})
         for metric in spec["metrics"] + [per_class(m, c) for c in names for m in spec["metrics"]]:
             d = differences.get((label, metric))
-            writer.writerow([label.replace("|", " at "), metric, *(f"{v:.6g}" for v in cell(runs, metric)),
+            writer.writerow([shown(label), metric, *(f"{v:.6g}" for v in cell(runs, metric)),
                              len(runs), *((f"{d[k]:.6g}" for k in ("mean", "low", "high")) if d else ("", "", "")),
                              d["over"] if d else ""])
     return "\n".join(md) + "\n", buf.getvalue()
