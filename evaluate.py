@@ -33,7 +33,7 @@ from engine.loop import class_map, predict_full_size
 from engine.metrics import BOUNDARY, METRICS, SPACING_COLUMNS, case_spacing, class_metrics, per_class, save_overlay, \
     spacing_columns, case_statistics
 from engine.records import environment, fill_folder
-from engine.state import check_same_experiment, upstream_size
+from engine.state import check_same_experiment
 from errors import UserError, exit_on_user_error
 from nets import load_network
 from nets.cyclegan import refine_logits
@@ -141,7 +141,7 @@ def main(argv=None):
     spacing = None if s.spacing is None else pixel_spacing(s.spacing)
     device = select_device(s.device)
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
-    size = upstream_size(s.size, ckpt, "--ckpt", s.ckpt)
+    size = tuple(ckpt["size"])
     out = output_folder(s.out or s.ckpt.with_name(s.ckpt.stem + "_eval"), OUTPUTS)
     root = prepare_dataset(s.data)
     dataset, split, _ = upstream_dataset(root, ckpt, "--ckpt", s.ckpt)

@@ -18,8 +18,6 @@ class Common:
                                        "repository's data/ gets the phantom dataset generated on first use")
     out: Path | None = setting(None, "where the result goes")
     device: str = setting("auto", "where to run: auto (CUDA when available), cpu, cuda or cuda:N")
-    size: tuple[int, int] | None = setting(None, "network input size H W, each a multiple of 16; stages after "
-                                                 "the teacher take the teacher's", metavar=("H", "W"))
 
 
 @dataclasses.dataclass

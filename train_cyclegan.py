@@ -39,7 +39,7 @@ from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
-from engine.state import StageState, resume_from, seed_stage, upstream_size, weights_copy
+from engine.state import StageState, resume_from, seed_stage, weights_copy
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
 from nets import load_network
@@ -286,7 +286,7 @@ def main(argv=None):
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
-    size = upstream_size(s.size, teacher_ckpt, "--teacher", s.teacher)
+    size = tuple(teacher_ckpt["size"])
     dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     if not split["unlabeled"]:
         raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "

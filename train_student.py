@@ -37,7 +37,7 @@ from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.card import write_model_card
 from engine.records import open_run_logs
-from engine.state import StageState, check_same_experiment, resume_from, seed_stage, upstream_size
+from engine.state import StageState, check_same_experiment, resume_from, seed_stage
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
 from nets import load_network
@@ -130,7 +130,7 @@ def main(argv=None):
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
     dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
-    size = upstream_size(s.size, teacher_ckpt, "--teacher", s.teacher)
+    size = tuple(teacher_ckpt["size"])
     refiner = None
     if s.refiner:
         refiner, refiner_ckpt = load_network(s.refiner, ("cyclegan",), "--refiner", device)

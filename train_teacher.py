@@ -51,7 +51,7 @@ class TeacherSettings(LabelledPhotometric, Training):
 def main(argv=None):
     s = parse(TeacherSettings, __doc__, argv)
     ddp, device = join(select_device(s.device))
-    size = check_size(s.size)
+    size = check_size(s.size, 2 ** UNet.DEPTH)
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     resume = resume_from(out, "teacher", s)

@@ -151,7 +151,7 @@ def memory_format(channels_last: bool):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def check_size(size, stride: int = 16) -> tuple:
+def check_size(size, stride: int) -> tuple:
     h, w = size
     if h <= 0 or w <= 0 or h % stride or w % stride:
         raise UserError(f"--size {h} {w}: both sides must be positive multiples of the network stride {stride}")

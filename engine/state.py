@@ -88,15 +88,6 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def upstream_size(size, ckpt: dict, flag: str, path) -> tuple:
-    """The input size of a later stage: its upstream network's; a different --size is an error."""
-    trained = tuple(ckpt["size"])
-    if size is not None and tuple(size) != trained:
-        raise UserError(f"--size {size[0]} {size[1]} differs from {flag} {path}, trained at {trained[0]} "
-                        f"{trained[1]}; drop --size")
-    return trained
-
-
 def check_same_experiment(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> None:
     """A refiner must come from this teacher's experiment: the same split and input size."""
     if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):

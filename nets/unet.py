@@ -18,7 +18,9 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16, depth: int = 4,
+    DEPTH = 4     # 2x downsamplings: input sides are multiples of 2 ** depth
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16, depth: int = DEPTH,
                  dropout: float = 0.0):
         super().__init__()
         self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth,

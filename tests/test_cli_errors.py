@@ -93,10 +93,12 @@ def test_evaluate_never_replaces_a_folder_it_did_not_write(tiny_data, tiny_teach
     assert (keep / "precious.pt").exists()
 
 
-def test_evaluate_refuses_a_size_other_than_the_checkpoints(tiny_data, tiny_teacher, tmp_path):
+def test_evaluate_has_no_size_of_its_own(tiny_data, tiny_teacher, tmp_path):
+    # the input size is the checkpoint's: later stages have no --size to contradict it
     proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--size", "64", "128",
                       "--out", tmp_path / "e", check=False)
-    assert_one_line_error(proc, "--size 64 128", "drop --size")
+    assert_one_line_error(proc, "--size")
+    assert not (tmp_path / "e").exists()
 
 
 def test_splits_json_and_labeled_ratio_conflict(tiny_data, tiny_teacher, tmp_path):

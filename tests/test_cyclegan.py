@@ -215,9 +215,9 @@ def test_wrong_kind_of_teacher_is_refused_in_one_line(capsys, tiny, full_run):
         load_network(tiny / "teacher.pt", ("cyclegan",), "--refiner", torch.device("cpu"))
 
 
-def test_size_conflicting_with_the_teacher_is_refused(capsys, tiny):
+def test_the_refiner_has_no_size_of_its_own(capsys, tiny):
     stderr = refused(capsys, tiny, "--teacher", tiny / "teacher.pt", "--size", 64, 128)
-    assert "--size 64 128" in stderr and "--teacher" in stderr
+    assert "--size" in stderr
 
 
 def test_refiner_from_another_teacher_is_refused(tiny, full_run):

@@ -19,7 +19,7 @@ import train_teacher
 from objectives import OBJECTIVES
 from bench import weight_study
 
-TINY = ["--size", "32", "64", "--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
+TINY = ["--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def opened(monkeypatch) -> list:
 def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_path, opened):
     teacher, refiner = tmp_path / "teacher.pt", tmp_path / "cyclegan.pt"
     train_teacher.main(["--data", str(tiny_data), "--out", str(teacher), "--width", "4", "--labeled-ratio", "0.4",
-                        *TINY])
+                        "--size", "32", "64", *TINY])
     train_cyclegan.main(["--data", str(tiny_data), "--teacher", str(teacher), "--out", str(refiner), "--width", "4",
                          "--blocks", "1", "--disc-width", "4", "--disc-layers", "1", *TINY])
     students = []
