@@ -167,7 +167,7 @@ def test_union_box_eight_pixels_at_a_time_equals_any():
     base = np.zeros((40, 48), dtype=bool)
     base[5:9, 11:30] = rng.random((4, 19)) < 0.5
     base[39, 47] = True
-    # contiguous, a row slice, a column view at an 8-byte offset, misaligned views (fallback)
+    # contiguous, a row slice, column views at 8-byte and odd offsets, rows of 45 bytes and a transpose (fallback)
     for mask in (base, base[3:], base[:, 8:], base[:, 1:41], base[:, 3:], base.T):
         for axis in (0, 1):
             np.testing.assert_array_equal(boundary_reference._any_along(mask, axis), mask.any(axis))
