@@ -31,9 +31,9 @@ whose boundaries fill it; and where the two boundaries make few pairs, all pairw
 which cost less than building two trees. An exact search by rows in numpy (for each query, the
 nearest x by bisection in every row within the best distance found) was measured slower than
 the KD-tree on sinus cases (2.2 against 1.7 ms): a query's band holds ~30 rows, and numpy spends
-~20 ns on each (query, row), half of it in the bisection. The per-case metrics are then numpy reductions of the two distance lists
-(`case_metrics`); the GPU path's padded-row form of the same (`summarize`) is torch, so that it
-stays on the device.
+~20 ns on each (query, row), half of it in the bisection. The per-case metrics are then numpy
+reductions of the two distance lists (`case_metrics`); the GPU path's padded-row form of the
+same (`summarize`) is torch, so that it stays on the device.
 """
 import numpy as np
 import torch
