@@ -236,7 +236,9 @@ def main():
     if gpu:
         report["triton"] = gpu
     else:
-        report["note"] = "no CUDA device: the CPU path, MedPy and MONAI only, no Triton timing"
+        report["note"] = ("no CUDA device: the CPU path, MedPy and MONAI only, no Triton timing; the 1-minute load "
+                          "average is recorded: on a shared machine compare the ratios in side_by_side, where each "
+                          "image is timed by all three in turn")
     report["side_by_side"] = side_by_side(pred, truth, args.medpy_images, args.cpu_repeats)
     report["ratios"], report["arithmetic"] = ratios(report["side_by_side"], gpu)
 

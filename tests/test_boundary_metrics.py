@@ -134,6 +134,69 @@ def test_every_distance_engine_is_exact(monkeypatch, points_per_pixel, brute_for
             assert ours[key] == pytest.approx(expected[key], abs=TOL), (name, key)
 
 
+def _wide_cases():
+    """Cases in images whose width is a multiple of 8, where the union box is found eight pixels
+    at a time: smooth blobs and blobs touching every edge (KD-tree), speckle (distance
+    transform) and lone pixels (all pairs)."""
+    rng = np.random.default_rng(5)
+    shape = (96, 136)
+    edge = np.zeros(shape, dtype=bool)
+    edge[0, 3:20] = edge[-1, 100:] = edge[40:60, 0] = edge[:9, -1] = True
+    return {
+        "blobs": (_blob(rng, shape, sigma=6.0, fraction=0.1), _blob(rng, shape, sigma=6.0, fraction=0.1)),
+        "touching_every_edge": (edge | _blob(rng, shape, sigma=6.0, fraction=0.1),
+                                np.pad(np.ones((96, 4), dtype=bool), ((0, 0), (0, 132))) | _blob(rng, shape, sigma=6.0,
+                                                                                                   fraction=0.1)),
+        "speckle": (rng.random(shape) < 0.3, rng.random(shape) < 0.3),
+        "lone_pixels": (_pixel(0, 135, shape) | _pixel(95, 0, shape), _pixel(50, 64, shape)),
+    }
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.3, 2.1), (3.0, 0.2)])
+@pytest.mark.parametrize("name", list(_wide_cases()))
+def test_reference_matches_brute_force_in_widths_of_eight_pixels(name, spacing):
+    pred, target = _wide_cases()[name]
+    for mode in ("max", "pooled"):
+        ours, expected = _reference(pred, target, spacing=spacing, mode=mode), brute_force(pred, target, spacing, mode=mode)
+        for key in ("hd", "hd95", "assd"):
+            assert ours[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), (mode, key)
+
+
+def test_union_box_eight_pixels_at_a_time_equals_any():
+    rng = np.random.default_rng(9)
+    base = np.zeros((40, 48), dtype=bool)
+    base[5:9, 11:30] = rng.random((4, 19)) < 0.5
+    base[39, 47] = True
+    # contiguous, a row slice, column views at 8-byte and odd offsets, rows of 45 bytes and a transpose (fallback)
+    for mask in (base, base[3:], base[:, 8:], base[:, 1:41], base[:, 3:], base.T):
+        for axis in (0, 1):
+            np.testing.assert_array_equal(boundary_reference._any_along(mask, axis), mask.any(axis))
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = boundary_reference._union_box(mask, np.zeros_like(mask))
+        assert box == (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    assert boundary_reference._union_box(np.zeros_like(base), np.zeros_like(base)) is None
+
+
+def test_numpy_boundary_equals_torch_boundary_and_scipy_erosion():
+    rng = np.random.default_rng(4)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for shape in [(1, 1), (1, 6), (6, 1), (2, 2), (3, 3), (17, 24)]:
+        masks = rng.random((3,) + shape) < 0.6
+        ours = boundary_reference.mask_boundary(masks)
+        np.testing.assert_array_equal(ours, boundary_reference.mask_boundary(torch.from_numpy(masks)).numpy())
+        for m, b in zip(masks, ours):
+            np.testing.assert_array_equal(b, m ^ ndimage.binary_erosion(m, structure=cross, border_value=0))
+
+
+def test_percentile_gives_numpys_bits():
+    rng = np.random.default_rng(2)
+    for n in [1, 2, 3, 10, 1761]:
+        values = rng.random(n) * 40
+        values[: n // 3] = np.round(values[: n // 3])  # ties
+        for percentile in [0.0, 0.5, 37.5, 50.0, 95.0, 99.9, 100.0, *rng.uniform(0, 100, 5)]:
+            assert boundary_reference._percentile(values, percentile) == np.percentile(values, percentile)
+
+
 @pytest.mark.parametrize("percentile", [0.0, 37.5, 50.0, 99.0, 100.0])
 def test_other_percentiles_interpolate_like_numpy(percentile):
     for name in ("blobs", "touching_border", "speckle"):
