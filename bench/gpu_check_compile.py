@@ -5,7 +5,7 @@ one architecture in parallel on this machine, without a GPU.
 
 The launches are recorded from the check's own steps at its full sizes (on CPU tensors, through
 the interpreter, none of them run), reduced to distinct binaries as Triton keys them, and compiled
-by `kernels.precompile.warm` with `triton.compile` for the target; under triton 3.6 the gcc
+by `bench.precompile.warm` with `triton.compile` for the target; under triton 3.6 the gcc
 builds of the distinct C launchers are timed too. The JSON holds the arithmetic that scales the
 serial compile time to a 16-core host.
 """
@@ -26,16 +26,16 @@ def main():
     import torch
     import triton
 
-    from kernels.check_rows import machine
-    from kernels.gpu_check import SIZES, every_launch
-    from kernels.precompile import distinct, record, warm
+    from bench.check_rows import machine
+    from bench.gpu_check import SIZES, every_launch
+    from bench.precompile import distinct, record_launches, warm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    recorded = record(lambda: every_launch(SIZES["full"], torch.device("cpu"), on_gpu=True))
+    recorded = record_launches(lambda: every_launch(SIZES["full"], torch.device("cpu"), on_gpu=True))
     specs = distinct(recorded, args.arch)
     cost = warm(specs, args.workers, args.arch)
     serial = cost["kernel_serial_s"] + cost["launcher_serial_s"]

@@ -12,9 +12,24 @@ from pathlib import Path
 
 import torch
 
-from kernels.check_rows import cpu_model
-
 from .cli import REPO, settings_json
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` reports it (else /proc/cpuinfo, else platform)."""
+    if shutil.which("lscpu"):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_hash() -> str:

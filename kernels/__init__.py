@@ -6,9 +6,7 @@ the valid `weight=` strings.
 """
 from .backend import resolve_backend
 from .boundary import boundary_metrics
-from .boundary_reference import mask_boundary
 from .kd_loss import kd_weight_map, weighted_kd_loss
 from .kd_reference import WEIGHT_MODES
 
-__all__ = ["weighted_kd_loss", "kd_weight_map", "boundary_metrics", "mask_boundary", "WEIGHT_MODES",
-           "resolve_backend"]
+__all__ = ["weighted_kd_loss", "kd_weight_map", "boundary_metrics", "WEIGHT_MODES", "resolve_backend"]

@@ -10,8 +10,8 @@ Why the Triton backward reads the logits again instead of saving a gradient in f
 gradient t*w*(pS - pT)*grad_output/Z must be rounded to the input dtype once, after every factor
 is known. Folded into a float16 gradient in forward, 1/Z underflows at realistic sizes before a
 loss scale can rescue it, and grad_output is only known in backward. Recomputing costs the same
-traffic as saving and rescaling (5 units of logit-sized tensors per step, `kd_traffic.py`); the
-ssim weight is not recomputed but kept from the forward as a float32 map. Neither pass reads a
+traffic as saving and rescaling (5 units of logit-sized tensors per step, `bench/kd_traffic.py`);
+the ssim weight is not recomputed but kept from the forward as a float32 map. Neither pass reads a
 device value on the host, so nothing synchronises.
 """
 import warnings

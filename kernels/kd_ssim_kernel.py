@@ -15,10 +15,10 @@ own, R of halo on each side) and a chunk of rows of one image, and walks down th
 
 The gradient pass does not run this kernel again: the SSIM weight costs hundreds of
 instructions a pixel, far more than the pixel kernel's pass over a stored weight map, so the
-training forward stores the map and the backward reads it (`kd_traffic.py` counts the bytes).
+training forward stores the map and the backward reads it (`bench/kd_traffic.py` counts the bytes).
 
 Each logit comes from DRAM once, apart from the 2R halo rows at the ends of a chunk and the
-2R halo columns of a strip (see `kd_traffic.py`). Sums are direct sums of at most 2R+1 terms,
+2R halo columns of a strip (see `bench/kd_traffic.py`). Sums are direct sums of at most 2R+1 terms,
 as accurate as the window allows in float32; no running sums that drift down the image.
 """
 import triton

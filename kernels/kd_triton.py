@@ -8,7 +8,7 @@ Forward and backward are separate passes over the logits (see `kd_loss.py` for w
   grad_output * t / Z read from device memory, written in the student's memory format;
 - `weight_map`: the weight map alone.
 `plan` is the single place that decides kernel, tile, grid and meta-parameters; the launches
-and `kernels.compile_check` (ahead-of-time compile for sm_90/sm_80) both go through it.
+and `bench.compile_check` (ahead-of-time compile for sm_90/sm_80) both go through it.
 """
 import torch
 import triton

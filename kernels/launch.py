@@ -8,7 +8,7 @@ import torch
 class Launch:
     """Kernel, one-dimensional grid, arguments, meta-parameters and compile options.
 
-    `kernels.compile_check` compiles exactly these for sm_90/sm_80; calling one launches it.
+    `bench.compile_check` compiles exactly these for sm_90/sm_80; calling one launches it.
     """
     kernel: object
     grid: int

@@ -354,7 +354,7 @@ def test_bad_types_raise_type_error():
 
 
 def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
-    from kernels.bench_boundary import largest_difference
+    from bench.boundary_speed import largest_difference
     finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
     one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
     assert largest_difference(finite, one_nan) == float("inf")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import compile_check
+from bench import compile_check
 
 REPO = Path(__file__).resolve().parent.parent
 needs_ptxas = pytest.mark.skipif(not compile_check.ptxas_available(),
@@ -21,7 +21,7 @@ WORST = ["ssim/loss/window=15/C=8/float32/contiguous", "ssim/loss_and_weight/win
          "pixel/tensor/grad/t=1/C=8/float16/contiguous"]
 SCRIPT = """
 import json, sys
-from kernels import compile_check as cc
+from bench import compile_check as cc
 wanted = set(json.loads(sys.argv[1]))
 out = {name: cc.compile_one(launch, 90) for name, launch, *_ in cc.configurations() if name in wanted}
 print(json.dumps(out))

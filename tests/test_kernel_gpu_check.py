@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kernels import compile_check, gpu_check, precompile
+from bench import compile_check, gpu_check, precompile
 
 FILES = ["boundary_bench.jsonl", "check.jsonl", "kd_bench.jsonl", "summary.jsonl"]
 
@@ -73,7 +73,7 @@ def test_full_size_runs_only_on_a_gpu(tmp_path):
 @pytest.mark.skipif(not compile_check.ptxas_available(), reason="this triton ships no ptxas")
 def test_recorded_launches_compile_for_sm90_in_worker_processes():
     size = gpu_check.SIZES["tiny"]
-    specs = precompile.record(lambda: gpu_check.boundary_case(size, "cpu", check=False))
+    specs = precompile.record_launches(lambda: gpu_check.boundary_case(size, "cpu", check=False))
     assert {s.name for s in specs} == {"_count_kernel", "_compact_kernel", "_nearest_kernel"}
     cost = precompile.warm(precompile.distinct(specs, 90), workers=2, arch=90)
     assert cost["specialisations"] == 3 and cost["workers"] == 2

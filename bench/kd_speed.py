@@ -1,7 +1,7 @@
 """Benchmark of the weighted KD loss, forward + backward (SPEC section 8); a script, never a test.
 
-    python -m kernels.bench_kd --out bench/kd_<device>.json
-    python -m kernels.bench_kd --impls compile --rows DIR/kd_bench.jsonl   # rows as they come
+    python -m bench.kd_speed --out bench/kd_<device>.json
+    python -m bench.kd_speed --impls compile --rows DIR/kd_bench.jsonl   # rows as they come
 
 On CUDA, at (16, 2, 512, 1024) in float32 and bfloat16 and for every weight mode, it first
 checks the Triton path against the float64 reference, then times the Triton kernels, the eager
@@ -22,10 +22,11 @@ import time
 import torch
 import triton
 
-from kernels.check_rows import Rows, cpu_model, machine
+from bench.check_rows import Rows, machine
+from bench.kd_traffic import kd_traffic
+from engine.records import cpu_model
 from kernels.kd_loss import weighted_kd_loss
 from kernels.kd_reference import kd_loss_reference, weight_map_reference
-from kernels.kd_traffic import kd_traffic
 
 GPU_SHAPE = (16, 2, 512, 1024)
 CPU_SHAPE = (2, 2, 128, 256)

@@ -1,7 +1,7 @@
 """Compile every KD kernel configuration the dispatch can choose, ahead of time, for sm_90 and
 sm_80, without a GPU; write registers, spills, shared memory, occupancy and modelled traffic.
 
-    python -m kernels.compile_check --out bench/kernels_sm90.json [--arch 90 80] [--quick]
+    python -m bench.compile_check --out bench/kernels_sm90.json [--arch 90 80] [--quick]
 
 `kd_triton.plan` is asked for the launch of each (kernel, classes, window, phase, weight mode,
 dtype, layout) at the benchmark shape, on meta tensors, and `boundary_triton` for its three; the argument types and specialisations
@@ -26,8 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import native_specialize_impl
 
-from . import boundary_triton, kd_triton
-from .kd_reference import SSIM_MAX_WINDOW
+from kernels import boundary_triton, kd_triton
+from kernels.kd_reference import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
 from .sass_count import per_pixel
 

@@ -1,7 +1,7 @@
 """First run on a GPU: every kernel against its reference, then the benchmarks; one command that
 fits a bare, short-lived machine and leaves its results in one folder.
 
-    timeout 420 python3 -m kernels.gpu_check --out-dir "$OUT"     # OUT: the collected folder
+    timeout 300 python3 -m bench.gpu_check --out-dir "$OUT"     # OUT: the collected folder
 
 Needs nothing beyond torch (2.11 or newer), triton (3.6 or newer), numpy and scipy. Writes four
 files into the folder (default: $OUT), every row printed and flushed as one JSON line and appended
@@ -35,14 +35,14 @@ import scipy
 import torch
 import triton
 
+from bench.boundary_speed import (SPACING, gpu_timings, largest_difference, ratios, side_by_side, sinus_batch,
+                                  time_cpu_path)
+from bench.check_rows import Rows, machine
+from bench.kd_speed import MODES, copy_bandwidth, timing_row
+from bench.precompile import distinct, record_launches, warm
 from kernels import boundary_metrics, kd_weight_map, weighted_kd_loss
 from kernels.backend import INTERPRET
-from kernels.bench_boundary import (SPACING, gpu_timings, largest_difference, ratios, side_by_side, sinus_batch,
-                                    time_cpu_path)
-from kernels.bench_kd import MODES, copy_bandwidth, timing_row
-from kernels.check_rows import Rows, machine
 from kernels.kd_reference import kd_loss_reference, weight_map_reference
-from kernels.precompile import distinct, record, warm
 
 LOSS_SCALE = 65536.0
 CHECK, KD, BOUNDARY, SUMMARY = "check.jsonl", "kd_bench.jsonl", "boundary_bench.jsonl", "summary.jsonl"
@@ -166,7 +166,7 @@ def every_launch(size, device, on_gpu):
 
 def precompile_step(rows, size, device, on_gpu, workers):
     start = time.perf_counter()
-    specs = record(lambda: every_launch(size, device, on_gpu))
+    specs = record_launches(lambda: every_launch(size, device, on_gpu))
     row = dict(step="precompile", recorded_launches=len(specs), record_s=round(time.perf_counter() - start, 2))
     if not on_gpu:
         row["skipped"] = "no GPU: the interpreter runs the kernels, there is nothing to compile"
@@ -199,7 +199,7 @@ def kd_bench_step(rows, size, device, on_gpu):
 def torch_compile_step(rows, out_dir, limit_s):
     """torch.compile baselines in a child process: a cold compile takes minutes, so it gets its
     own time limit, and the rows it finished are kept when it runs out."""
-    command = [sys.executable, "-m", "kernels.bench_kd", "--impls", "compile", "--reps", "30",
+    command = [sys.executable, "-m", "bench.kd_speed", "--impls", "compile", "--reps", "30",
                "--rows", os.path.join(out_dir, KD)]
     try:
         proc = subprocess.run(command, timeout=limit_s, capture_output=True, text=True)

@@ -7,11 +7,10 @@ still run, and the failures are listed at the end.
 """
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import traceback
+
+from engine.records import cpu_model
 
 # The collector takes files under 16 MiB; a row that would pass this is printed, not appended.
 MAX_FILE_BYTES = 15 << 20
@@ -59,23 +58,6 @@ class Rows:
             if not row["ok"]:
                 self.failures.append(dict(step=step, error="out of bounds"))
         return row
-
-
-def cpu_model() -> str:
-    """The CPU's model name as `lscpu` reports it (else /proc/cpuinfo, else platform)."""
-    if shutil.which("lscpu"):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

@@ -3,7 +3,7 @@
 Triton compiles a kernel the first time it is launched with a new specialisation, one after
 another on the launching thread, and triton 3.6 also builds each kernel's C launcher with gcc.
 On a fresh machine (empty cache) that is minutes of one core. So:
-1. `record(fn)` runs `fn` with every `Launch` recorded instead of run (the host side, sizes and
+1. `record_launches(fn)` runs `fn` with every `Launch` recorded instead of run (the host side, sizes and
    allocations included, runs as usual), and turns the launches into picklable specs: the
    kernel's module and name, each tensor argument as its dtype (a tensor's specialisation is
    its dtype and 16-byte alignment, which every fresh allocation has), scalars as they are;
@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from .launch import Launch
+from kernels.launch import Launch
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _spec(launch: Launch) -> Spec:
                 tuple(sorted(launch.options.items())))
 
 
-def record(fn) -> list:
+def record_launches(fn) -> list:
     """Specs of the launches `fn()` makes, in order, each once; none of them runs."""
     seen = {}
     with mock.patch.object(Launch, "__call__", lambda launch: seen.setdefault(_spec(launch))):

@@ -13,7 +13,7 @@ first, from L1/L2. The ssim forward writes its float32 weight map (N*H*W*4) and 
 the pixel kernel, reads it back instead of recomputing the weight; a caller's weight tensor
 likewise adds N*H*W*itemsize to each pass.
 """
-from .kd_triton import SSIM_CHUNK_ROWS, SSIM_LANES
+from kernels.kd_triton import SSIM_CHUNK_ROWS, SSIM_LANES
 
 
 def kd_traffic(shape, itemsize, mode, window=7, weight_itemsize=4):

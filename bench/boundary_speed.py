@@ -1,6 +1,6 @@
 """Benchmark of the boundary metrics on sinus-like masks (SPEC section 8); a script, never a test.
 
-    python -m kernels.bench_boundary --out bench/boundary_<device>.json
+    python -m bench.boundary_speed --out bench/boundary_<device>.json
 
 A batch of 32 prediction/ground-truth pairs of 1024 x 2048: two lobes per image (x ~ 0.20-0.42
 and 0.58-0.80, y ~ 0.10-0.45, 2-5 % of the image each), the prediction a perturbed copy of the
@@ -23,7 +23,7 @@ import torch
 import triton
 
 from kernels import boundary_metrics
-from kernels.check_rows import machine
+from bench.check_rows import machine
 
 BATCH, HEIGHT, WIDTH = 32, 1024, 2048
 SPACING = (0.1, 0.1)
