@@ -45,7 +45,7 @@ class ResnetGenerator(nn.Module):
     """7x7 stem, two stride-2 downsamplings, `blocks` residual blocks, two upsamplings, 7x7 head;
     input sides must be multiples of 4. Input: (image, map) as two channels; output: the logit r."""
 
-    def __init__(self, in_channels: int = 2, width: int = 32, blocks: int = 6, map_temperature: float = 4.0):
+    def __init__(self, *, width: int, blocks: int, map_temperature: float, in_channels: int = 2):
         super().__init__()
         self.config = dict(in_channels=in_channels, width=width, blocks=blocks, map_temperature=map_temperature)
         self.map_temperature = map_temperature
@@ -74,7 +74,7 @@ class PatchDiscriminator(nn.Module):
     """PatchGAN: a map of real/fake scores, one per overlapping patch. Receptive field: 16 px for
     layers=1, 34 for 2, 70 for 3. Spectral norm on every convolution, no normalisation layers."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32, layers: int = 3):
+    def __init__(self, in_channels: int, *, width: int, layers: int):
         super().__init__()
         self.config = dict(in_channels=in_channels, width=width, layers=layers)
         seq = [spectral_norm(nn.Conv2d(in_channels, width, 4, stride=2, padding=1)), nn.LeakyReLU(0.2, inplace=True)]

@@ -20,7 +20,7 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 class UNet(nn.Module):
     DEPTH = 4     # 2x downsamplings: input sides are multiples of 2 ** depth
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 16, depth: int = DEPTH,
+    def __init__(self, *, width: int, in_channels: int = 1, num_classes: int = 2, depth: int = DEPTH,
                  dropout: float = 0.0):
         super().__init__()
         self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth,

@@ -56,7 +56,7 @@ def full_run(tiny):
 
 def test_generator_and_discriminator_shapes():
     x = torch.rand(3, 2, 36, 52)            # multiples of 4, not of 8
-    g = ResnetGenerator(width=4, blocks=2)
+    g = ResnetGenerator(width=4, blocks=2, map_temperature=4.0)
     assert g(x).shape == (3, 1, 36, 52)
     assert ResnetGenerator(**g.config).load_state_dict(g.state_dict())
     d = PatchDiscriminator(1, width=4, layers=3)
@@ -72,7 +72,7 @@ def test_generator_and_discriminator_shapes():
 
 def test_untrained_generator_is_the_identity_and_can_flip_any_pixel():
     x = torch.rand(2, 2, 16, 24)
-    g = ResnetGenerator(width=4, blocks=1)
+    g = ResnetGenerator(width=4, blocks=1, map_temperature=4.0)
     torch.testing.assert_close(g(x), torch.logit(x[:, 1:].clamp(MASK_CLIP, 1 - MASK_CLIP)))
     # the bound exceeds the clipped logit, so a saturated correction turns a sure pixel around
     assert BOUND > torch.logit(torch.tensor(1 - MASK_CLIP)).item()
@@ -182,8 +182,10 @@ def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
     teacher, _ = load_network(tiny / "teacher.pt", ("teacher",), "--teacher", torch.device("cpu"))
     teacher.requires_grad_(True)            # so that only the training code can keep it out of the graph
     buffers = {k: v.clone() for k, v in teacher.state_dict().items()}
-    nets = torch.nn.ModuleDict(dict(G_AB=ResnetGenerator(width=4, blocks=1), G_BA=ResnetGenerator(width=4, blocks=1),
-                                    D_A=PatchDiscriminator(width=4), D_B=PatchDiscriminator(width=4)))
+    generator, discriminator = dict(width=4, blocks=1, map_temperature=4.0), dict(width=4, layers=3)
+    nets = torch.nn.ModuleDict(dict(G_AB=ResnetGenerator(**generator), G_BA=ResnetGenerator(**generator),
+                                    D_A=PatchDiscriminator(1, **discriminator),
+                                    D_B=PatchDiscriminator(1, **discriminator)))
     xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
     yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
     qa = train_cyclegan.teacher_map(teacher, xa, 4.0)
