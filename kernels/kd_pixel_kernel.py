@@ -8,8 +8,8 @@ The grid is one-dimensional, image after image, so the batch size has no grid-ax
 import triton
 import triton.language as tl
 
-from .kd_tiles import (GRAD, LOG2E, LOSS, WEIGHT_MAP, load_logits, log2_scale, logit_gap, probabilities, sigmoid_parts,
-                       store_grad, weighted_kl)
+from .kd_tiles import (GRAD, LOG2E, LOSS, WEIGHT_MAP, load_classes_last, load_logits, log2_scale, logit_gap,
+                       probabilities, sigmoid_parts, store_classes_last, store_tile, student_grad, weighted_kl)
 
 UNIFORM = tl.constexpr(0)
 AGREE = tl.constexpr(1)
@@ -38,19 +38,19 @@ def kd_pixel_kernel(s_ptr, t_ptr, w_ptr, out_ptr, part_ptr, scale_ptr,
     n = (pid // (tiles_h * tiles_w)).to(tl.int64)  # image offsets may pass 2**31
     tile = pid % (tiles_h * tiles_w)
     lane = tl.arange(0, ROWS * COLS)
-    y = tile // tiles_w * ROWS + lane // COLS
-    x = tile % tiles_w * COLS + lane % COLS
+    y0 = tile // tiles_w * ROWS
+    x0 = tile % tiles_w * COLS
+    y = y0 + lane // COLS
+    x = x0 + lane % COLS
     inside = (y < H) & (x < W)
     if CLASSES_LAST:
-        # Channels-last with C = C_P: a pixel's classes are C_P adjacent elements, so the
-        # compiler gives each thread whole pixels and vectorises them (run-time strides keep
-        # it from doing so, and cost registers and shuffles)
-        s_w = C_P
-        t_w = C_P
-        if PHASE == GRAD:  # the gradient has the student's layout; a weight map has its own
-            o_w = C_P
-    zs = load_logits(s_ptr + n * s_n, y * s_h + x * s_w, s_c, C, inside, C_P)
-    zt = load_logits(t_ptr + n * t_n, y * t_h + x * t_w, t_c, C, inside, C_P)
+        # Channels-last with C = C_P: a tile row is one run of adjacent elements, loaded as
+        # such in 16-byte accesses (`classes_last_rows`); the gradient has the student's layout
+        zs = load_classes_last(s_ptr + n * s_n, y0, x0, s_h, H, W, ROWS, COLS, C_P)
+        zt = load_classes_last(t_ptr + n * t_n, y0, x0, t_h, H, W, ROWS, COLS, C_P)
+    else:
+        zs = load_logits(s_ptr + n * s_n, y * s_h + x * s_w, s_c, C, inside, C_P)
+        zt = load_logits(t_ptr + n * t_n, y * t_h + x * t_w, t_c, C, inside, C_P)
     k = log2_scale(inv_t, T_IS_ONE)
 
     if WEIGHT == UNIFORM:
@@ -63,9 +63,19 @@ def kd_pixel_kernel(s_ptr, t_ptr, w_ptr, out_ptr, part_ptr, scale_ptr,
 
     if PHASE == LOSS:
         tl.store(part_ptr + pid, tl.sum(weighted_kl(zs, zt, w, k, C, C_P), axis=0))
-        tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(w, axis=0))
+        if WEIGHT == UNIFORM:
+            # w is 1 on the tile's pixels inside the image: their count, with no block-wide
+            # sum (shuffles, shared memory and barriers: 20-50 instructions a program)
+            total_w = (tl.minimum(H - y0, ROWS) * tl.minimum(W - x0, COLS)).to(tl.float32)
+        else:
+            total_w = tl.sum(w, axis=0)
+        tl.store(part_ptr + tl.num_programs(0) + pid, total_w)
     elif PHASE == GRAD:
-        store_grad(out_ptr + n * o_n, y * o_h + x * o_w, o_c, zs, zt, w * tl.load(scale_ptr), k, inside, C, C_P)
+        g = student_grad(zs, zt, w * tl.load(scale_ptr), k, C_P)
+        if CLASSES_LAST:
+            store_classes_last(out_ptr + n * o_n, g, y0, x0, o_h, H, W, ROWS, COLS, C_P)
+        else:
+            store_tile(out_ptr + n * o_n, y * o_h + x * o_w, o_c, g, C, inside, C_P)
     else:
         tl.static_assert(PHASE == WEIGHT_MAP)
         tl.store(out_ptr + n * o_n + y * o_h + x * o_w, w, mask=inside)

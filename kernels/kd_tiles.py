@@ -3,7 +3,9 @@
 A tile is (C_P, LANES): classes padded to a power of two along axis 0, pixels along axis 1.
 Addresses are `image base + class * class stride + pixel offset`, so any strides work: for
 NCHW-contiguous logits the pixel offsets of a row are contiguous, for channels-last the classes
-of a pixel are, and Triton's specialisation of unit strides lets the compiler vectorise either.
+of a pixel are, and Triton's specialisation of unit strides lets the compiler vectorise either
+(for channels-last C_P elements at a time only; the pixel kernel loads channels-last rows
+without padded classes as whole runs, `classes_last_rows`).
 
 The loss pass is bound by instructions, not bytes, so the arithmetic is written for few of them:
 - exponentials are `exp2` of logits scaled by k = log2(e)/t, one multiply folded into the shift
@@ -58,6 +60,36 @@ def load_logits(image_ptr, pix_offset, class_stride, C, mask, C_P: tl.constexpr)
     real = real_classes(C, C_P)
     z = tl.load(image_ptr + cls * class_stride + pix_offset[None, :], mask=real & mask[None, :], other=0.0)
     return tl.where(real, z.to(tl.float32), float("-inf"))
+
+
+@triton.jit
+def classes_last_rows(y0, x0, row_stride, H, W, ROWS: tl.constexpr, COLS: tl.constexpr, C_P: tl.constexpr):
+    """Offsets and mask of a (ROWS, COLS*C_P) block of channels-last memory with no padded class:
+    a tile row is one run of COLS*C_P adjacent elements, the classes of pixel after pixel.
+    Addressed as runs, the compiler vectorises along them (pixel offsets x*C_P show it runs of
+    C_P only): a few 16-byte accesses a thread, one address each."""
+    rows = y0 + tl.arange(0, ROWS)
+    run = x0 * C_P + tl.arange(0, COLS * C_P)
+    return rows[:, None] * row_stride + run[None, :], (rows < H)[:, None] & (run < W * C_P)[None, :]
+
+
+@triton.jit
+def load_classes_last(image_ptr, y0, x0, row_stride, H, W, ROWS: tl.constexpr, COLS: tl.constexpr,
+                      C_P: tl.constexpr):
+    """`load_logits` for channels-last memory with no padded class (`classes_last_rows`)."""
+    offsets, mask = classes_last_rows(y0, x0, row_stride, H, W, ROWS, COLS, C_P)
+    z = tl.load(image_ptr + offsets, mask=mask, other=0.0)
+    return tl.trans(tl.reshape(z.to(tl.float32), (ROWS * COLS, C_P)))
+
+
+@triton.jit
+def store_classes_last(image_ptr, values, y0, x0, row_stride, H, W, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       C_P: tl.constexpr):
+    """Store a (C_P, ROWS*COLS) tile to channels-last memory with no padded class, rounded once
+    to its dtype (`classes_last_rows`)."""
+    offsets, mask = classes_last_rows(y0, x0, row_stride, H, W, ROWS, COLS, C_P)
+    runs = tl.reshape(tl.trans(values), (ROWS, COLS * C_P))
+    tl.store(image_ptr + offsets, runs.to(image_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -135,15 +167,20 @@ def weighted_kl(zs, zt, w, k, C, C_P: tl.constexpr):
 
 
 @triton.jit
-def store_grad(grad_image_ptr, pix_offset, class_stride, zs, zt, w_scale, k, mask, C, C_P: tl.constexpr):
-    """Store w * scale * (pS - pT), computed in float32 and rounded once to the gradient's dtype."""
-    cls = tl.arange(0, C_P)[:, None]
+def student_grad(zs, zt, w_scale, k, C_P: tl.constexpr):
+    """(C_P, LANES) float32 w * scale * (pS - pT); padded classes are 0."""
     if C_P == 2:
         ps1, _, _ = sigmoid_parts(logit_gap(zs) * k)
         pt1, _, _ = sigmoid_parts(logit_gap(zt) * k)
         g1 = (ps1 - pt1) * w_scale
-        g = tl.where(cls == 1, g1[None, :], -g1[None, :])
-    else:
-        g = (probabilities(zs, k, C_P) - probabilities(zt, k, C_P)) * w_scale[None, :]
-    tl.store(grad_image_ptr + cls * class_stride + pix_offset[None, :],
-             g.to(grad_image_ptr.dtype.element_ty), mask=real_classes(C, C_P) & mask[None, :])
+        cls = tl.arange(0, 2)[:, None]
+        return tl.where(cls == 1, g1[None, :], -g1[None, :])
+    return (probabilities(zs, k, C_P) - probabilities(zt, k, C_P)) * w_scale[None, :]
+
+
+@triton.jit
+def store_tile(image_ptr, pix_offset, class_stride, values, C, mask, C_P: tl.constexpr):
+    """Store the real classes of a (C_P, LANES) tile, rounded once to the image's dtype."""
+    cls = tl.arange(0, C_P)[:, None]
+    tl.store(image_ptr + cls * class_stride + pix_offset[None, :],
+             values.to(image_ptr.dtype.element_ty), mask=real_classes(C, C_P) & mask[None, :])

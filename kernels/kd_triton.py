@@ -36,9 +36,10 @@ INT32_LIMIT = 2 ** 31
 
 
 def pixel_tile(c_pad: int, width: int, rows_contiguous: bool):
-    """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget. Where a row's
-    pixels are not contiguous (channels-last, strided views) every element needs its own 64-bit
-    address, so the tile is halved to stay within 128 registers (two 8-warp CTAs, no spills)."""
+    """(ROWS, COLS) of a pixel-kernel tile: whole rows up to the lane budget. Where a tile row is
+    not one contiguous run (strided views, channels-last other than `classes_last`) every element
+    needs its own 64-bit address, so the tile is halved to stay within 128 registers (two 8-warp
+    CTAs, no spills)."""
     lanes = PIXEL_LANES // c_pad // (1 if rows_contiguous else 2)
     cols = min(triton.next_power_of_2(width), lanes)
     return lanes // cols, cols
@@ -95,9 +96,9 @@ def plan(student, teacher, phase, mode, *, weight=None, out=None, scale=None,
         kernel, options = kd_ssim_kernel, dict(num_warps=SSIM_WARPS, maxnreg=SSIM_MAX_REGISTERS)
     else:
         compile_time_strides = classes_last(c, c_pad, student, teacher, *([out] if phase == "grad" else []))
-        # channels-last keeps the half tile even with compile-time strides: at full size the
-        # agree loss at t != 1 spills under triton 3.6 (fp16, C = 2)
-        rows, cols = pixel_tile(c_pad, w, student.stride(3) == 1 and teacher.stride(3) == 1)
+        # channels-last with compile-time strides loads a tile row as one run (`kd_tiles.classes_last_rows`)
+        rows_contiguous = compile_time_strides or (student.stride(3) == 1 and teacher.stride(3) == 1)
+        rows, cols = pixel_tile(c_pad, w, rows_contiguous)
         tiles_h, tiles_w = triton.cdiv(h, rows), triton.cdiv(w, cols)
         grid = n * tiles_h * tiles_w
         parts = _parts(student, grid, phase == "loss")

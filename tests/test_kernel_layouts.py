@@ -86,6 +86,32 @@ def test_channels_last_without_padded_classes_takes_compile_time_strides(monkeyp
     assert not any(launch.constexprs["CLASSES_LAST"] for launch in launches)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 140, 9), (1, 8, 2, 600)])  # several tiles down, across
+@pytest.mark.parametrize("mode", ["none", "agree", "tensor"])
+def test_channels_last_tiles_cover_the_image(shape, mode):
+    """Channels-last rows loaded as runs: tiles past the first row and column of tiles, partial
+    ones at the edges, and the uniform weight's sums counted from the tile bounds."""
+    gen = torch.Generator().manual_seed(shape[1])
+    student = (3 * torch.randn(shape, generator=gen)).contiguous(memory_format=torch.channels_last)
+    teacher = (student + 2 * torch.randn(shape, generator=gen)).contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(shape[0], *shape[2:], generator=gen) if mode == "tensor" else mode
+    launch = kd_triton.plan(student, teacher, "loss", mode, weight=weight if mode == "tensor" else None)
+    rows, cols = launch.constexprs["ROWS"], launch.constexprs["COLS"]
+    assert launch.constexprs["CLASSES_LAST"] and (shape[2] > rows or shape[3] > cols)
+    launch()
+    w64 = weight.double() if mode == "tensor" else weight_map_reference(student.double(), teacher.double(), mode)
+    torch.testing.assert_close(launch.parts[1].double().sum(), w64.sum(), rtol=1e-6, atol=0)
+    s = student.clone().requires_grad_()
+    loss = weighted_kd_loss(s, teacher, weight=weight, temperature=2.0, backend="interpret")
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    ref = kd_loss_reference(s64, teacher.double(), w64, 2.0)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=0)
+    assert s.grad.stride() == s.stride()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=2e-5 * s64.grad.abs().max().item())
+
+
 def test_strided_weight_tensor_is_read_in_place():
     student, teacher = logits(32)
     weight = torch.rand(SHAPE[0], SHAPE[3], SHAPE[2], generator=torch.Generator().manual_seed(1)).transpose(1, 2)
