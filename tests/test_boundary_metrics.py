@@ -361,3 +361,10 @@ def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
     assert largest_difference(one_nan, one_nan) == 0.0
     shifted = {k: v + 0.25 for k, v in finite.items()}
     assert largest_difference(finite, shifted) == 0.25
+
+
+# an image of 2**31 pixels or more does not fit the kernels' int32 offsets
+def test_boundary_image_beyond_int32_is_refused():
+    masks = torch.empty((1, 2 ** 16, 2 ** 15), dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        boundary_triton.boundary_metrics_triton(masks, masks, (1.0, 1.0), 95.0, "max")
