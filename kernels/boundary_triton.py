@@ -49,12 +49,12 @@ def _boundary_flags(mask_ptr, k, p, H, W):
     x = p % W
     inside = p < H * W
     base = mask_ptr + k.to(tl.int64) * H * W
-    fg = tl.load(base + p, mask=inside, other=0) != 0
+    foreground = tl.load(base + p, mask=inside, other=0) != 0
     up = tl.load(base + p - W, mask=inside & (y > 0), other=0) != 0
     down = tl.load(base + p + W, mask=inside & (y < H - 1), other=0) != 0
     left = tl.load(base + p - 1, mask=inside & (x > 0), other=0) != 0
     right = tl.load(base + p + 1, mask=inside & (x < W - 1), other=0) != 0
-    return fg & ~(up & down & left & right)
+    return foreground & ~(up & down & left & right)
 
 
 @triton.jit

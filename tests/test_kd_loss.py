@@ -269,8 +269,8 @@ def numpy_ssim_weight(qt, qs, window, gamma):
 def test_reference_ssim_weight_against_numpy_loop(channels, window, gamma, map_t):
     student, teacher = logits((1, channels, 6, 7), seed=14, dtype=torch.float64)
     w = weight_map_reference(student, teacher, "ssim", window, gamma, map_t)[0].numpy()
-    fg = lambda z: 1 - (z / map_t).softmax(1)[0, 0].numpy()  # noqa: E731  "not background"
-    expected = numpy_ssim_weight(fg(teacher), fg(student), window, gamma)
+    foreground = lambda z: 1 - (z / map_t).softmax(1)[0, 0].numpy()  # noqa: E731  "not background"
+    expected = numpy_ssim_weight(foreground(teacher), foreground(student), window, gamma)
     np.testing.assert_allclose(w, expected, rtol=1e-10, atol=1e-12)
 
 
