@@ -198,3 +198,15 @@ def tiny_students(tiny_data, tiny_teacher, tmp_path_factory) -> dict:
     run_scripts(*(("train_student.py", *student_args(tiny_data, tiny_teacher, name), "--out", paths[name])
                   for name in STUDENT_RUNS), snapshots={paths["wkd_6"]: {RESUME_AT: paths["wkd_6@2"]}})
     return paths
+
+
+@pytest.fixture(scope="session")
+def micro_reproduction(tmp_path_factory) -> tuple:
+    """reproduce.py's micro profile run once, with two CPU workers, on a two-class phantom (left and
+    right sinus), for every check of a whole reproduction: (data, output folder, its stdout)."""
+    from data.phantom import generate
+    root = tmp_path_factory.mktemp("micro")
+    generate(root / "data", n=20, size=(32, 64), seed=4, classes=2)
+    proc = run_script("reproduce.py", "--profile", "micro", "--data", root / "data", "--out", root / "out",
+                      "--devices", "cpu,cpu")
+    return root / "data", root / "out", proc.stdout
