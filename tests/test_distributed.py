@@ -2,12 +2,11 @@
 so one step matches one process with twice the batch to float rounding; longer runs agree to a
 stated tolerance; a two-process run resumed part-way ends with the weights of an uninterrupted one;
 every stage runs under torchrun."""
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, SCRIPT_ENV, resumed, run_scripts
+from conftest import resumed, run_scripts
 
 TEACHER = ["--size", "32", "64", "--width", "4", "--labeled-ratio", "0.3", "--device", "cpu", "--precision", "fp32",
            "--no-channels-last", "--steps", "6", "--val-every", "1"]
@@ -17,10 +16,6 @@ RESUME_AT = 2
 def torchrun(processes: int) -> list:
     # --standalone: a rendezvous on this machine at a free port, so tests never collide
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-
-
-def command(processes: int, script: str, *args) -> list:
-    return [*torchrun(processes), str(REPO / script), *map(str, args)]
 
 
 def flat(state: dict) -> torch.Tensor:
@@ -36,16 +31,25 @@ def teacher_args(data, batch: int) -> list:
     return ["--data", data, "--batch-size", batch, *TEACHER]
 
 
+LATER = {"train_student.py": ["--method", "mean_teacher"],
+         "train_cyclegan.py": ["--blocks", "1", "--disc-width", "4", "--pool-size", "3"]}
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
+def runs(tiny_data, tiny_teacher, tmp_path_factory):
     """Six steps of one process at batch 4 and of two processes at batch 2 each, with the
-    checkpoints of step 1 (both) and of step 2 (two processes) kept: {name: checkpoint path}."""
+    checkpoints of step 1 (both) and of step 2 (two processes) kept; then two steps of each later
+    stage under torchrun, one after the other in the same two processes: {name: checkpoint path}."""
     folder = tmp_path_factory.mktemp("distributed")
-    paths = {name: folder / f"{name}.pt" for name in ("one", "one@1", "two", "two@1", "two@2")}
+    paths = {name: folder / f"{name}.pt" for name in ("one", "one@1", "two", "two@1", "two@2", *LATER)}
     run_scripts(("train_teacher.py", *teacher_args(tiny_data, 4), "--out", paths["one"]),
                 snapshots={paths["one"]: {1: paths["one@1"]}})
+    later = [(script, "--data", tiny_data, "--teacher", tiny_teacher, "--out", paths[script], "--steps", 2,
+              "--val-every", 2, "--batch-size", 2, "--width", 4, "--device", "cpu", *extra)
+             for script, extra in LATER.items()]
     run_scripts(("train_teacher.py", *teacher_args(tiny_data, 2), "--out", paths["two"]), launcher=torchrun(2),
                 snapshots={paths["two"]: {1: paths["two@1"], RESUME_AT: paths["two@2"]}})
+    run_scripts(*later, launcher=torchrun(2))
     return paths
 
 
@@ -74,14 +78,8 @@ def test_two_processes_resume_exactly_and_stay_close_to_one_process(tiny_data, r
         assert torch.equal(value, again["train_state"]["model"][key]), key
 
 
-@pytest.mark.parametrize("script,extra", [("train_student.py", ["--method", "mean_teacher"]),
-                                          ("train_cyclegan.py", ["--blocks", "1", "--disc-width", "4",
-                                                                 "--pool-size", "3"])])
-def test_later_stages_run_under_torchrun(tiny_data, tiny_teacher, tmp_path, script, extra):
-    out = tmp_path / "out.pt"
-    proc = subprocess.run(command(2, script, "--data", tiny_data, "--teacher", tiny_teacher, "--out", out,
-                                  "--steps", 2, "--val-every", 2, "--batch-size", 2, "--width", 4, "--device", "cpu",
-                                  *extra), env=SCRIPT_ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert torch.load(out, weights_only=True)["step"] == 2
-    assert '"processes": 2' in (tmp_path / "out_logs" / "config.json").read_text()
+@pytest.mark.parametrize("script", LATER)
+def test_later_stages_run_under_torchrun(runs, script):
+    assert torch.load(runs[script], weights_only=True)["step"] == 2
+    logs = runs[script].with_name(runs[script].stem + "_logs")
+    assert '"processes": 2' in (logs / "config.json").read_text()
