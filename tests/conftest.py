@@ -102,8 +102,10 @@ def run_main(script: str, *args) -> subprocess.CompletedProcess:
     with script_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main([str(a) for a in args])
-        except SystemExit as stop:
+        except SystemExit as stop:      # as the interpreter reports it: sys.exit("text") prints the text
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
     return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
@@ -115,7 +117,8 @@ def kill_then_resume(command: list, out: Path, steps: int) -> dict:
                             start_new_session=True)
     while not out.exists() and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):       # it may have ended on its own: checked below
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert out.exists(), "the run left no checkpoint"
     assert torch.load(out, weights_only=True)["step"] < steps, "the run finished before it could be killed"
@@ -136,14 +139,11 @@ def assert_same_training(a: dict, b: dict, *states: str) -> None:
     assert a["step"] == b["step"] and a["metrics"].keys() == b["metrics"].keys()
     for key, value in a["metrics"].items():      # NaN where a tiny network finds no boundary
         assert value == b["metrics"][key] or value != value and b["metrics"][key] != b["metrics"][key], key
-    for name in ("model",):
-        assert a[name].keys() == b[name].keys()
-        for key, value in a[name].items():
-            assert torch.equal(value, b[name][key]), (name, key)
-    for name in states:
-        assert a["train_state"][name].keys() == b["train_state"][name].keys()
-        for key, value in a["train_state"][name].items():
-            assert torch.equal(value, b["train_state"][name][key]), (name, key)
+    pairs = [("model", a["model"], b["model"])] + [(n, a["train_state"][n], b["train_state"][n]) for n in states]
+    for name, wa, wb in pairs:
+        assert wa.keys() == wb.keys(), name
+        for key, value in wa.items():
+            assert torch.equal(value, wb[key]), (name, key)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """Run several stage scripts' main() one after another in one fresh process, as reproduce.py's
 workers do: `python tests/stage_runner.py CALLS [SNAPSHOTS]` (or under torchrun), where CALLS is a
-JSON list of [module, argv] and SNAPSHOTS a JSON object {checkpoint: {step: copy}}: right after a
+JSON list of [module, argv] (one only under torchrun: a stage keeps the process group until its
+process exits) and SNAPSHOTS a JSON object {checkpoint: {step: copy}}: right after a
 run writes `checkpoint` at `step`, it is copied to `copy`, the file a run killed then would have
 left. Exits with the first failing run's status."""
-import atexit
 import importlib
 import json
 import shutil
@@ -29,16 +29,6 @@ def main() -> None:
     for module, argv in calls:
         sys.argv = [module, *argv]
         importlib.import_module(module).main(argv)
-        leave_process_group()
-
-
-def leave_process_group() -> None:
-    """Under torchrun a stage joins the process group until its process exits; the next run here
-    joins it again."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        atexit.unregister(dist.destroy_process_group)
 
 
 if __name__ == "__main__":
