@@ -3,19 +3,15 @@ scored per class; a two-class phantom runs through every stage of reproduce.py's
 predict.py. Binary datasets keep today's names and numbers."""
 import csv
 import json
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SCRIPT_ENV
 
 import predict
 
 from data.classes import binary, dataset_classes, from_record, observed
-from data.phantom import generate
 from engine.metrics import case_metrics, class_metrics
 from errors import UserError
 from nets.cyclegan import ResnetGenerator, foreground_logit, refine_logits
@@ -104,20 +100,9 @@ def test_tables_add_a_row_per_class():
     assert '"none, plain",dice[right sinus],0.6,0,1' in table_csv
 
 
-@pytest.fixture(scope="module")
-def two_class_micro(tmp_path_factory):
-    """A two-class phantom (left and right sinus) and reproduce.py's micro profile run on it."""
-    root = tmp_path_factory.mktemp("two_classes")
-    generate(root / "data", n=20, size=(32, 64), seed=4, classes=2)
-    proc = subprocess.run([sys.executable, str(REPO / "reproduce.py"), "--profile", "micro", "--data",
-                           str(root / "data"), "--out", str(root / "micro"), "--devices", "cpu"], env=SCRIPT_ENV,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
-
-
-def test_a_two_class_phantom_runs_through_every_stage(two_class_micro):
-    data, micro = two_class_micro / "data", two_class_micro / "micro"
+def test_a_two_class_phantom_runs_through_every_stage(micro_reproduction):
+    """The session's micro reproduction runs on a two-class phantom (left and right sinus)."""
+    data, micro, _ = micro_reproduction
     assert json.loads((data / "classes.json").read_text()) == {"1": "left sinus", "2": "right sinus"}
     left, right = [np.stack([iio.imread(p) for p in sorted((data / "masks").iterdir())])[..., s]
                    for s in (slice(0, 32), slice(32, 64))]
@@ -139,9 +124,10 @@ def test_a_two_class_phantom_runs_through_every_stage(two_class_micro):
     assert float(row["dice"]) == pytest.approx((float(row["dice[left sinus]"]) + float(row["dice[right sinus]"])) / 2)
 
 
-def test_predict_writes_each_class_with_its_mask_value(two_class_micro, tmp_path):
-    student = two_class_micro / "micro/seed0/r0300/student-kd-ssim-refined.pt"
-    predict.main([str(a) for a in ("--ckpt", student, "--images", two_class_micro / "data/images", "--out",
+def test_predict_writes_each_class_with_its_mask_value(micro_reproduction, tmp_path):
+    data, micro, _ = micro_reproduction
+    student = micro / "seed0/r0300/student-kd-ssim-refined.pt"
+    predict.main([str(a) for a in ("--ckpt", student, "--images", data / "images", "--out",
                                    tmp_path / "p", "--probabilities")])
     masks = [iio.imread(p) for p in sorted((tmp_path / "p/masks").iterdir())]
     assert len(masks) == 20 and set(np.unique(masks)) <= {0, 1, 2}

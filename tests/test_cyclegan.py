@@ -1,15 +1,9 @@
 """SinusCycle-GAN: network shapes, the refined-logit contract, and train_cyclegan.py end to end
 (checkpoint, exact resume, frozen teacher, bad input) on a tiny phantom."""
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_training, resumed, run_scripts
 
 import train_cyclegan
 from data import load_tensors, phantom
@@ -18,40 +12,28 @@ from nets import load_network
 from errors import UserError
 from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 
-REPO = Path(__file__).resolve().parent.parent
-# the scripts must take the fast torch paths, not the Triton interpreter conftest switches on; one
-# thread each, because on a shared 2-core machine oversubscribed threads slow tiny runs tenfold
-ENV = dict({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, OMP_NUM_THREADS="1")
 TINY = ["--width", "4", "--blocks", "1", "--disc-width", "4", "--batch-size", "2", "--pool-size", "3"]
-
-
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                            env=ENV, cwd=REPO, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+RESUME_AT = 2       # the step of the full run a resumed run starts from
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 24-case phantom at 32x64 and a teacher trained on it for a few steps."""
-    root = tmp_path_factory.mktemp("cyclegan")
-    phantom.generate(root / "ph", n=24, size=(32, 64), seed=5)
-    run("train_teacher.py", "--data", root / "ph", "--out", root / "teacher.pt", "--size", 32, 64, "--width", 4,
-        "--steps", 4, "--val-every", 4, "--labeled-ratio", 0.2)
-    return root
+    """A folder for this module's runs (on the shared tiny phantom and its teacher)."""
+    return tmp_path_factory.mktemp("cyclegan")
 
 
-def cyclegan(tiny, out, *extra, check=True):
-    return run("train_cyclegan.py", "--data", tiny / "ph", "--teacher", tiny / "teacher.pt", "--out", out,
-               "--steps", 6, "--val-every", 2, *TINY, *extra, check=check)
+def cyclegan_args(tiny_data, tiny_teacher):
+    return ["--data", tiny_data, "--teacher", tiny_teacher, "--steps", 6, "--val-every", 2, *TINY]
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny):
-    """An uninterrupted 6-step refiner run: (checkpoint path, its stdout)."""
-    return tiny / "full.pt", cyclegan(tiny, tiny / "full.pt").stdout
+def full_run(tiny, tiny_data, tiny_teacher):
+    """An uninterrupted 6-step refiner run: (checkpoint path, its stdout); its step-2 checkpoint is
+    kept as full_at2.pt."""
+    out = tiny / "full.pt"
+    proc = run_scripts(("train_cyclegan.py", *cyclegan_args(tiny_data, tiny_teacher), "--out", out),
+                       snapshots={out: {RESUME_AT: tiny / "full_at2.pt"}})
+    return out, proc.stdout
 
 
 def test_generator_and_discriminator_shapes():
@@ -96,8 +78,8 @@ def test_refined_logits_keep_the_teacher_and_carry_the_generator_at_the_map_temp
 def test_discriminators_see_binary_translated_masks_but_pass_gradients():
     soft = torch.full((2, 1, 16, 32), 0.7, requires_grad=True)
     seen = []
-    judge = train_cyclegan.DiscriminatorView(with_image=False)
-    judge(lambda x: seen.append(x) or x.sum(), torch.rand(2, 1, 16, 32), soft, torch.Generator().manual_seed(1))
+    view = train_cyclegan.DiscriminatorView(with_image=False)
+    view(lambda x: seen.append(x) or x.sum(), torch.rand(2, 1, 16, 32), soft, torch.Generator().manual_seed(1))
     assert set(seen[0].unique().tolist()) <= {0.0, 1.0} and seen[0].shape == (2, 1, 16, 32)
     seen[0].sum().backward()
     assert soft.grad.abs().max() > 0
@@ -125,17 +107,17 @@ def test_keep_rule_needs_a_sure_dice_gain_and_no_worse_hd95():
     assert not train_cyclegan.refinement_gain(teacher, teacher)["passes"]
 
 
-def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny, full_run):
+def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny_data, tiny_teacher, full_run):
     path, stdout = full_run
     assert "Dice" in stdout and "HD95" in stdout
     ckpt = load_checkpoint(path, ("cyclegan",), "--refiner")
     assert ckpt["step"] == 6 and ckpt["size"] == [32, 64]
     assert {k.split(".")[0] for k in ckpt["train_state"]["nets"]} == {"G_AB", "G_BA", "D_A", "D_B"}
-    teacher, teacher_ckpt = load_network(tiny / "teacher.pt", ("teacher",), "--teacher", torch.device("cpu"))
+    teacher, teacher_ckpt = load_network(tiny_teacher, ("teacher",), "--teacher", torch.device("cpu"))
     assert ckpt["split"] == teacher_ckpt["split"]
 
     # the stored metrics, recomputed here from the two checkpoints alone
-    images, masks = load_tensors(tiny / "ph", ckpt["split"]["val"], (32, 64))
+    images, masks = load_tensors(tiny_data, ckpt["split"]["val"], (32, 64))
     with torch.no_grad():
         teacher_logits = teacher(images)
     refiner, _ = load_network(path, ("cyclegan",), "--refiner", torch.device("cpu"))
@@ -156,30 +138,20 @@ def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(t
         assert torch.equal(refined.argmax(1), teacher_logits.argmax(1))
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, full_run):
+def test_resume_equals_an_uninterrupted_run(tiny, tiny_data, tiny_teacher, full_run):
+    """From the checkpoint the full run wrote at step 2 (the file a run killed then leaves; a real
+    kill is checked on the teacher), a resumed run ends where the uninterrupted one did."""
     full = load_checkpoint(full_run[0], ("cyclegan",), "--out")
-    out = tiny / "killed.pt"
-    cmd = [sys.executable, str(REPO / "train_cyclegan.py"), "--data", str(tiny / "ph"), "--teacher",
-           str(tiny / "teacher.pt"), "--out", str(out), "--steps", "6", "--val-every", "2", *TINY]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not out.exists() and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(out, ("cyclegan",), "--out")["step"] < 6, "the run ended before it could be killed"
-    cyclegan(tiny, out, "--resume")
-    resumed = load_checkpoint(out, ("cyclegan",), "--out")
-    assert resumed["step"] == 6
-    for key, value in full["train_state"]["nets"].items():
-        assert torch.equal(value, resumed["train_state"]["nets"][key]), key
-    for key, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    for a, b in zip(full["train_state"]["pool_b"], resumed["train_state"]["pool_b"]):
+    assert load_checkpoint(tiny / "full_at2.pt", ("cyclegan",), "--out")["step"] == RESUME_AT
+    again = resumed("train_cyclegan.py", tiny / "full_at2.pt", *cyclegan_args(tiny_data, tiny_teacher))
+    assert again["step"] == 6
+    assert_same_training(full, again, "nets")
+    for a, b in zip(full["train_state"]["pool_b"], again["train_state"]["pool_b"], strict=True):
         assert torch.equal(a, b)
 
 
-def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
-    teacher, _ = load_network(tiny / "teacher.pt", ("teacher",), "--teacher", torch.device("cpu"))
+def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny_data, tiny_teacher, tiny):
+    teacher, _ = load_network(tiny_teacher, ("teacher",), "--teacher", torch.device("cpu"))
     teacher.requires_grad_(True)            # so that only the training code can keep it out of the graph
     buffers = {k: v.clone() for k, v in teacher.state_dict().items()}
     generator, discriminator = dict(width=4, blocks=1, map_temperature=4.0), dict(width=4, layers=3)
@@ -189,20 +161,20 @@ def test_teacher_gets_no_gradient_and_keeps_its_statistics(tiny):
     xa, xb = torch.rand(2, 1, 32, 64), torch.rand(2, 1, 32, 64)
     yb = (torch.rand(2, 1, 32, 64) > 0.7).float()
     qa = train_cyclegan.teacher_map(teacher, xa, 4.0)
-    judge, g = train_cyclegan.DiscriminatorView(with_image=False), torch.Generator().manual_seed(0)
-    s = train_cyclegan.CycleGANSettings(teacher=tiny / "teacher.pt")
-    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, judge, xa, qa, xb, yb, s, g)
+    view, g = train_cyclegan.DiscriminatorView(with_image=False), torch.Generator().manual_seed(0)
+    s = train_cyclegan.CycleGANSettings(teacher=tiny_teacher)
+    loss, fake_a, fake_b, _ = train_cyclegan.generator_loss(nets, view, xa, qa, xb, yb, s, g)
     fakes = train_cyclegan.pair(xb, fake_a), train_cyclegan.pair(xa, fake_b)
-    (loss + train_cyclegan.discriminator_loss(nets, judge, xa, qa, xb, yb, *fakes, g)).backward()
+    (loss + train_cyclegan.discriminator_loss(nets, view, xa, qa, xb, yb, *fakes, g)).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in buffers.items())
     assert all(p.grad is not None for p in nets["G_AB"].parameters())
 
 
-def refused(capsys, tiny, *args):
+def refused(capsys, tiny, tiny_data, *args):
     """Run train_cyclegan in this process; it must exit with status 2 and one line on stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        train_cyclegan.main(["--data", str(tiny / "ph"), "--out", str(tiny / "never.pt"), "--steps", "2",
+        train_cyclegan.main(["--data", str(tiny_data), "--out", str(tiny / "never.pt"), "--steps", "2",
                              *map(str, args)])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(stderr.strip().splitlines()) == 1, stderr
@@ -210,20 +182,20 @@ def refused(capsys, tiny, *args):
     return stderr
 
 
-def test_wrong_kind_of_teacher_is_refused_in_one_line(capsys, tiny, full_run):
-    stderr = refused(capsys, tiny, "--teacher", full_run[0])
+def test_wrong_kind_of_teacher_is_refused_in_one_line(tiny_data, tiny_teacher, capsys, tiny, full_run):
+    stderr = refused(capsys, tiny, tiny_data, "--teacher", full_run[0])
     assert "--teacher" in stderr and "cyclegan checkpoint" in stderr
     with pytest.raises(UserError, match="--refiner .* teacher checkpoint, expected a cyclegan"):
-        load_network(tiny / "teacher.pt", ("cyclegan",), "--refiner", torch.device("cpu"))
+        load_network(tiny_teacher, ("cyclegan",), "--refiner", torch.device("cpu"))
 
 
-def test_the_refiner_has_no_size_of_its_own(capsys, tiny):
-    stderr = refused(capsys, tiny, "--teacher", tiny / "teacher.pt", "--size", 64, 128)
+def test_the_refiner_has_no_size_of_its_own(tiny_data, tiny_teacher, capsys, tiny):
+    stderr = refused(capsys, tiny, tiny_data, "--teacher", tiny_teacher, "--size", 64, 128)
     assert "--size" in stderr
 
 
-def test_refiner_from_another_teacher_is_refused(tiny, full_run):
-    other = torch.load(tiny / "teacher.pt", weights_only=True)
+def test_refiner_from_another_teacher_is_refused(tiny_data, tiny_teacher, tiny, full_run):
+    other = torch.load(tiny_teacher, weights_only=True)
     other["split"] = dict(other["split"], labeled=other["split"]["labeled"][1:])
     with pytest.raises(UserError, match="another teacher"):
         check_same_experiment(load_checkpoint(full_run[0], ("cyclegan",), "--refiner"), "--refiner", full_run[0],

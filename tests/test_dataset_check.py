@@ -8,7 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_main
 
 import data.check
 import evaluate
@@ -35,8 +35,7 @@ def broken_data(tiny_data, tmp_path):
 def test_the_teacher_refuses_a_bad_dataset_before_writing_anything(broken_data, tmp_path):
     root, named = broken_data
     out = tmp_path / "run" / "teacher.pt"
-    proc = run_script("train_teacher.py", "--data", root, "--out", out, "--steps", 2, "--width", 4, *TINY,
-                      check=False)
+    proc = run_main("train_teacher.py", "--data", root, "--out", out, "--steps", 2, "--width", 4, *TINY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     report = proc.stderr.strip().splitlines()
     assert report[0] == f"error: --data {root}: 4 problems; fix them and run again:" and len(report) == 5

@@ -10,7 +10,7 @@ import sys
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPT_ENV, TINY, run_script
+from conftest import REPO, SCRIPT_ENV, TINY, run_scripts
 
 import predict
 from bench.synthetic import panorama, write_case
@@ -51,9 +51,9 @@ print(json.dumps(dict(decoded=decoded, listed=listed)))
 
 def test_full_size_panoramas_train_evaluate_and_predict_at_their_own_size(clinic, tmp_path):
     common = ["--data", clinic, "--width", 4, "--steps", 2, "--val-every", 2, "--batch-size", 2]
-    run_script("train_teacher.py", *common, "--out", tmp_path / "teacher.pt", *TINY)
-    run_script("train_student.py", *common, "--teacher", tmp_path / "teacher.pt", "--method", "kd",
-               "--unlabeled-batch-size", 1, "--out", tmp_path / "student.pt")
+    run_scripts(("train_teacher.py", *common, "--out", tmp_path / "teacher.pt", *TINY),
+                ("train_student.py", *common, "--teacher", tmp_path / "teacher.pt", "--method", "kd",
+                 "--unlabeled-batch-size", 1, "--out", tmp_path / "student.pt"))
 
     proc = subprocess.run([sys.executable, "-c", COUNTED_EVALUATE, "--data", str(clinic), "--ckpt",
                            str(tmp_path / "student.pt"), "--out", str(tmp_path / "eval"), "--spacing", "0.1"],

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
+from conftest import run_main
 
 import objectives
 from nets.unet import UNet
@@ -161,12 +161,8 @@ def test_unimatch_boxes_follow_its_sizes():
 
 
 @pytest.mark.parametrize("method", ["bcp", "unimatch"])
-def test_modern_baselines_train_end_to_end(tiny_data, tiny_teacher, tmp_path, method):
-    out = tmp_path / f"{method}.pt"
-    run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", method, "--out", out,
-               "--steps", 2, "--val-every", 2, "--width", 4, "--batch-size", 2, "--unlabeled-batch-size", 2,
-               "--ramp-steps", 1, "--confidence", 0.5)
-    ckpt = torch.load(out, weights_only=True)
+def test_modern_baselines_train_end_to_end(tiny_teacher, tiny_students, method):
+    ckpt = torch.load(tiny_students[method], weights_only=True)      # two steps, --confidence 0.5
     assert ckpt["kind"] == "student" and ckpt["method"] == method and ckpt["step"] == 2
     assert ("ema" in ckpt["train_state"]) == (method == "bcp")
     teacher = torch.load(tiny_teacher, weights_only=True)["train_state"]["model"]
@@ -174,8 +170,8 @@ def test_modern_baselines_train_end_to_end(tiny_data, tiny_teacher, tmp_path, me
 
 
 def test_bcp_needs_two_images_of_each_kind(tiny_data, tiny_teacher, tmp_path):
-    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "bcp",
-                      "--out", tmp_path / "s.pt", "--steps", 1, "--width", 4, "--batch-size", 1, check=False)
+    proc = run_main("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "bcp",
+                    "--out", tmp_path / "s.pt", "--steps", 1, "--width", 4, "--batch-size", 1)
     assert proc.returncode == 2 and "at least 2" in proc.stderr
 
 

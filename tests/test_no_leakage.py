@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import script_state
 
 import data.dataset
 import train_cyclegan
@@ -35,6 +36,17 @@ def opened(monkeypatch) -> list:
 
 
 def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_path, opened):
+    with script_state():          # the plain torch kernels a user's run takes; global state restored after
+        teacher, students = run_everything(tiny_data, tmp_path)
+
+    split = torch.load(teacher, weights_only=True)["split"]
+    masks = {p.stem for p in opened if p.parent.name == "masks"}
+    assert not masks & set(split["unlabeled"]), "an unlabelled mask was opened"
+    assert not masks & set(split["test"]), "a test mask was opened"
+    assert set(split["labeled"]) <= masks and set(split["val"]) <= masks
+
+
+def run_everything(tiny_data, tmp_path):
     teacher, refiner = tmp_path / "teacher.pt", tmp_path / "cyclegan.pt"
     train_teacher.main(["--data", str(tiny_data), "--out", str(teacher), "--width", "4", "--labeled-ratio", "0.4",
                         "--size", "32", "64", *TINY])
@@ -48,9 +60,4 @@ def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_p
                             str(students[-1]), "--width", "4", "--unlabeled-batch-size", "2", *TINY, *extra])
     weight_study.main(["--data", str(tiny_data), "--teacher", str(teacher), "--student", f"start={teacher}",
                        "--student", f"2={students[-1]}", "--out", str(tmp_path / "study.json")])
-
-    split = torch.load(teacher, weights_only=True)["split"]
-    masks = {p.stem for p in opened if p.parent.name == "masks"}
-    assert not masks & set(split["unlabeled"]), "an unlabelled mask was opened"
-    assert not masks & set(split["test"]), "a test mask was opened"
-    assert set(split["labeled"]) <= masks and set(split["val"]) <= masks
+    return teacher, students

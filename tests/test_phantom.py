@@ -1,11 +1,10 @@
 """The procedural phantom: deterministic, resolution independent, anatomically placed, and hard."""
 import json
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from conftest import run_main
 from scipy import ndimage
 
 from data import phantom
@@ -121,7 +120,8 @@ def test_interrupted_generation_is_detected_and_redone(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "data.phantom", *args], capture_output=True, text=True)
+    """`python -m data.phantom ARGS`, its main() called in this process."""
+    return run_main("data/phantom.py", *args)
 
 
 def test_cli_writes_the_same_dataset_as_generate(tmp_path):

@@ -1,16 +1,17 @@
 """reproduce.py: the plan shares what rows have in common and orders runs after their inputs, the
 tables and their paired intervals come out right from fixed results, finished runs are skipped,
-a cluster plan is written, and two workers give the numbers one worker gives."""
+a cluster plan is written, and two workers give the numbers one worker gives (the micro
+reproduction is the session's one, which tests/test_classes.py reads too)."""
 import json
 import math
-import subprocess
-import sys
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPT_ENV
+import torch
+from conftest import run_script, run_scripts
 from scipy import stats
 
 from objectives import OBJECTIVES
@@ -131,60 +132,80 @@ def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
 
 
 def reproduce(data, out, *extra):
-    proc = subprocess.run([sys.executable, str(REPO / "reproduce.py"), "--profile", "micro", "--data", str(data),
-                           "--out", str(out), *extra], env=SCRIPT_ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("reproduce.py", "--profile", "micro", "--data", data, "--out", out, *extra)
     return proc.stdout
 
 
-def metrics_of(out):
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    return {name: (run.get("metrics"), run.get("cases")) for name, run in runs.items()}
-
-
-@pytest.fixture(scope="module")
-def micro(tiny_data, tmp_path_factory):
-    """The micro profile run once with two CPU workers: (output folder, its stdout)."""
-    out = tmp_path_factory.mktemp("micro") / "parallel"
-    return out, reproduce(tiny_data, out, "--devices", "cpu,cpu")
-
-
-def test_micro_profile_end_to_end_then_skips_finished_runs(tiny_data, micro):
-    out, first = micro
-    n = len(Planner("micro", tiny_data, out).plan())
+def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, tmp_path):
+    data, out, first = micro_reproduction
+    n = len(Planner("micro", data, out).plan())
     assert f"{n} runs, 0 already finished" in first and "2 at once on cpu" in first
     for name in table_specs(PROFILES["micro"]):
         assert (out / f"{name}.md").is_file() and (out / f"{name}.csv").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["profile"] == "micro" and len(results["runs"]) == n
-    assert str(tiny_data) not in (out / "results.json").read_text()      # no path of this machine
+    assert str(data) not in (out / "results.json").read_text()      # no path of this machine
     evaluated = [r for r in results["runs"].values() if r["script"] == "evaluate"]
     assert all(0.0 <= r["metrics"]["dice"]["mean"] <= 1.0 and len(r["cases"]["dice"]) == r["metrics"]["dice"]["n"]
                for r in evaluated)
     assert (out / "seed0/r0300/teacher.pt.log").is_file()
 
-    # A lost evaluation is redone, everything else is reused.
-    (out / "seed0/r0300/teacher_test_eval/summary.json").unlink()
-    second = reproduce(tiny_data, out)
+    # A lost evaluation is redone, everything else is reused (in a copy: the tests share the original).
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "seed0/r0300/teacher_test_eval/summary.json").unlink()
+    second = reproduce(data, copy)
     assert f"{n} runs, {n - 1} already finished" in second
     assert "evaluate seed0/r0300/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
 
 
-def test_one_worker_gives_the_numbers_two_workers_give(tiny_data, micro, tmp_path):
-    sequential = tmp_path / "sequential"
-    reproduce(tiny_data, sequential, "--devices", "cpu")
-    assert metrics_of(sequential) == metrics_of(micro[0])
+CHAIN = ("cyclegan.pt", "student-kd-ssim-refined.pt", "student-kd-ssim-refined_test_eval")
 
 
-def test_plan_json_and_single_runs_for_a_cluster(tiny_data, tmp_path):
-    plan_file, out = tmp_path / "plan.json", tmp_path / "cluster"
-    reproduce(tiny_data, out, "--plan-json", plan_file)
+@pytest.fixture(scope="module")
+def cluster(micro_reproduction, tmp_path_factory):
+    """The micro plan written with --plan-json, then its first run (a teacher), the refiner, the
+    refined-KD student and that student's evaluation that follow it, run one by one with --run in
+    one process, as one worker runs them, and the first run asked for again."""
+    data = micro_reproduction[0]
+    plan_file, out = tmp_path_factory.mktemp("cluster") / "plan.json", tmp_path_factory.mktemp("cluster") / "out"
+    reproduce(data, out, "--plan-json", plan_file)
     plan = json.loads(plan_file.read_text())
-    first = plan["runs"][0]
+    planned_only = not out.exists()
+    first = plan["runs"][0]["name"]
+    names = [first, *(str(Path(first).parent / name) for name in CHAIN)]
+    common = ["--profile", "micro", "--data", data, "--out", out]
+    stdout = run_scripts(*(("reproduce.py", *common, "--run", name) for name in [*names, first])).stdout
+    return dict(plan=plan, planned_only=planned_only, names=names, out=out, stdout=stdout)
+
+
+def test_plan_json_and_single_runs_for_a_cluster(cluster):
+    first = cluster["plan"]["runs"][0]
     assert first["needs"] == [] and first["estimated_seconds"] > 0 and first["command"][1].endswith(".py")
-    assert not out.exists()                            # a plan only: nothing ran
-    assert "done in" in reproduce(tiny_data, out, "--run", first["name"])
-    assert "finished already" in reproduce(tiny_data, out, "--run", first["name"])
+    assert cluster["planned_only"]                     # a plan only: nothing ran
+    planned = {r["name"]: r for r in cluster["plan"]["runs"]}
+    assert all(name in planned for name in cluster["names"])
+    lines = cluster["stdout"].splitlines()
+    assert [line.split(":")[0] for line in lines if "done in" in line] == cluster["names"]
+    assert lines[-1] == f"{first['name']}: finished already; nothing to do"
+
+
+def test_one_worker_gives_the_numbers_two_workers_give(micro_reproduction, cluster):
+    """The runs of one chain, run one after another in one process, give the weights and per-case
+    numbers the two-worker reproduction gave them."""
+    two_workers, one_worker = micro_reproduction[1], cluster["out"]
+    for name in cluster["names"]:
+        if name.endswith(".pt"):
+            a, b = (torch.load(out / name, weights_only=True) for out in (two_workers, one_worker))
+            assert a["step"] == b["step"] and repr(a["metrics"]) == repr(b["metrics"])     # NaN alike
+            weights = [(a["model"], b["model"])] + [(a["train_state"][k], b["train_state"][k])
+                                                    for k in ("model", "nets") if k in a["train_state"]]
+            for wa, wb in weights:
+                assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items()), name
+        else:
+            assert (two_workers / name / "metrics.csv").read_text() == (one_worker / name / "metrics.csv").read_text()
+            a, b = (json.loads((out / name / "summary.json").read_text())["metrics"] for out in (two_workers, one_worker))
+            assert json.dumps(a) == json.dumps(b)
 
 
 def claim_results(shift):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_main
 
 import predict
 import train_student
@@ -26,7 +26,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_unopened(tiny_data, t
     ckpt["metrics"] = dict(ckpt["metrics"], note=Payload(marker))
     evil = tmp_path / "student.pt"
     torch.save(ckpt, evil)
-    proc = run_script("evaluate.py", "--data", tiny_data, "--ckpt", evil, "--out", tmp_path / "e", check=False)
+    proc = run_main("evaluate.py", "--data", tiny_data, "--ckpt", evil, "--out", tmp_path / "e")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: --ckpt {evil}: it holds Python objects other than tensors and plain " \
                                   f"values, refused unopened"

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import RESUME_AT, assert_same_training, resumed, run_main, script_state, student_args
 
 import train_student
 from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
@@ -25,19 +25,13 @@ def test_frozen_teacher_gets_no_gradient(tiny_teacher):
     assert all(p.grad is not None for p in student.parameters())
 
 
-METHODS = {"supervised": [], "pseudo_label": ["--confidence", "0.5"], "mean_teacher": [], "kd": [],
-           "wkd": ["--weight", "agree", "--temperature", "2"]}
+METHODS = ("supervised", "pseudo_label", "mean_teacher", "kd", "wkd")
 
 
 @pytest.fixture(scope="module")
-def students(tiny_data, tiny_teacher, tmp_path_factory):
+def students(tiny_students):
     """{method: checkpoint} after three steps of each method from the same teacher and seed."""
-    folder = tmp_path_factory.mktemp("students")
-    for method, extra in METHODS.items():
-        run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", method,
-                   "--out", folder / f"{method}.pt", "--steps", 3, "--val-every", 3, "--width", 4, "--batch-size", 2,
-                   "--unlabeled-batch-size", 2, "--ramp-steps", 2, *extra)
-    return {method: torch.load(folder / f"{method}.pt", weights_only=True) for method in METHODS}
+    return {method: torch.load(tiny_students[method], weights_only=True) for method in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -57,28 +51,23 @@ def test_each_method_learns_something_different(students):
         assert any(not torch.equal(wa[k], wb[k]) for k in wa), f"{a} and {b} trained the same weights"
 
 
-def student_after(tiny_data, tiny_teacher, out, method, steps, *extra):
-    run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", method, "--out", out,
-               "--steps", steps, "--val-every", steps, "--width", 4, "--batch-size", 2, "--unlabeled-batch-size", 2,
-               "--ramp-steps", 1, *extra)
-    return torch.load(out, weights_only=True)["train_state"]["model"]
+def weights_of(tiny_students, name):
+    return torch.load(tiny_students[name], weights_only=True)["train_state"]["model"]
 
 
-def test_a_kd_student_differs_from_its_control_only_in_the_unlabelled_term(tiny_data, tiny_teacher, tmp_path):
+def test_a_kd_student_differs_from_its_control_only_in_the_unlabelled_term(tiny_students):
     """With lambda 0 the KD student trains bitwise as the supervised control of its seed: same start
     (the teacher), labelled batches, dropout draws, and BatchNorm statistics."""
-    control = student_after(tiny_data, tiny_teacher, tmp_path / "s.pt", "supervised", 3)
-    silent = student_after(tiny_data, tiny_teacher, tmp_path / "k.pt", "wkd", 3, "--lambda-max", 0)
+    control, silent = weights_of(tiny_students, "supervised"), weights_of(tiny_students, "wkd_silent")
     assert control.keys() == silent.keys()
     for key in control:
         assert torch.equal(control[key], silent[key]), key
 
 
-def test_batchnorm_statistics_come_from_the_clean_labelled_images_only(tiny_data, tiny_teacher, tmp_path):
+def test_batchnorm_statistics_come_from_the_clean_labelled_images_only(tiny_students):
     """After one step from the same start, a KD student at full weight has the control's running
     statistics exactly: its unlabelled, noised pass normalised itself but updated none of them."""
-    control = student_after(tiny_data, tiny_teacher, tmp_path / "s.pt", "supervised", 1)
-    student = student_after(tiny_data, tiny_teacher, tmp_path / "k.pt", "kd", 1, "--lambda-max", 5)
+    control, student = weights_of(tiny_students, "supervised_1"), weights_of(tiny_students, "kd_1")
     statistics = [k for k in control if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert statistics and all(torch.equal(control[k], student[k]) for k in statistics)
     weights = [k for k in control if k.endswith("weight")]
@@ -86,43 +75,25 @@ def test_batchnorm_statistics_come_from_the_clean_labelled_images_only(tiny_data
 
 
 def test_student_flags_are_checked(tiny_data, tiny_teacher, tmp_path):
-    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", tmp_path / "s.pt",
-                      check=False)
+    proc = run_main("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", tmp_path / "s.pt")
     assert proc.returncode == 2 and "--refiner" in proc.stderr
-    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "mean_teacher",
-                      "--weight", "ssim", "--out", tmp_path / "s.pt", check=False)
+    proc = run_main("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "mean_teacher",
+                    "--weight", "ssim", "--out", tmp_path / "s.pt")
     assert proc.returncode == 2 and "KD methods only" in proc.stderr
-    proc = run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "kd",
-                      "--size", "64", "64", "--out", tmp_path / "s.pt", check=False)
+    proc = run_main("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "kd",
+                    "--size", "64", "64", "--out", tmp_path / "s.pt")
     assert proc.returncode == 2 and "--size" in proc.stderr     # the size is the teacher's
+    assert not (tmp_path / "s.pt").exists()
 
 
-def test_student_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tiny_teacher, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO, SCRIPT_ENV
-
-    def command(out, *extra):
-        return [sys.executable, str(REPO / "train_student.py"), "--data", str(tiny_data), "--teacher",
-                str(tiny_teacher), "--method", "wkd", "--out", str(out), "--steps", "16", "--val-every", "2",
-                "--width", "4", "--batch-size", "2", "--unlabeled-batch-size", "2", "--ramp-steps", "4", *extra]
-
-    straight, resumed = tmp_path / "straight.pt", tmp_path / "resumed.pt"
-    subprocess.run(command(straight), env=SCRIPT_ENV, check=True, capture_output=True)
-    proc = subprocess.Popen(command(resumed), env=SCRIPT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not resumed.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(resumed, weights_only=True)["step"] < 16, "the run finished before it could be interrupted"
-    subprocess.run(command(resumed, "--resume"), env=SCRIPT_ENV, check=True, capture_output=True)
-    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key
-    assert a["metrics"] == b["metrics"] and b["step"] == 16
+def test_student_resume_equals_an_uninterrupted_run(tiny_data, tiny_teacher, tiny_students):
+    """From the checkpoint wkd_6 wrote at step 2 (the file a run killed then leaves; a real kill is
+    checked on the teacher), a resumed run ends where the uninterrupted one did."""
+    straight = torch.load(tiny_students["wkd_6"], weights_only=True)
+    assert torch.load(tiny_students["wkd_6@2"], weights_only=True)["step"] == RESUME_AT < straight["step"]
+    again = resumed("train_student.py", tiny_students["wkd_6@2"], *student_args(tiny_data, tiny_teacher, "wkd_6"))
+    assert again["step"] == 6
+    assert_same_training(straight, again, "model")
 
 
 def test_each_stage_draws_its_own_streams_and_students_share_theirs():
@@ -138,12 +109,9 @@ def test_each_stage_draws_its_own_streams_and_students_share_theirs():
     assert torch.equal(batches["student"][0], batches["student"][1])
 
 
-def test_a_supervised_student_does_not_replay_its_teacher(tiny_data, tiny_teacher, tmp_path):
-    out = tmp_path / "student.pt"
-    run_script("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", "supervised",
-               "--out", out, "--steps", 6, "--val-every", 3, "--width", 4, "--batch-size", 2, "--dropout", 0)
+def test_a_supervised_student_does_not_replay_its_teacher(tiny_teacher, tiny_students):
     teacher = torch.load(tiny_teacher, weights_only=True)["train_state"]["model"]
-    student = torch.load(out, weights_only=True)["train_state"]["model"]
+    student = torch.load(tiny_students["supervised_no_dropout"], weights_only=True)["train_state"]["model"]
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher if teacher[k].is_floating_point())
 
 
@@ -170,9 +138,10 @@ def test_the_teacher_sees_the_clean_view_and_the_student_a_noised_one(tiny_data,
     monkeypatch.setattr(train_student, "load_network", load_recorded)
     monkeypatch.setattr(train_student, "UNet", lambda **config: Recorder(UNet(**config), student_inputs))
     monkeypatch.setattr(train_student.StageState, "save", lambda *args: None)
-    train_student.main(["--data", str(tiny_data), "--teacher", str(tiny_teacher), "--method", "kd", "--out",
-                        str(tmp_path / "s.pt"), "--steps", "1", "--width", "4", "--batch-size", "2",
-                        "--unlabeled-batch-size", "3", "--device", "cpu", "--val-every", "5"])
+    with script_state():        # the plain torch KD loss, as a user's run takes
+        train_student.main(["--data", str(tiny_data), "--teacher", str(tiny_teacher), "--method", "kd", "--out",
+                            str(tmp_path / "s.pt"), "--steps", "1", "--width", "4", "--batch-size", "2",
+                            "--unlabeled-batch-size", "3", "--device", "cpu", "--val-every", "5"])
     # the student's two passes: 2 labelled images, then the 3 unlabelled ones
     assert [len(x) for x in student_inputs[:2]] == [2, 3]        # then the validation
     clean, noised = teacher_inputs[0], student_inputs[1]

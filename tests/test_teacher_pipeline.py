@@ -1,13 +1,11 @@
 """End to end on a tiny phantom: teacher training, checkpoint contents, exact resume, evaluation."""
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import torch
-from conftest import REPO, SCRIPT_ENV, TINY, run_script
+from conftest import REPO, SCRIPT_ENV, TINY, assert_same_training, kill_then_resume, run_script
 
 
 def test_teacher_checkpoint_holds_what_later_stages_need(tiny_teacher):
@@ -33,25 +31,9 @@ def _train(data, out, *extra):
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     straight = tmp_path / "straight.pt"
     subprocess.run(_train(tiny_data, straight), env=SCRIPT_ENV, check=True, capture_output=True)
-
-    resumed = tmp_path / "resumed.pt"
-    proc = subprocess.Popen(_train(tiny_data, resumed), env=SCRIPT_ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while not resumed.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = torch.load(resumed, weights_only=True)["step"]
-    assert interrupted_at < 24, "the run finished before it could be interrupted"
-    subprocess.run(_train(tiny_data, resumed, "--resume"), env=SCRIPT_ENV, check=True, capture_output=True)
-
-    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
-    assert b["step"] == 24
-    for key in a["train_state"]["model"]:
-        assert torch.equal(a["train_state"]["model"][key], b["train_state"]["model"][key]), key
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert a["metrics"] == b["metrics"]
+    resumed = kill_then_resume(_train(tiny_data, tmp_path / "resumed.pt"), tmp_path / "resumed.pt", 24)
+    assert resumed["step"] == 24
+    assert_same_training(torch.load(straight, weights_only=True), resumed, "model")
 
 
 def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_data, tiny_teacher, tmp_path):
