@@ -48,7 +48,7 @@ def test_committed_reports_cover_every_configuration_without_spills(report):
     assert names == {name for name, *_ in compile_check.configurations()}
     assert all(r["spill_store_bytes"] == r["spill_load_bytes"] == r["stack_bytes"] == 0 for r in rows)
     assert min(r["ctas_per_sm"] for r in rows) >= compile_check.MIN_CTAS_PER_SM
-    # issue 18's targets at the benchmark's C = 2: the plain loss pass (both layouts) and the ssim forward
+    # the instruction targets at the benchmark's C = 2: the plain loss pass (both layouts), the ssim forward
     per_pixel = {r["config"]: r["instructions_per_pixel"] for r in rows if "instructions_per_pixel" in r}
     assert max(v for k, v in per_pixel.items() if k.startswith("pixel/none/loss/") and "/C=2/" in k) <= 70
     assert max(v for k, v in per_pixel.items() if k.startswith("ssim/loss") and "/window=7/C=2/" in k) <= 400
