@@ -412,6 +412,20 @@ def test_layouts_in_and_gradient_out(monkeypatch, mode, student_layout, teacher_
     torch.testing.assert_close(s.grad.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
 
 
+def assert_loss_and_grad_at_t2(student, teacher, weight, w64):
+    """Loss and student gradient at temperature 2 (interpreter) against float64, the gradient in
+    the student's own strides."""
+    s = student.clone().requires_grad_()
+    loss = weighted_kd_loss(s, teacher, weight=weight, temperature=2.0, backend="interpret")
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    ref = kd_loss_reference(s64, teacher.double(), w64, 2.0)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=0)
+    assert s.grad.stride() == s.stride()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=2e-5 * s64.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("classes", [2, 4])
 @pytest.mark.parametrize("mode", ["none", "agree", "tensor", "ssim"])
 def test_channels_last_without_padded_classes_takes_compile_time_strides(monkeypatch, classes, mode):
@@ -422,23 +436,14 @@ def test_channels_last_without_padded_classes_takes_compile_time_strides(monkeyp
     launches = []
     real_plan = kd_triton.plan
     monkeypatch.setattr(kd_triton, "plan", lambda *a, **k: launches.append(real_plan(*a, **k)) or launches[-1])
-    s = student.clone().requires_grad_()
-    loss = weighted_kd_loss(s, teacher, weight=weight, temperature=2.0, backend="interpret")
-    loss.backward()
-    assert launches and all(launch.constexprs["CLASSES_LAST"] for launch in launches)
     w64 = weight.double() if mode == "tensor" else weight_map_reference(student.double(), teacher.double(), mode)
-    s64 = student.double().requires_grad_()
-    ref = kd_loss_reference(s64, teacher.double(), w64, 2.0)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=0)
-    assert s.grad.stride() == s.stride()
-    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=2e-5 * s64.grad.abs().max().item())
+    assert_loss_and_grad_at_t2(student, teacher, weight, w64)
+    assert launches and all(launch.constexprs["CLASSES_LAST"] for launch in launches)
     if mode == "agree":  # the weight map keeps its own (N, H, W) strides
-        from kernels import kd_weight_map
         torch.testing.assert_close(kd_weight_map(student, teacher, "agree", backend="interpret").double(),
                                    w64, rtol=0, atol=1e-6)
     launches.clear()
-    weighted_kd_loss(s, teacher.contiguous(), weight=weight, temperature=2.0, backend="interpret")
+    weighted_kd_loss(student, teacher.contiguous(), weight=weight, temperature=2.0, backend="interpret")
     assert not any(launch.constexprs["CLASSES_LAST"] for launch in launches)
 
 
@@ -457,15 +462,7 @@ def test_channels_last_tiles_cover_the_image(shape, mode):
     launch()
     w64 = weight.double() if mode == "tensor" else weight_map_reference(student.double(), teacher.double(), mode)
     torch.testing.assert_close(launch.parts[1].double().sum(), w64.sum(), rtol=1e-6, atol=0)
-    s = student.clone().requires_grad_()
-    loss = weighted_kd_loss(s, teacher, weight=weight, temperature=2.0, backend="interpret")
-    loss.backward()
-    s64 = student.double().requires_grad_()
-    ref = kd_loss_reference(s64, teacher.double(), w64, 2.0)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=0)
-    assert s.grad.stride() == s.stride()
-    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=2e-5 * s64.grad.abs().max().item())
+    assert_loss_and_grad_at_t2(student, teacher, weight, w64)
 
 
 def test_strided_weight_tensor_is_read_in_place():
