@@ -7,10 +7,10 @@ This folder is also the default dataset root: `--data data/` generates the phant
 from .augment import Corruption, Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, \
     corrupt, derive_seed, labeled_batch, step_generator, strengths, unlabeled_views
 from .classes import Classes, dataset_classes, from_record, observed
-from .dataset import Dataset, list_images, load_case, load_tensors, prepare_dataset
+from .dataset import Dataset, list_images, load_tensors, prepare_dataset
 from .split import SPLIT_KEYS, inherited_split, new_split, resolve_split
 
-__all__ = ["prepare_dataset", "Dataset", "list_images", "load_case", "load_tensors", "Classes", "dataset_classes",
+__all__ = ["prepare_dataset", "Dataset", "list_images", "load_tensors", "Classes", "dataset_classes",
            "from_record", "observed", "SPLIT_KEYS", "new_split", "inherited_split", "resolve_split", "Geometry",
            "Photometric", "Corruption", "strengths", "corrupt", "batch_indices", "step_generator", "derive_seed",
            "augment_geometry", "augment_photometric", "labeled_batch", "unlabeled_views"]

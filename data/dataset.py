@@ -274,14 +274,6 @@ class Dataset:
             yield chunk, cases, torch.stack([_resize(image, None, size)[0] for image, _ in cases])[:, None]
 
 
-def load_case(root, case_id, classes: Classes | None = None):
-    """(image, class indices or None) of one case of the dataset folder `root`, at the original size."""
-    dataset = Dataset.open(root, classes)
-    if case_id not in dataset.images:
-        raise UserError(f"--data {root}: no image for id {case_id!r} in images/")
-    return dataset.read(case_id)
-
-
 def load_tensors(root, ids, size, with_masks=True, classes: Classes | None = None):
     """Dataset.tensors of the dataset folder `root`."""
     return Dataset.open(root, classes).tensors(ids, size, with_masks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data.phantom
-from data import Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, load_case, \
+from data import Dataset, Geometry, Photometric, augment_geometry, augment_photometric, batch_indices, \
     load_tensors, prepare_dataset, resolve_split, step_generator, strengths
 from data.dataset import preprocess
 from train_teacher import TeacherSettings
@@ -36,44 +36,44 @@ def expected(gray):
     return np.clip((gray - lo) / (hi - lo), 0, 1)
 
 
-def test_load_case_gray_8_bit_with_percentile_normalisation(tmp_path):
+def test_reading_a_case_gray_8_bit_with_percentile_normalisation(tmp_path):
     gray = RNG.integers(0, 256, (13, 21), dtype=np.uint8)
     mask = np.zeros((13, 21), np.uint8)
     mask[3:7, 4:9] = 255
     write_case(tmp_path, "a", gray, mask)
-    image, m = load_case(tmp_path, "a")
+    image, m = Dataset.open(tmp_path).read("a")
     assert image.dtype == np.float32 and image.shape == (13, 21)
     np.testing.assert_allclose(image, expected(gray), atol=1e-6)
     assert image.min() == 0 and image.max() == 1
     assert m.dtype == np.uint8 and m.sum() == 20 and (m[3:7, 4:9] == 1).all()   # class indices: 1 = sinus
 
 
-def test_load_case_rgb_and_rgba_use_luminance_and_ignore_alpha(tmp_path):
+def test_reading_a_case_rgb_and_rgba_use_luminance_and_ignore_alpha(tmp_path):
     rgb = RNG.integers(0, 256, (11, 17, 3), dtype=np.uint8)
     alpha = RNG.integers(0, 256, (11, 17, 1), dtype=np.uint8)
     write_case(tmp_path, "rgb", rgb)
     write_case(tmp_path, "rgba", np.concatenate([rgb, alpha], axis=2))
     luminance = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
     for case_id in ("rgb", "rgba"):
-        image, mask = load_case(tmp_path, case_id)
+        image, mask = Dataset.open(tmp_path).read(case_id)
         assert mask is None and image.shape == (11, 17)
         np.testing.assert_allclose(image, expected(luminance), atol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".tiff"])
-def test_load_case_keeps_16_bit_precision(tmp_path, suffix):
+def test_reading_a_case_keeps_16_bit_precision(tmp_path, suffix):
     # values spaced by less than 256: truncating to 8 bits would merge neighbours
     ramp = (np.arange(15 * 23).reshape(15, 23) * 37 + 1000).astype(np.uint16)
     write_case(tmp_path, "deep", ramp, suffix=suffix)
-    image, _ = load_case(tmp_path, "deep")
+    image, _ = Dataset.open(tmp_path).read("deep")
     np.testing.assert_allclose(image, expected(ramp), atol=1e-6)
     assert len(np.unique(image)) > 300
 
 
-def test_load_case_jpeg(tmp_path):
+def test_reading_a_case_jpeg(tmp_path):
     smooth = np.add.outer(np.arange(32), np.arange(48)).astype(np.uint8) * 3
     write_case(tmp_path, "j", smooth, suffix=".jpg")
-    image, _ = load_case(tmp_path, "j")
+    image, _ = Dataset.open(tmp_path).read("j")
     assert image.shape == (32, 48) and 0 <= image.min() and image.max() <= 1
     assert np.corrcoef(image.ravel(), expected(smooth).ravel())[0, 1] > 0.99
 
@@ -139,7 +139,7 @@ def test_prepare_dataset_generates_the_phantom_in_an_empty_folder(tmp_path, monk
     assert len(list((root / "images").iterdir())) == 8
     assert prepare_dataset(root) == root and capsys.readouterr().out == ""   # second call reuses it
     split = resolve_split(root, 0, 0.1, 0.2, 0.1)
-    image, mask = load_case(root, split["test"][0])
+    image, mask = Dataset.open(root).read(split["test"][0])
     assert image.shape == mask.shape == (32, 64) and mask.any()
 
 

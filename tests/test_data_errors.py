@@ -5,7 +5,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from data import Dataset, load_case, load_tensors, prepare_dataset, resolve_split
+from data import Dataset, load_tensors, prepare_dataset, resolve_split
 from engine.cli import parse
 from errors import UserError
 from train_teacher import TeacherSettings
@@ -58,7 +58,7 @@ def test_empty_images_folder(tmp_path):
 def test_corrupt_image(tmp_path):
     masked_dataset(tmp_path, 2)
     (tmp_path / "images" / "c1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    raises(load_case, tmp_path, "c1", must_name=["c1.png", "cannot decode"])
+    raises(lambda root, case: Dataset.open(root).read(case), tmp_path, "c1", must_name=["c1.png", "cannot decode"])
     raises(load_tensors, tmp_path, ["c0", "c1"], (4, 6), must_name=["c1.png"])
 
 
@@ -68,19 +68,19 @@ def test_unsupported_extension_and_undecodable_content(tmp_path):
     raises(Dataset.open, tmp_path, must_name=["scan.bmp", ".png"])
     (tmp_path / "images" / "scan.bmp").unlink()
     (tmp_path / "images" / "text.tif").write_text("this is not a TIFF")
-    raises(load_case, tmp_path, "text", must_name=["text.tif"])
+    raises(lambda root, case: Dataset.open(root).read(case), tmp_path, "text", must_name=["text.tif"])
 
 
 def test_mask_size_differs_from_image(tmp_path):
     write_case(tmp_path, "a", image=np.zeros((8, 12), np.uint8), mask=np.zeros((10, 12), np.uint8))
-    raises(load_case, tmp_path, "a", must_name=["a.png", "10x12", "8x12"])
+    raises(lambda root, case: Dataset.open(root).read(case), tmp_path, "a", must_name=["a.png", "10x12", "8x12"])
 
 
 def test_mask_values_not_binary(tmp_path):
     mask = np.zeros((8, 12), np.uint8)
     mask[1, 1], mask[2, 2] = 100, 255
     write_case(tmp_path, "a", mask=mask)
-    raises(load_case, tmp_path, "a", must_name=["masks", "a.png", "0, 100, 255"])
+    raises(lambda root, case: Dataset.open(root).read(case), tmp_path, "a", must_name=["masks", "a.png", "0, 100, 255"])
 
 
 def test_splits_json_with_unknown_ids(tmp_path):
