@@ -41,8 +41,11 @@ def write_cases(root: Path) -> None:
 
 def timed(script: str, *args) -> dict:
     """Wall seconds and peak resident megabytes of one run of a top-level script."""
+    gnu_time = shutil.which("time")     # the program, not the shell's keyword: -v reports the peak memory
+    if gnu_time is None:
+        raise SystemExit("bench.full_size_cost needs GNU time on the PATH (package `time`)")
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, str(REPO / script), *map(str, args)],
+    proc = subprocess.run([gnu_time, "-v", sys.executable, str(REPO / script), *map(str, args)],
                           capture_output=True, text=True, env=dict(os.environ), cwd=REPO)
     wall = time.perf_counter() - start
     if proc.returncode != 0:

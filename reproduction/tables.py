@@ -34,6 +34,9 @@ def table_specs(profile: dict) -> dict:
     """Title, rows, metrics and each row's control row for the four tables of a profile."""
     r = percent(profile["ratio"])
     t1_control = ("table1", CONTROL)
+    # each method's row of Table 4 is compared with the control's at the same labelled ratio
+    t4_controls = {table4_label(m, x): ("table4", table4_label(CONTROL, x))
+                   for x in profile["table4_ratios"] for m in TABLE4_METHODS if m != CONTROL}
     return {
         "table1": dict(title=f"Table 1: comparison of methods at {r} labels (test split)",
                        rows=["teacher", *OBJECTIVES, FULL_LABELS], metrics=list(CASE_METRICS),
@@ -47,8 +50,7 @@ def table_specs(profile: dict) -> dict:
         "table4": dict(title="Table 4: label efficiency (test split)",
                        rows=[table4_label(m, x) for x in profile["table4_ratios"] for m in TABLE4_METHODS],
                        metrics=["dice", "hd95"],
-                       control=lambda row: None if label_parts(row)[0] == CONTROL
-                       else ("table4", f"{CONTROL}|{label_parts(row)[1]}")),
+                       control=t4_controls.get),
     }
 
 
