@@ -100,11 +100,22 @@ def _monai_case(p, g):
 LIBRARIES = (("medpy", "medpy.metric", _medpy_case), ("monai", "monai.metrics", _monai_case))
 
 
+def _median_ms(call, repeats):
+    """Median time in ms of `repeats` calls, and the last call's result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), result
+
+
 def side_by_side(pred, truth, n_images, repeats):
-    """Per-image times of our CPU path (the median of `repeats` calls), MedPy's and MONAI's
-    hd95 + assd, taken image after image in turn, so that a busy machine slows all of them alike;
-    with each library's largest difference to our values in its convention. A library that is not
-    importable (never installed on a bare GPU machine) is recorded as absent."""
+    """Per-image times of our CPU path, MedPy's and MONAI's hd95 + assd, each the median of
+    `repeats` calls of one image, taken image after image in turn, so that every library is timed
+    alike and a busy machine slows all of them alike; with each library's largest difference to
+    our values in its convention. A library that is not importable (never installed on a bare GPU
+    machine) is recorded as absent."""
     libraries, out = [], {}
     for name, module, case in LIBRARIES:
         try:
@@ -115,18 +126,13 @@ def side_by_side(pred, truth, n_images, repeats):
     times = {name: [] for name in ["cpu_path"] + [name for name, _ in libraries]}
     worst = {name: 0.0 for name, _ in libraries}
     for p, g in zip(pred[:n_images].numpy(), truth[:n_images].numpy()):
-        ours = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, backend="torch")
-            ours.append((time.perf_counter() - start) * 1e3)
-        times["cpu_path"].append(statistics.median(ours))
+        p_tensor, g_tensor = torch.from_numpy(p), torch.from_numpy(g)
+        ms, _ = _median_ms(lambda: boundary_metrics(p_tensor, g_tensor, spacing=SPACING, backend="torch"), repeats)
+        times["cpu_path"].append(ms)
         for name, case in libraries:
-            start = time.perf_counter()
-            theirs, mode = case(p, g)
-            times[name].append((time.perf_counter() - start) * 1e3)
-            mine = boundary_metrics(torch.from_numpy(p), torch.from_numpy(g), spacing=SPACING, mode=mode,
-                                    backend="torch")
+            ms, (theirs, mode) = _median_ms(lambda: case(p, g), repeats)
+            times[name].append(ms)
+            mine = boundary_metrics(p_tensor, g_tensor, spacing=SPACING, mode=mode, backend="torch")
             worst[name] = max(worst[name], *(abs(theirs[k] - float(mine[k])) for k in theirs))
     out["cpu_path"] = _summary(times["cpu_path"])
     for name, _ in libraries:
@@ -219,9 +225,9 @@ def main():
     parser.add_argument("--out", required=True, help="JSON file to write, e.g. bench/boundary_h100.json")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions of the GPU batch")
     parser.add_argument("--cpu-repeats", type=int, default=3,
-                        help="timed passes of the CPU path over the batch, and calls per image beside the libraries")
+                        help="timed passes of the CPU path over the batch, and calls per image of each library side by side")
     parser.add_argument("--medpy-images", type=int, default=4,
-                        help="images timed side by side with MedPy (~1 s each) and MONAI")
+                        help="images timed side by side with MedPy (~0.5 s a call) and MONAI")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the CPU path and MONAI on one thread each, as the comparison states
 

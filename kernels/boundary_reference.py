@@ -10,13 +10,14 @@ target; D_GP likewise the other way. Then
 with P the percentile interpolated linearly as numpy does. Both masks empty gives 0 for all three;
 exactly one empty gives NaN.
 
-How a case is computed. Both masks are cropped to their union bounding box (found by row, then
-column, OR reductions): every pixel next to the box is background (outside the image, or
-outside both masks), so extracting the boundary of the crop with outside-is-background gives
-exactly the boundary of the full mask, including on the image border. The nearest-boundary
-distances are then exact, by one of two equivalent means:
-- scipy's exact Euclidean distance transform of `~boundary` over the crop, read at the other
-  mask's boundary pixels (what SPEC section 8 names): cost proportional to the crop's pixels;
+How a case is computed. Only the rows of the union bounding box are read twice (a uint64
+OR-reduction finds them): they are packed 64 pixels to a word, with a frame of zero words and rows
+standing for the background beside them (outside the image, or outside both masks), so the
+boundary's bits come out of a dozen word operations, exactly the boundary of the full mask,
+including on the image border; the bits are unpacked only where a word holds some. The
+nearest-boundary distances are then exact, by one of two equivalent means:
+- scipy's exact Euclidean distance transform of `~boundary` over the union box, read at the
+  other mask's boundary pixels (what SPEC section 8 names): cost proportional to the crop's pixels;
 - an exact nearest-neighbour query (scipy KD-tree, eps=0) over the boundary pixel coordinates
   scaled by the spacing: cost proportional to the boundary pixels, about ten times more per
   point than the transform per pixel.
@@ -24,16 +25,17 @@ Both give, for each query pixel, the minimum over the target's boundary pixels o
 Euclidean distance, so they agree to rounding (the tests run both against the oracles). On a
 sinus case of 1024 x 2048 (two smooth lobes, a crop of ~350 000 pixels holding ~3 500 boundary
 pixels) the transform costs ~25 ms for both directions on one core, the KD-tree ~1.7 ms for the
-whole case (0.4 ms to build the two trees, 1.3 ms to query them: ~0.1 us a query is scipy's
-fixed cost, the rest the descent). So each case takes the cheaper one: the KD-tree while the
-two boundaries hold fewer than a tenth of the crop's pixels, the transform for speckled masks
-whose boundaries fill it; and where the two boundaries make few pairs, all pairwise distances,
-which cost less than building two trees. An exact search by rows in numpy (for each query, the
-nearest x by bisection in every row within the best distance found) was measured slower than
-the KD-tree on sinus cases (2.2 against 1.7 ms): a query's band holds ~30 rows, and numpy spends
-~20 ns on each (query, row), half of it in the bisection. The per-case metrics are then numpy
-reductions of the two distance lists (`case_metrics`); the GPU path's padded-row form of the
-same (`summarize`) is torch, so that it stays on the device.
+whole case (0.4 ms to build the two trees, 1.3 ms to query them: ~0.2 us a query is scipy's
+fixed cost, measured with a 2-pixel distance bound that ends 88 % of the queries at once). So
+each case takes the cheaper one: the KD-tree while the two boundaries hold fewer than a tenth of
+the crop's pixels, the transform for speckled masks whose boundaries fill it; and where the two
+boundaries make few pairs, all pairwise distances, which cost less than building two trees. An
+exact search by rows in numpy (for each query, the nearest x by bisection in every row within
+the best distance found) was measured slower than the KD-tree on sinus cases (2.2 against 1.7
+ms): a query's band holds ~30 rows, and numpy spends ~20 ns on each (query, row), half of it in
+the bisection. The per-case metrics are then numpy reductions of the two distance lists
+(`case_metrics`); the GPU path's padded-row form of the same (`summarize`) is torch, so that it
+stays on the device.
 """
 import numpy as np
 import torch
@@ -51,8 +53,9 @@ KD_TREE_OPTIONS = dict(leafsize=16, balanced_tree=False)
 def mask_boundary(masks):
     """Boundary of bool masks (..., H, W): `M XOR erode(M)`, 4-neighbour cross, outside = background.
 
-    Takes numpy arrays (the CPU path: numpy runs on one thread, whereas torch's intra-op threads,
-    on a busy 2-core machine, were seen to wait ~100 ms per case) or torch tensors (the GPU path).
+    Takes numpy arrays (contour overlays; numpy runs on one thread, whereas torch's intra-op
+    threads, on a busy 2-core machine, were seen to wait ~100 ms per image) or torch tensors.
+    The CPU metrics compute the same bits from packed words (`_boundary_words`).
     """
     # pixels on the image edge have a neighbour outside, which is background: they keep M
     if isinstance(masks, np.ndarray):
@@ -71,55 +74,91 @@ def mask_boundary(masks):
     return boundary
 
 
-def _any_along(mask: np.ndarray, axis: int) -> np.ndarray:
-    """`mask.any(axis)` of a bool (H, W) array, OR-ing eight pixels at a time where rows allow
-    (a uint64 OR-reduction is ~2x faster than `any` on bools)."""
+def _any_along_rows(mask: np.ndarray) -> np.ndarray:
+    """`mask.any(1)` of a bool (H, W) array, OR-ing eight pixels at a time where rows allow (a
+    uint64 OR-reduction is ~2x faster than `any` on bools)."""
     if mask.strides[1] != 1 or mask.shape[1] % 8 or mask.strides[0] % 8:
-        return mask.any(axis)
-    words = np.bitwise_or.reduce(mask.view(np.uint64), axis=axis)
-    # a row's OR is nonzero iff one of its bytes is; a column OR of words keeps the bytes apart
-    return words != 0 if axis == 1 else words.view(bool)
+        return mask.any(1)
+    return np.bitwise_or.reduce(mask.view(np.uint64), axis=1) != 0
 
 
-def _union_box(pred: np.ndarray, target: np.ndarray):
-    """(rows, cols) slices of the bounding box of pred | target, or None when both are empty."""
-    rows = np.flatnonzero(_any_along(pred, 1) | _any_along(target, 1))
-    if rows.size == 0:
-        return None
-    y0, y1 = rows[0], rows[-1] + 1
-    # the column reduction only needs the rows that hold foreground
-    cols = np.flatnonzero(_any_along(pred[y0:y1], 0) | _any_along(target[y0:y1], 0))
-    return slice(y0, y1), slice(cols[0], cols[-1] + 1)
+def _packed(mask: np.ndarray) -> np.ndarray:
+    """A bool (H, W) mask as rows of little-endian uint64 words (bit i of word j is pixel 64 j + i),
+    framed by a zero row above and below and a zero word left and right: the background outside
+    the image. Packing is the one pass over the pixels (numpy packs eight to a byte with SIMD);
+    the rest of a case runs on 64x fewer elements."""
+    height, width = mask.shape
+    framed = np.zeros((height + 2, 8 * (-(-width // 64) + 2)), dtype=np.uint8)
+    framed[1:-1, 8:8 + -(-width // 8)] = np.packbits(mask, axis=1, bitorder="little")
+    return framed.view("<u8")
 
 
-def _points(boundary: np.ndarray) -> np.ndarray:
-    """(N, 2) row-major (y, x) coordinates of the True pixels: ten times faster than np.argwhere."""
-    return np.stack(np.divmod(np.flatnonzero(boundary), boundary.shape[1]), axis=1)
+def _boundary_words(framed: np.ndarray) -> np.ndarray:
+    """`M AND NOT erode(M)` (4-neighbour cross) of framed packed rows, without the frame rows: the
+    same bits as `mask_boundary`, the frame supplying the background neighbours outside the image.
+    Row-major flat, a word's left and right neighbours are the words before and after it (a frame
+    word at a row's ends), so every operand is one contiguous run; two buffers hold the results."""
+    width = framed.shape[1]
+    flat = framed.ravel()
+    mask = flat[width:-width]
+    one, last = np.uint64(1), np.uint64(63)
+    interior = np.bitwise_and(flat[:-2 * width], flat[2 * width:])
+    shifted = np.left_shift(mask, one)
+    shifted |= flat[width - 1:-width - 1] >> last  # bit x holds pixel x - 1
+    interior &= shifted
+    np.right_shift(mask, one, out=shifted)
+    shifted |= flat[width + 1:-width + 1] << last  # bit x holds pixel x + 1
+    interior &= shifted
+    # M AND NOT interior
+    return np.bitwise_and(mask, ~interior, out=interior).reshape(-1, width)
 
 
-def _nearest_distances(pred_boundary: np.ndarray, target_boundary: np.ndarray, spacing):
-    """(D_PG, D_GP) between two boundary maps, each in row-major order of its pixels; inf if the other is empty."""
-    pred_points, target_points = _points(pred_boundary), _points(target_boundary)
+def _word_points(words: np.ndarray) -> np.ndarray:
+    """(N, 2) (y, x) coordinates, in row-major order, of the set bits of packed rows whose first
+    word is the frame."""
+    # numpy finds the nonzeros of a bool array several times faster than of any other dtype
+    index = np.flatnonzero(words != 0)
+    bits = np.flatnonzero(np.unpackbits(words.ravel()[index].view(np.uint8), bitorder="little").view(bool))
+    index = index[bits >> 6]
+    rows, columns = np.divmod(index, words.shape[1])
+    return np.stack([rows, (columns - 1) * 64 + (bits & 63)], axis=1)
+
+
+def _word_image(words: np.ndarray, x0: int, x1: int) -> np.ndarray:
+    """Columns [x0, x1) of packed rows whose first word is the frame, as a bool image."""
+    return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, 64 + x0:64 + x1].view(bool)
+
+
+def _nearest_distances(pred_words: np.ndarray, target_words: np.ndarray, spacing):
+    """(D_PG, D_GP) between two packed boundaries of the union box's rows, each in row-major
+    order of its pixels; inf if the other is empty."""
+    pred_points, target_points = _word_points(pred_words), _word_points(target_words)
     if len(pred_points) == 0 or len(target_points) == 0:
         return np.full(len(pred_points), np.inf), np.full(len(target_points), np.inf)
     scale = np.asarray(spacing, dtype=np.float64)
     if len(pred_points) * len(target_points) <= BRUTE_FORCE_PAIRS:
         squared = (((pred_points[:, None, :] - target_points[None, :, :]) * scale) ** 2).sum(-1)
         return np.sqrt(squared.min(1)), np.sqrt(squared.min(0))
-    if len(pred_points) + len(target_points) < KD_TREE_POINTS_PER_PIXEL * pred_boundary.size:
+    # a mask's first and last pixel of a row are boundary pixels: the points span the union box
+    x0 = min(pred_points[:, 1].min(), target_points[:, 1].min())
+    x1 = max(pred_points[:, 1].max(), target_points[:, 1].max()) + 1
+    if len(pred_points) + len(target_points) < KD_TREE_POINTS_PER_PIXEL * len(pred_words) * (x1 - x0):
         pred_points, target_points = pred_points * scale, target_points * scale
         return (cKDTree(target_points, **KD_TREE_OPTIONS).query(pred_points)[0],
                 cKDTree(pred_points, **KD_TREE_OPTIONS).query(target_points)[0])
+    pred_boundary, target_boundary = _word_image(pred_words, x0, x1), _word_image(target_words, x0, x1)
     return (ndimage.distance_transform_edt(~target_boundary, sampling=spacing)[pred_boundary],
             ndimage.distance_transform_edt(~pred_boundary, sampling=spacing)[target_boundary])
 
 
 def case_distances(pred: np.ndarray, target: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(D_PG, D_GP) of one case of (H, W) bool masks, each in row-major order of its boundary pixels."""
-    box = _union_box(pred, target)
-    if box is None:
+    rows = np.flatnonzero(_any_along_rows(pred) | _any_along_rows(target))
+    if rows.size == 0:
         return np.zeros(0), np.zeros(0)
-    return _nearest_distances(mask_boundary(pred[box]), mask_boundary(target[box]), spacing)
+    # only the union box's rows: the rows beside it are background, as the frame says
+    rows = slice(rows[0], rows[-1] + 1)
+    return _nearest_distances(_boundary_words(_packed(pred[rows])), _boundary_words(_packed(target[rows])), spacing)
 
 
 def _row_percentile(sorted_squared: torch.Tensor, counts: torch.Tensor, percentile: float) -> torch.Tensor:

@@ -29,10 +29,10 @@ from .launch import Launch
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
 # loop is 9.2 instructions a pair in the sm_90 SASS (294 for a thread's 32 pairs of a 64 x 64
 # tile), an H200 issues 132 SMs x 128 lanes x 1.98 GHz = 3.3e13 a second, taken at half that (an
-# estimate); the CPU path was measured at 0.75 us a boundary point (2.65 ms for a sinus case of
+# estimate); the CPU path was measured at 0.89 us a boundary point (3.14 ms for a sinus case of
 # ~3 526 boundary points, one thread, bench/boundary_cpu.json).
 GPU_PAIRS_PER_SECOND = 0.5 * 132 * 128 * 1.98e9 / 9.2
-CPU_SECONDS_PER_POINT = 0.75e-6
+CPU_SECONDS_PER_POINT = 0.89e-6
 GPU_PAIRS_PER_CPU_POINT = GPU_PAIRS_PER_SECOND * CPU_SECONDS_PER_POINT
 MAX_POINTS_PER_MASK = 2 ** 17
 BLOCK_PIXELS = 1024

@@ -162,19 +162,29 @@ def test_reference_matches_brute_force_in_widths_of_eight_pixels(name, spacing):
             assert ours[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), (mode, key)
 
 
-def test_union_box_eight_pixels_at_a_time_equals_any():
+def test_rows_eight_pixels_at_a_time_equal_any():
     rng = np.random.default_rng(9)
     base = np.zeros((40, 48), dtype=bool)
     base[5:9, 11:30] = rng.random((4, 19)) < 0.5
     base[39, 47] = True
     # contiguous, a row slice, column views at 8-byte and odd offsets, rows of 45 bytes and a transpose (fallback)
     for mask in (base, base[3:], base[:, 8:], base[:, 1:41], base[:, 3:], base.T):
-        for axis in (0, 1):
-            np.testing.assert_array_equal(boundary_reference._any_along(mask, axis), mask.any(axis))
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        box = boundary_reference._union_box(mask, np.zeros_like(mask))
-        assert box == (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    assert boundary_reference._union_box(np.zeros_like(base), np.zeros_like(base)) is None
+        np.testing.assert_array_equal(boundary_reference._any_along_rows(mask), mask.any(1))
+
+
+@pytest.mark.parametrize("width", [1, 7, 63, 64, 65, 128, 130])
+def test_packed_boundary_points_equal_scipy_erosion(width):
+    """The packed words give the boundary's pixels, in row-major order, at every word and frame
+    edge: widths around the 64-pixel word, masks touching the image border, views of a wider image."""
+    rng = np.random.default_rng(width)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for height in (1, 2, 5, 17):
+        wide = rng.random((height, width + 9)) < rng.uniform(0.3, 0.9)
+        for mask in (wide[:, :width], wide[:, 9:], np.ones((height, width), dtype=bool)):
+            words = boundary_reference._boundary_words(boundary_reference._packed(mask))
+            expected = mask ^ ndimage.binary_erosion(mask, structure=cross, border_value=0)
+            np.testing.assert_array_equal(boundary_reference._word_points(words), np.argwhere(expected))
+            np.testing.assert_array_equal(boundary_reference._word_image(words, 0, width), expected)
 
 
 def test_numpy_boundary_equals_torch_boundary_and_scipy_erosion():
