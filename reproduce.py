@@ -157,8 +157,8 @@ def caption(results: dict) -> str:
     wall, calls = results.get("wall_s"), results.get("invocations", 1)
     return (f"Profile `{results['profile']}`, data: {results['data']}, {results['precision']} on {results['device']} "
             f"({env['cpu']}; {len(results['slots'])} runs at once, {results['threads_per_run']} thread(s) each), "
-            f"torch {env['torch']}, code {env['git'][:12]}; mean ± std over the n seeds of a row (over the scored "
-            f"cases where n is 1). Run time summed by stage: {stages}"
+            f"torch {env['torch']}, code {env['git'][:12]}; mean ± std over the n seeds of a row (n for each method, in "
+            f"column order, where they differ; over the scored cases where n is 1). Run time summed by stage: {stages}"
             + (f"; wall time of the reproduction {clock(wall)}" + (f" over {calls} invocations" if calls > 1 else "")
                + "." if wall else "."))
 

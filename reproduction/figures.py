@@ -58,20 +58,20 @@ def draw_forest(path, rows: list) -> None:
 def draw_label_efficiency(path, cells: dict, ratios) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     x = np.arange(len(ratios))
-    for offset, method in zip((-0.06, 0.06), TABLE4_METHODS):
+    colours = ("tab:gray", "tab:orange", "tab:blue", "tab:green")
+    offsets = np.linspace(-0.09, 0.09, len(TABLE4_METHODS))
+    for offset, colour, method in zip(offsets, colours, TABLE4_METHODS):
         means = []
         for xi, ratio in zip(x, ratios):
             runs = cells.get(("table4", table4_label(method, ratio)), {})
             values = [100 * r["metrics"]["dice"]["mean"] for r in runs.values()]
-            ax.plot([xi + offset] * len(values), values, "o", ms=3, alpha=0.6,
-                    color="tab:gray" if method == TABLE4_METHODS[0] else "tab:orange")
+            ax.plot([xi + offset] * len(values), values, "o", ms=3, alpha=0.6, color=colour)
             means.append(np.mean(values) if values else np.nan)
-        ax.plot(x + offset, means, "-D", label=method, ms=5,
-                color="tab:gray" if method == TABLE4_METHODS[0] else "tab:orange")
+        ax.plot(x + offset, means, "-D", label=method, ms=5, color=colour)
     ax.set_xticks(x, [percent(r) for r in ratios])
     ax.set_xlabel("labelled fraction of the training images")
     ax.set_ylabel("test Dice (points)")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -159,7 +159,7 @@ def fmt_difference(d: dict | None, metric: str) -> str:
 
 def layout(spec: dict, cells: dict, name: str):
     """Row names, column names, {(row, column): (mean, spread)}, {(row, metric): difference} and
-    {row: seeds}."""
+    {row: seeds of each of its column groups}."""
     row_names, columns, values, differences, seeds = [], [], {}, {}, {}
     classes = [("", None)] + [(f" · {c}", c) for c in class_names(cells)]
     for label in spec["rows"]:
@@ -168,7 +168,7 @@ def layout(spec: dict, cells: dict, name: str):
         for suffix, class_name in classes:
             if row + suffix not in row_names:
                 row_names.append(row + suffix)
-            seeds[row + suffix] = max(seeds.get(row + suffix, 0), len(runs))
+            seeds.setdefault(row + suffix, []).append(len(runs))
             for metric in spec["metrics"]:
                 column = f"{group} {metric}".strip()
                 if column not in columns:
@@ -200,7 +200,9 @@ def render(name: str, spec: dict, cells: dict, caption: str) -> tuple[str, str]:
         md.append("")
     md += ["| | n | " + " | ".join(arrows) + " |", "|---" * (len(columns) + 2) + "|"]
     for r in row_names:
-        md.append(f"| {r} | {seeds[r]} | " + " | ".join(fmt(*values[r, c], c) for c in columns) + " |")
+        # one count, or one per column group (Table 4's methods) where they differ
+        n = seeds[r][0] if len(set(seeds[r])) == 1 else " / ".join(map(str, seeds[r]))
+        md.append(f"| {r} | {n} | " + " | ".join(fmt(*values[r, c], c) for c in columns) + " |")
     labels = [label for label in spec["rows"] if any((label, m) in differences for m in DIFFERENCE_METRICS)]
     metrics = [m for m in DIFFERENCE_METRICS if m in spec["metrics"]]
     if labels:

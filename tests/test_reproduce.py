@@ -30,15 +30,15 @@ def test_plan_shares_teachers_refiners_and_students():
     # primary seeds: a teacher, its refiner, the four students of the claims, their test evaluations
     # and Table 3's three; baseline seeds: the other objectives' students and the 100 % teacher;
     # ablation seeds: the four KD cells no claim needs; efficiency seeds: at 10 % a teacher, a
-    # refiner and two students
+    # refiner and Table 4's four students
     primary, others = 4, len(OBJECTIVES) - 4
     assert scripts == {
         "train_teacher": seeds["primary"] + seeds["baselines"] + seeds["efficiency"],
         "train_cyclegan": seeds["primary"] + seeds["efficiency"],
         "train_student": primary * seeds["primary"] + others * seeds["baselines"] + 4 * seeds["ablation"]
-        + 2 * seeds["efficiency"],
+        + 4 * seeds["efficiency"],
         "evaluate": (1 + primary + 3) * seeds["primary"] + (others + 1) * seeds["baselines"] + 4 * seeds["ablation"]
-        + 2 * seeds["efficiency"]}
+        + 4 * seeds["efficiency"]}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     wkd_refine = next(r for r in runs if r.name == "seed0/r0020/student-kd-ssim-refined_test_eval")
@@ -46,6 +46,11 @@ def test_plan_shares_teachers_refiners_and_students():
                                      ("table4", "wkd_refine|2 %")}
     control = next(r for r in runs if r.name == "seed1/r0020/student-supervised_test_eval")
     assert control.cells == [("table1", "supervised"), ("table4", "supervised|2 %")] and control.seed == 1
+    # Table 4's modern baselines at 2 % are Table 1's runs, on its baseline seeds only
+    bcp = [r for r in runs if ("table4", "bcp|2 %") in r.cells]
+    assert sorted(r.seed for r in bcp) == list(range(seeds["baselines"]))
+    assert all(("table1", "bcp") in r.cells for r in bcp)
+    assert [r.seed for r in runs if ("table4", "unimatch|10 %") in r.cells] == list(range(seeds["efficiency"]))
 
 
 def test_every_run_comes_after_the_runs_it_reads():
