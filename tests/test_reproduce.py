@@ -134,6 +134,12 @@ def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
     delta = next(line for line in md.splitlines() if line.startswith("| kd |") and "[" in line)
     assert "+0.1000 [+0.1000, +0.1000] *" in delta       # +0.1 on every case of both seeds
     assert csv_text.splitlines()[0].startswith("row,metric,mean,spread,seeds,delta")
+    # Table 4: one row a ratio, one count per method where the methods' seeds differ
+    results = {"runs": {f"{method}{seed}": evaluation([["table4", f"{method}|2 %"]], seed, [0.5, 0.6])
+                        for method, seeds in (("supervised", 3), ("wkd_refine", 3), ("bcp", 1), ("unimatch", 1))
+                        for seed in range(seeds)}}
+    md, _ = render("table4", dict(table_specs(PROFILES["quick"])["table4"], metrics=["dice"]), collect(results), "")
+    assert "| 2 % | 3 / 3 / 1 / 1 |" in md and "| 10 % | 0 |" in md
 
 
 def reproduce(data, out, *extra):
