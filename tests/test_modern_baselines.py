@@ -176,10 +176,16 @@ def test_bcp_needs_two_images_of_each_kind(tiny_data, tiny_teacher, tmp_path):
 
 
 def test_the_plan_scales_both_as_their_code_and_trains_them_on_the_baseline_seeds(tmp_path):
-    from reproduction.plan import PROFILES, Planner, method_settings
+    from reproduction.plan import PROFILES, Planner, method_settings, ratio_tag
     assert method_settings("bcp", 30000) == {"--lambda-max": 1.0, "--ramp-steps": 1, "--ema-decay": 0.99}
     assert method_settings("unimatch", 150) == {"--lambda-max": 1.0, "--ramp-steps": 1}
+    quick = PROFILES["quick"]
     runs = Planner("quick", tmp_path / "data", tmp_path / "out").plan()
     for method in ("bcp", "unimatch"):
         students = [r for r in runs if r.script == "train_student" and r.name.endswith(f"student-{method}.pt")]
-        assert len(students) == PROFILES["quick"]["seeds"]["baselines"]
+        # Table 1's ratio on the baseline seeds, Table 4's other ratios on the efficiency seeds
+        for ratio in quick["table4_ratios"]:
+            at_ratio = [r for r in students if f"/{ratio_tag(ratio)}/" in r.name]
+            assert len(at_ratio) == quick["seeds"]["baselines" if ratio == quick["ratio"] else "efficiency"]
+        others = len(quick["table4_ratios"]) - 1
+        assert len(students) == quick["seeds"]["baselines"] + quick["seeds"]["efficiency"] * others
