@@ -6,7 +6,7 @@ import torch
 from conftest import assert_same_training, resumed, run_scripts
 
 import train_cyclegan
-from data import load_tensors, phantom
+from data import load_tensors
 from engine.state import check_same_experiment, load_checkpoint
 from nets import load_network
 from errors import UserError
