@@ -72,10 +72,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
                       "--lr", "1e30", "--width", "4", "--labeled-ratio", "0.3", *TINY)
     assert_one_line_error(proc, "non-finite loss at step")
     step = int(proc.stderr.split("at step ")[1].split(":")[0])
-    if out.exists():
-        ckpt = torch.load(out, weights_only=True)
-        assert ckpt["step"] <= step
-        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    ckpt = torch.load(out, weights_only=True)
+    # steps count from 0, a checkpoint's step is the number done: all of them before the bad one
+    assert 0 < ckpt["step"] <= step and f"(step {ckpt['step']}) is kept" in proc.stderr
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not out.with_name("t.pt.tmp").exists()
 
 

@@ -10,6 +10,7 @@ from data import load_tensors
 from engine.state import check_same_experiment, load_checkpoint
 from nets import load_network
 from errors import UserError
+from kernels import boundary_metrics
 from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 
 TINY = ["--width", "4", "--blocks", "1", "--disc-width", "4", "--batch-size", "2", "--pool-size", "3"]
@@ -40,7 +41,7 @@ def test_generator_and_discriminator_shapes():
     x = torch.rand(3, 2, 36, 52)            # multiples of 4, not of 8
     g = ResnetGenerator(width=4, blocks=2, map_temperature=4.0)
     assert g(x).shape == (3, 1, 36, 52)
-    assert ResnetGenerator(**g.config).load_state_dict(g.state_dict())
+    ResnetGenerator(**g.config).load_state_dict(g.state_dict())   # strict: a missing or extra key raises
     d = PatchDiscriminator(1, width=4, layers=3)
 
     def conv(n, stride):                    # 4x4 kernels, padding 1
@@ -49,7 +50,7 @@ def test_generator_and_discriminator_shapes():
     for stride in (2, 2, 2, 1, 1):
         h, w = conv(h, stride), conv(w, stride)
     assert d(x[:, 1:]).shape == (3, 1, h, w)
-    assert PatchDiscriminator(**d.config).load_state_dict(d.state_dict())
+    PatchDiscriminator(**d.config).load_state_dict(d.state_dict())
 
 
 def test_untrained_generator_is_the_identity_and_can_flip_any_pixel():
@@ -107,6 +108,21 @@ def test_keep_rule_needs_a_sure_dice_gain_and_no_worse_hd95():
     assert not train_cyclegan.refinement_gain(teacher, teacher)["passes"]
 
 
+def test_keep_rule_metrics_are_per_case_dice_and_hd95_of_the_argmax():
+    from monai.metrics import compute_hausdorff_distance
+    target = torch.zeros(2, 24, 32, dtype=torch.long)
+    target[:, 4:14, 5:15] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 4:14, 7:17] = 1                    # shifted two columns: Dice 2 * 80 / 200
+    pred[1, 6:20, 3:15] = 1                    # larger and lower: Dice 2 * 80 / (168 + 100)
+    logits = torch.stack([1 - pred, pred], 1).float()
+    got = train_cyclegan.case_metrics(logits, target)
+    np.testing.assert_allclose(got["dice"], [0.8, 160 / 268], rtol=1e-6)
+    expected = compute_hausdorff_distance(pred[:, None].float(), target[:, None].float(), percentile=95,
+                                          include_background=True)[:, 0]
+    np.testing.assert_allclose(got["hd95"], expected.double().numpy(), rtol=0, atol=1e-5)
+
+
 def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny_data, tiny_teacher, full_run):
     path, stdout = full_run
     assert "Dice" in stdout and "HD95" in stdout
@@ -130,7 +146,12 @@ def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(t
     assert m["teacher_dice"] == pytest.approx(dice(teacher_logits.argmax(1), masks), abs=1e-6)
     assert m["refined_dice"] == pytest.approx(dice(refined[:, 1] > 0, masks), abs=1e-6)
     assert m["dice_gain"] == pytest.approx(m["refined_dice"] - m["teacher_dice"])
-    assert "teacher_hd95" in m and "refined_hd95" in m
+    teacher_hd95 = boundary_metrics(teacher_logits.argmax(1) == 1, masks == 1)["hd95"]
+    refined_hd95 = boundary_metrics(refined.argmax(1) == 1, masks == 1)["hd95"]
+    both = teacher_hd95.isfinite() & refined_hd95.isfinite()     # the rule's cases: HD95 defined for both
+    # NaN where the six-step teacher predicts no foreground in any case: the stored value must be too
+    assert m["teacher_hd95"] == pytest.approx(teacher_hd95[both].mean().item(), abs=1e-9, nan_ok=True)
+    assert m["refined_hd95"] == pytest.approx(refined_hd95[both].mean().item(), abs=1e-9, nan_ok=True)
     # which refiner was kept, and by the rule: a candidate that does not pass leaves the identity
     assert ckpt["kept"] in ("trained", "identity") and "passes" in ckpt["candidate"]
     assert (ckpt["kept"] == "trained") == bool(ckpt["candidate"]["passes"])

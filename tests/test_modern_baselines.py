@@ -104,7 +104,18 @@ def test_bcp_weights_the_unlabelled_pixels_half():
     ce_in = F.cross_entropy(z[..., :3], y[..., :3])
     torch.testing.assert_close(region_loss(z, y, box), ce_in + masked_dice_loss(z[..., :3], y[..., :3],
                                                                                 box[..., :3]))
-    assert objectives.BCP_UNLABELLED_WEIGHT == 0.5
+
+
+def test_bcp_step_weights_the_pseudo_labelled_regions_half(monkeypatch):
+    # each region's loss a power of ten, in the order the mixing test reads them: inward
+    # labelled, inward unlabelled, outward labelled, outward unlabelled
+    calls = []
+    monkeypatch.setattr(objectives, "region_loss",
+                        lambda z, y, region: calls.append(region) or torch.tensor(10.0 ** (len(calls) - 1)))
+    b = inputs(Passes(), targets=lambda x: logits(len(x), 2, *x.shape[-2:], seed=5), n=4)
+    loss, _ = objectives.bcp_step(b)
+    assert len(calls) == 4
+    torch.testing.assert_close(loss, torch.tensor(1.0 + 0.5 * 10.0 + 100.0 + 0.5 * 1000.0))
 
 
 def test_bcp_keeps_each_sides_largest_component():
