@@ -1,6 +1,6 @@
 """Reproduce the paper's four tables (SPEC section 7) with one command.
 
-    python reproduce.py --profile quick                    # CPU: small size and widths, three seeds
+    python reproduce.py --profile quick                    # CPU: small size and widths, 7 seeds for the claims
     python reproduce.py --profile paper --devices cuda:0,cuda:1,cuda:2,cuda:3
     python reproduce.py --profile paper --plan-json plan.json   # for a cluster's scheduler
     python reproduce.py --profile paper --run seed0/r0025/teacher.pt
@@ -53,7 +53,7 @@ SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), 
 
 @dataclasses.dataclass
 class ReproduceSettings:
-    profile: str = setting("quick", "quick: CPU minutes; paper: GPU, full size, three seeds; micro: a seconds-long "
+    profile: str = setting("quick", "quick: CPU minutes; paper: GPU, full size, six seeds; micro: a seconds-long "
                                     "check", choices=tuple(PROFILES))
     data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
     out: Path | None = setting(None, "output folder; default: results/<profile>")

@@ -47,7 +47,7 @@ PROFILES = {
                   ratio=0.02, table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
                   cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=1, steps=200),
                   student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
-    # GPU: the phantom's full 256x512 resolution, paper-sized networks, the seeds of the quick profile.
+    # GPU: the phantom's full 256x512 resolution, paper-sized networks, six seeds (three above 2 % labels).
     "paper": dict(size=(256, 512), precision="bf16", seeds=dict(primary=6, baselines=6, ablation=6, efficiency=3),
                   ratio=0.02, table4_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
                   cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=10000),
