@@ -342,7 +342,7 @@ def main(argv=None):
     candidate = state.best["metrics"]
     kept = "trained" if candidate["passes"] else "identity"
     if kept == "identity":
-        identity = ResnetGenerator(**config["G_AB"])      # a zero correction: the teacher's prediction
+        identity = ResnetGenerator(**config["G_AB"]).to(device)   # a zero correction: the teacher's prediction
         state.keep(weights_copy(identity), 0, validate(identity), 0.0)
     state.extra.update(kept=kept, candidate=candidate)
     state.write(s.steps)
