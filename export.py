@@ -10,13 +10,13 @@ what it writes with the checkpoint. Needs onnx (and onnxruntime to run it): pip 
 onnxruntime, or -r requirements-test.txt.
 """
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 
 from engine.cli import parse, setting, writable_file
 from engine.deploy import export_onnx
+from engine.records import write_atomic
 from errors import UserError, exit_on_user_error
 from nets import load_network
 
@@ -39,12 +39,7 @@ def main(argv=None):
                         "(or pip install -r requirements-test.txt)") from None
     out = writable_file(s.out)
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", torch.device("cpu"))
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        export_onnx(model, ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda tmp: export_onnx(model, ckpt, tmp))
     h, w = ckpt["size"]
     print(f"{out}: {ckpt['kind']} {s.ckpt.name} as ONNX, input (N, 1, H, W) trained at {h}x{w}, "
           f"{ckpt['config']['num_classes']} outputs; run it with predict.py --ckpt {out.name}")

@@ -30,7 +30,7 @@ import torch
 
 from data import prepare_dataset
 from engine.cli import REPO, check_device, parse, setting, writable_dir, writable_file
-from engine.records import environment, write_json
+from engine.records import environment, write_json, write_text
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
 from objectives import OBJECTIVES
@@ -167,10 +167,10 @@ def write_tables(out: Path, results: dict) -> str:
     cells, text = collect(results), []
     for name, spec in table_specs(PROFILES[results["profile"]]).items():
         md, table_csv = render(name, spec, cells, caption(results))
-        (out / f"{name}.md").write_text(md)
-        (out / f"{name}.csv").write_text(table_csv)
+        write_text(out / f"{name}.md", md)
+        write_text(out / f"{name}.csv", table_csv)
         text.append(md)
-    (out / "tables.md").write_text("\n".join(text))
+    write_text(out / "tables.md", "\n".join(text))
     draw_figures(out, cells, table_specs(PROFILES[results["profile"]]), PROFILES[results["profile"]])
     return "\n".join(text)
 

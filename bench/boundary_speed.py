@@ -24,6 +24,7 @@ import triton
 
 from kernels import boundary_metrics
 from bench.check_rows import machine
+from engine.records import write_text
 
 BATCH, HEIGHT, WIDTH = 32, 1024, 2048
 SPACING = (0.1, 0.1)
@@ -249,8 +250,7 @@ def main():
     report["ratios"], report["arithmetic"] = ratios(report["side_by_side"], gpu)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_text(args.out, json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from bench.synthetic import panorama, write_case
 from data.check import check_folder, fingerprint
 from data.classes import dataset_classes
+from engine.records import write_text
 
 
 def write_synthetic(root: Path, n=2500, distinct=100, size=(1400, 2900), masked_every=10, seed=0):
@@ -79,7 +80,7 @@ def main():
         results.append(measure(folder))
         print(json.dumps(results[-1]))
     machine["load_average_after"] = os.getloadavg()[0]
-    args.out.write_text(json.dumps(dict(machine=machine, results=results), indent=2) + "\n")
+    write_text(args.out, json.dumps(dict(machine=machine, results=results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import native_specialize_impl
 
+from engine.records import write_text
 from kernels import boundary_triton, kd_triton
 from kernels.kd_reference import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
@@ -228,8 +229,7 @@ def main():
     report = dict(triton=triton.__version__, torch=torch.__version__, shape=list(BENCH_SHAPE),
                   min_ctas_per_sm_required=MIN_CTAS_PER_SM, summary=worst, configurations=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_text(args.out, json.dumps(report, indent=1))
     print(json.dumps(worst, indent=1))
     print(f"wrote {args.out}: {len(rows)} configurations")
 

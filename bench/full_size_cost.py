@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.synthetic import panorama, write_case
+from engine.records import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (1435, 2943)
@@ -86,8 +87,8 @@ def main():
             print(f"{name}, batch {batch}: {results[f'{name}, batch {batch}']}", flush=True)
     machine = dict(cpu=platform.processor() or platform.machine(), cores=len(os.sched_getaffinity(0)),
                    load_average=os.getloadavg()[0], threads=os.environ.get("OMP_NUM_THREADS", "all"))
-    args.out.write_text(json.dumps(dict(machine=machine, image_size=list(SIZE), network_input=[128, 256],
-                                        teacher_width=16, results=results), indent=2) + "\n")
+    write_text(args.out, json.dumps(dict(machine=machine, image_size=list(SIZE), network_input=[128, 256],
+                                         teacher_width=16, results=results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def main():
     from bench.check_rows import machine
     from bench.gpu_check import SIZES, every_launch
     from bench.precompile import distinct, record_launches, warm
+    from engine.records import write_text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -46,8 +47,7 @@ def main():
                               f"{cost['launcher_serial_s']} s launchers) / {HOST_CORES} = "
                               f"{serial / HOST_CORES:.1f} s, at least the longest kernel's mean "
                               f"{longest:.1f} s; measured here: {cost['wall_s']} s on {cost['workers']} workers"))
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_text(args.out, json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 

@@ -24,7 +24,7 @@ import triton
 
 from bench.check_rows import Rows, machine
 from bench.kd_traffic import kd_traffic
-from engine.records import cpu_model
+from engine.records import cpu_model, write_text
 from kernels.kd_loss import weighted_kd_loss
 from kernels.kd_reference import kd_loss_reference, weight_map_reference
 
@@ -184,8 +184,7 @@ def main():
     report["results"] = results
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_text(args.out, json.dumps(report, indent=2))
         print(f"wrote {args.out}")
 
 

@@ -15,8 +15,8 @@ all pixels and within 3 pixels of the teacher's predicted boundary; the mean wei
 on right pixels; and the share of the loss's weight mass that falls on wrong pixels against the
 share of wrong pixels (a weight that suppresses mistakes puts less).
 
-The rule that picks the student's default, fixed before the study was run: the variant with the
-best mean all-pixel AUROC on the noised view over the students given.
+The rule that picks the student's default, fixed before the study was run: the `ssim` variant
+with the best mean all-pixel AUROC on the noised view over the students given.
 """
 import argparse
 import json
@@ -30,6 +30,7 @@ from scipy import ndimage, stats
 from data import Corruption, Photometric, augment_photometric, corrupt, inherited_split, load_tensors, \
     prepare_dataset, step_generator, strengths
 from engine.loop import predict_logits
+from engine.records import write_text
 from errors import UserError, exit_on_user_error
 from kernels import kd_weight_map
 from nets import load_network
@@ -118,11 +119,12 @@ def main(argv=None):
         result["students"][label] = study(teacher, student, images, masks, ckpt["split"]["seed"], student_args)
         print(label, {k: round(v["auroc"], 3) for k, v in result["students"][label].items()
                       if isinstance(v, dict) and k.startswith("noised/")}, flush=True)
-    noised = [k for k in VARIANTS if k.startswith("ssim")]
-    mean = {k: float(np.mean([st[f"noised/{k}"]["auroc"] for st in result["students"].values()])) for k in noised}
+    ssim_variants = [k for k in VARIANTS if k.startswith("ssim")]
+    mean = {k: float(np.mean([st[f"noised/{k}"]["auroc"] for st in result["students"].values()]))
+            for k in ssim_variants}
     result["mean_noised_auroc"], result["chosen"] = mean, max(mean, key=mean.get)
     print("chosen by the rule:", result["chosen"], {k: round(v, 3) for k, v in mean.items()})
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ per group of validation numbers sharing their last word (`teacher_dice` and `ref
 one, `dice_gain` and `gain` in another), so that any stage's keys are plotted without a list.
 """
 import math
-import os
 from pathlib import Path
 
 from matplotlib.figure import Figure   # no pyplot: no global backend or state, safe in any process
+
+from .records import write_atomic
 
 SMOOTHING = 0.9     # the running mean of engine.loop's progress bar
 
@@ -68,6 +69,4 @@ def plot_curves(entries, path: Path, title: str) -> None:
         ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
     fig.suptitle(title, fontsize=11)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

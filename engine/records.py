@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+
 from .cli import REPO, settings_json
 
 
@@ -55,29 +57,44 @@ def environment() -> dict:
                 command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic write, so a reader never sees half a file."""
+def write_atomic(path, write) -> None:
+    """`write(tmp)` into a file beside `path`, then a rename onto it: a reader never sees half a file,
+    a failure leaves none, and a write error is one line naming the file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, obj) -> None:
+def write_text(path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def fill_folder(out: Path, write):
     """Return write(tmp) after it has filled `tmp`, a sibling folder that then replaces `out`: a failure
-    or an interruption leaves `out` as it was and no half-written folder."""
-    tmp = out.with_name(out.name + ".tmp")
+    or an interruption leaves `out` as it was (in the instant between two renames, as `<out>.old`)
+    and no half-written folder."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result = write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)   # a rename, not a deletion, so that an interruption cannot leave half of `out`
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return result
 
 

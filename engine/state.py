@@ -17,7 +17,7 @@ from data import derive_seed
 from errors import UserError
 
 from .cli import settings_json
-from .records import git_hash
+from .records import git_hash, write_atomic
 
 # Flags a resumed run may change: where it writes, whether it resumes, and on which device.
 RESUME_MAY_CHANGE = ("out", "resume", "device")
@@ -27,15 +27,8 @@ RESUME_MAY_CHANGE = ("out", "resume", "device")
 # checkpoint files
 
 def save_checkpoint(path, state: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    """Atomically: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path, flag: str) -> dict:
@@ -55,6 +48,11 @@ def read_checkpoint(path, flag: str) -> dict:
     return state
 
 
+# what every stage writes, with the type a field must have where later code relies on it
+CHECKPOINT_FIELDS = dict(config=dict, model=dict, split=dict, size=None, train_state=dict, args=dict, metrics=dict,
+                         step=int, classes=None, data_fingerprint=None)
+
+
 def load_checkpoint(path, kinds, flag: str) -> dict:
     """A checkpoint given on the command line as `flag`; it must be of one of `kinds`."""
     state = read_checkpoint(path, flag)
@@ -62,9 +60,17 @@ def load_checkpoint(path, kinds, flag: str) -> dict:
     if kind not in kinds:
         want = " or ".join(kinds)
         raise UserError(f"{flag} {path}: is a {kind or 'foreign'} checkpoint, expected a {want} checkpoint")
-    missing = [k for k in ("config", "model", "split", "size", "train_state") if k not in state]
+    missing = [k for k in CHECKPOINT_FIELDS if k not in state]
     if missing:
         raise UserError(f"{flag} {path}: incomplete {kind} checkpoint (no {', '.join(missing)}); retrain it")
+    size, split = state["size"], state["split"]
+    malformed = [k for k, form in CHECKPOINT_FIELDS.items() if form is not None and not isinstance(state[k], form)]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        malformed.append("size")
+    if isinstance(split, dict) and not all(isinstance(split.get(k), list) for k in ("labeled", "unlabeled", "val", "test")):
+        malformed.append("split")
+    if malformed:
+        raise UserError(f"{flag} {path}: malformed {kind} checkpoint ({', '.join(malformed)}); retrain it")
     return state
 
 

@@ -3,13 +3,15 @@
 forest.png: one line per row with a control (the claims first, then Tables 1-3), its mean paired
 difference with the 95 % interval as a bar and each seed's own difference as a dot; Dice in
 points on the left, HD95 in pixels on the right, zero marked. label_efficiency.png: test Dice of
-the supervised control and the paper's method against the labelled fraction, mean and seeds.
+Table 4's methods against the labelled fraction, mean and seeds.
 """
 import matplotlib
 
 matplotlib.use("Agg")       # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from engine.records import write_atomic  # noqa: E402
 
 from .plan import TABLE4_METHODS, percent, table4_label  # noqa: E402
 from .tables import claims, paired_difference  # noqa: E402
@@ -51,7 +53,7 @@ def draw_forest(path, rows: list) -> None:
     axes[0].set_yticks(y, [label for label, _ in rows], fontsize=8)
     fig.suptitle("Paired differences: mean and 95 % interval over seeds (bars), each seed (dots)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -74,7 +76,7 @@ def draw_label_efficiency(path, cells: dict, ratios) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
