@@ -138,6 +138,8 @@ def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, t
 @exit_on_user_error
 def main(argv=None):
     s = parse(EvaluateSettings, __doc__, argv)
+    if s.refiner and s.postprocess:
+        raise UserError("--refiner and --postprocess: choose one")
     spacing = None if s.spacing is None else pixel_spacing(s.spacing)
     device = select_device(s.device)
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", device)
@@ -149,8 +151,6 @@ def main(argv=None):
     if not ids:
         raise UserError(f"--split {s.split}: the split of --ckpt {s.ckpt} has no {s.split} cases")
     refine = None
-    if s.refiner and s.postprocess:
-        raise UserError("--refiner and --postprocess: choose one")
     if (s.refiner or s.postprocess) and ckpt["kind"] != "teacher":
         flag = "--refiner" if s.refiner else "--postprocess"
         raise UserError(f"{flag} changes a teacher's predictions; --ckpt {s.ckpt} is a {ckpt['kind']}")

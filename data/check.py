@@ -77,7 +77,8 @@ def check_folder(root: Path, classes, split: dict | None = None) -> dict:
             problems.append(str(err))
     ids = sorted(images) if split is None else sorted({i for key in SPLIT_KEYS for i in split[key]})
     missing = [i for i in ids if i not in images]
-    unmasked = [i for key in ("labeled", "val", "test") for i in (split or {}).get(key, []) if i not in masks]
+    unmasked = [i for key in ("labeled", "val", "test") for i in (split or {}).get(key, [])
+                if i in images and i not in masks]   # an id without an image is listed once, above
     if missing or unmasked:
         problems.append(f"--data {root}: the split's ids {few(missing + unmasked)} have no image or mask any more")
     dataset = Dataset(images, masks, classes, root)

@@ -248,7 +248,7 @@ class Dataset:
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 1:
             raise UserError(f"--size {' '.join(map(str, size))}: give two positive integers H W")
-        missing = [i for i in ids if i not in self.images] + [i for i in ids if with_masks and i not in self.masks]
+        missing = [i for i in ids if i not in self.images or (with_masks and i not in self.masks)]
         if missing:
             what = "an image or mask" if with_masks else "an image"
             raise UserError(f"--data {self.root}: ids without {what}: {few(missing)}")

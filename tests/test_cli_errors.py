@@ -119,6 +119,22 @@ def test_splits_json_and_labeled_ratio_conflict(tiny_data, tiny_teacher, tmp_pat
     assert_one_line_error(proc, "splits.json", "differs")
 
 
+@pytest.mark.parametrize("field,value,message", [("args", None, "incomplete teacher checkpoint (no args)"),
+                                                 ("size", "abc", "malformed teacher checkpoint (size)"),
+                                                 ("split", dict(val=[]), "malformed teacher checkpoint (split)")])
+def test_a_checkpoint_missing_or_mangling_a_field_is_a_one_line_error(tiny_data, tiny_teacher, tmp_path, field,
+                                                                       value, message):
+    ckpt = torch.load(tiny_teacher, weights_only=True)
+    if value is None:
+        del ckpt[field]
+    else:
+        ckpt[field] = value
+    odd = tmp_path / "teacher.pt"
+    torch.save(ckpt, odd)
+    proc = run_main("evaluate.py", "--data", tiny_data, "--ckpt", odd, "--out", tmp_path / "e")
+    assert_one_line_error(proc, "--ckpt", message)
+
+
 def test_incompatible_network_config_is_a_one_line_error(tiny_data, tiny_teacher, tmp_path):
     ckpt = torch.load(tiny_teacher, weights_only=True)
     ckpt["config"] = dict(ckpt["config"], width=8)          # weights of width 4 no longer fit
