@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from errors import UserError
 from kernels import weighted_kd_loss
-from nets.postprocess import largest_component
+from nets.postprocess import largest_per_side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +175,9 @@ def largest_component_per_side(labels: torch.Tensor, classes: int) -> torch.Tens
     sinus per side, so here it is each side's (the image cut at its middle column)."""
     arrays = labels.cpu().numpy()
     out = np.zeros_like(arrays)
-    half = arrays.shape[-1] // 2
     for image, kept in zip(arrays, out):
-        for side in (slice(0, half), slice(half, None)):
-            for c in range(1, classes):
-                kept[:, side][largest_component(image[:, side] == c)] = c
+        for c in range(1, classes):
+            kept[largest_per_side(image == c)] = c
     return torch.from_numpy(out).to(labels.device)
 
 
@@ -243,7 +241,7 @@ def unimatch_step(b: StepInputs):
     s = b.settings
     weak, fp = b.student(b.clean, features=perturb_features).chunk(2)
     conf, label = weak.detach().float().softmax(1).max(1)
-    # CutMix partner: the next image of the batch, whose weak prediction gives the box's labels
+    # CutMix partner: the previous image of the batch (a roll by one), whose weak prediction gives the box's labels
     terms = []
     for view in (b.noised, b.perturb(b.clean, b.generator)):
         box = cutmix_boxes(len(view), view.shape[-2:], b.generator).to(view.device)

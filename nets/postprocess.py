@@ -22,12 +22,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(sizes.argmax())
 
 
-def clean_foreground(mask: np.ndarray) -> np.ndarray:
-    """A boolean (H, W) foreground cut at the middle column, the largest component of each half
-    kept, then every hole of the result filled."""
+def largest_per_side(mask: np.ndarray) -> np.ndarray:
+    """A boolean (H, W) mask cut at the middle column, the largest component of each half kept."""
     half = mask.shape[1] // 2
-    kept = np.concatenate([largest_component(mask[:, :half]), largest_component(mask[:, half:])], axis=1)
-    return ndimage.binary_fill_holes(kept)
+    return np.concatenate([largest_component(mask[:, :half]), largest_component(mask[:, half:])], axis=1)
+
+
+def clean_foreground(mask: np.ndarray) -> np.ndarray:
+    """`largest_per_side` of a boolean (H, W) foreground, then every hole of the result filled."""
+    return ndimage.binary_fill_holes(largest_per_side(mask))
 
 
 @torch.no_grad()
