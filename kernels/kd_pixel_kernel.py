@@ -11,10 +11,10 @@ import triton.language as tl
 from .kd_tiles import (GRAD, LOG2E, LOSS, WEIGHT_MAP, load_classes_last, load_logits, log2_scale, logit_gap,
                        probabilities, sigmoid_parts, store_classes_last, store_tile, student_grad, weighted_kl)
 
-UNIFORM = tl.constexpr(0)
-AGREE = tl.constexpr(1)
-TENSOR = tl.constexpr(2)
+# the WEIGHT constexpr: a weight of 1, the agreement computed in the kernel, or a weight tensor read
 WEIGHT_CODES = {"none": 0, "agree": 1, "tensor": 2}
+UNIFORM = tl.constexpr(WEIGHT_CODES["none"])
+AGREE = tl.constexpr(WEIGHT_CODES["agree"])
 
 
 @triton.jit

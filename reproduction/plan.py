@@ -19,8 +19,7 @@ from objectives import OBJECTIVES
 CONTROL = "supervised"          # the student every other row is compared with
 PAPER_METHOD = "wkd_refine"
 FULL_LABELS = "teacher, 100 % labels"
-# Student methods of Table 1 that are not KD cells; KD cells are (weight, pseudo-label source) pairs.
-BASELINES = tuple(name for name, o in OBJECTIVES.items() if o.weight is None)
+# KD cells are (weight, pseudo-label source) pairs.
 KD_METHOD = {(o.weight, o.refine): name for name, o in OBJECTIVES.items() if o.weight is not None}
 SOURCES = ("plain", "refined", "post-processed")
 KD_CELLS = [(w, source) for source in SOURCES[:2] for w in WEIGHT_MODES] + [("ssim", "post-processed")]
@@ -55,7 +54,7 @@ PROFILES = {
 }
 
 
-def method_settings(method: str, steps: int) -> list:
+def method_settings(method: str, steps: int) -> dict:
     """Flags a baseline needs to be scaled to the run as its reference implementation scales it.
     Mean teacher (SSL4MIS): consistency weight 0.1 against a supervised loss of half (CE + Dice),
     so 0.2 against this repo's CE + Dice, ramped up over the whole run; EMA decay 0.99 over 30,000

@@ -354,7 +354,7 @@ def test_scaled_gradient_is_the_oracle_rounded_once(dtype, weight_kind, reductio
     error = (s.grad.double() - expected).abs()
     # float32 probabilities carry ~eps32 absolute error, so pS - pT is good to a few eps32 times
     # the pixel's factor scale * t * w / Z. Triton's interpreter casts float32 to bfloat16 by
-    # truncation whatever the rounding mode (a GPU rounds to nearest, which kernels/gpu_check.py
+    # truncation whatever the rounding mode (a GPU rounds to nearest, which bench/gpu_check.py
     # checks at half an ulp): a whole ulp for bfloat16 here.
     rounding = 2 if dtype == torch.bfloat16 else 1
     factor = (LOSS_SCALE * 2.0 * w64 / z)[:, None]
