@@ -186,7 +186,9 @@ def writable_dir(path: Path, flag: str = "--out") -> Path:
 def output_folder(path: Path, written: set, flag: str = "--out") -> Path:
     """A folder a script fills with the entries `written`: a new one, or one it filled before, never a
     folder that holds anything else (it is replaced as a whole, see records.fill_folder)."""
-    if path.exists() and not (path.is_dir() and {p.name for p in path.iterdir()} <= written):
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file; name a folder")
+    if path.exists() and not {p.name for p in path.iterdir()} <= written:
         raise UserError(f"{flag} {path}: exists and holds more than this script writes; choose a new folder")
     writable_dir(path.parent, flag)
     return path

@@ -135,6 +135,16 @@ def test_a_checkpoint_missing_or_mangling_a_field_is_a_one_line_error(tiny_data,
     assert_one_line_error(proc, "--ckpt", message)
 
 
+def test_an_out_folder_that_is_a_file_or_holds_other_files_is_refused(tiny_data, tiny_teacher, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("x")
+    for out, message in (("a_file", "is a file; name a folder"), ("theirs", "holds more than this script writes")):
+        proc = run_main("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--out", tmp_path / out)
+        assert_one_line_error(proc, "--out", message)
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "x" and (tmp_path / "a_file").read_text() == "x"
+
+
 def test_incompatible_network_config_is_a_one_line_error(tiny_data, tiny_teacher, tmp_path):
     ckpt = torch.load(tiny_teacher, weights_only=True)
     ckpt["config"] = dict(ckpt["config"], width=8)          # weights of width 4 no longer fit
