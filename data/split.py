@@ -33,8 +33,8 @@ def resolve_split(root, seed: int, labeled_ratio: float, test_fraction: float, v
     n_test, n_val = _round(test_fraction * len(masked)), _round(val_fraction * len(masked))
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     if min(n_test, n_val, len(train)) < 1:
-        raise UserError(f"--data {root}: {len(masked)} masked images split into {len(train)} train, {n_val} val and "
-                        f"{n_test} test at --val-fraction {val_fraction} --test-fraction {test_fraction}; each part "
+        raise UserError(f"--data {root}: {len(masked)} masked images split into {len(train)} train, {len(val)} val and "
+                        f"{len(test)} test at --val-fraction {val_fraction} --test-fraction {test_fraction}; each part "
                         f"needs at least one: add masks, change the fractions or write a splits.json")
     n_labeled = len(train) if labeled_ratio == 1 else max(1, _round(labeled_ratio * len(train)))
     unmasked = [i for i in images if i not in masks]

@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,7 +69,8 @@ def write_atomic(path, write) -> None:
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if not tmp.is_dir():    # a folder of that name was there before and is not ours to remove
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text: str) -> None:
@@ -81,20 +83,22 @@ def write_json(path, obj) -> None:
 
 def fill_folder(out: Path, write):
     """Return write(tmp) after it has filled `tmp`, a sibling folder that then replaces `out`: a failure
-    or an interruption leaves `out` as it was (in the instant between two renames, as `<out>.old`)
-    and no half-written folder."""
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    or an interruption leaves `out` as it was (in the instant between two renames, inside a fresh
+    `<out>.old-*` folder beside it) and no half-written folder."""
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result = write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    # a rename, not a deletion, so that an interruption cannot leave half of `out`; into a folder
+    # made here, so that nothing of the user's beside `out` is touched
+    old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
     if out.exists():
-        out.rename(old)   # a rename, not a deletion, so that an interruption cannot leave half of `out`
+        out.rename(old / out.name)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)
     return result
 
 

@@ -114,6 +114,12 @@ def test_too_few_labelled_images(tmp_path):
     raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.1, must_name=["--data", "3 masked"])
 
 
+def test_a_fraction_that_leaves_a_part_empty_is_named_with_the_sizes(tmp_path):
+    masked_dataset(tmp_path, 10)
+    raises(resolve_split, tmp_path, 0, 0.1, 0.2, 0.04, must_name=["8 train, 0 val and 2 test", "--val-fraction 0.04"])
+    raises(resolve_split, tmp_path, 0, 0.5, 0.6, 0.6, must_name=["0 train, 4 val and 6 test"])
+
+
 def test_labeled_ratio_out_of_range():
     for ratio in ("0", "1.5", "nan"):
         raises(parse, TeacherSettings, "", ["--labeled-ratio", ratio], must_name=[f"--labeled-ratio {float(ratio)}",

@@ -113,3 +113,15 @@ def test_the_check_validates_splits_json_too(tiny_data, tmp_path, capsys):
     report = check_problems(capsys, root)
     assert "2 problems" in report and "splits.json: unknown ids" in report and "ghost" in report
     assert "case_0005.png" in report
+
+
+def test_a_split_id_whose_image_and_mask_are_gone_is_listed_once(tiny_data, tiny_teacher, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    split = torch.load(tiny_teacher, weights_only=True)["split"]
+    gone = split["labeled"][0]
+    (root / "images" / f"{gone}.png").unlink()
+    (root / "masks" / f"{gone}.png").unlink()
+    with pytest.raises(UserError) as info:
+        check_folder(root, binary(), split)
+    assert f"the split's ids {gone} have no image or mask" in str(info.value)
