@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import derive_seed
+from data import SPLIT_KEYS, derive_seed
 from errors import UserError
 
 from .cli import settings_json
@@ -48,9 +48,22 @@ def read_checkpoint(path, flag: str) -> dict:
     return state
 
 
-# what every stage writes, with the type a field must have where later code relies on it
-CHECKPOINT_FIELDS = dict(config=dict, model=dict, split=dict, size=None, train_state=dict, args=dict, metrics=dict,
-                         step=int, classes=None, data_fingerprint=None)
+def _of(kind):
+    return lambda value: isinstance(value, kind)
+
+
+def _size(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+
+
+def _split(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), list) for k in SPLIT_KEYS)
+
+
+# what every stage writes, with the form later code relies on
+CHECKPOINT_FIELDS = dict(config=_of(dict), model=_of(dict), split=_split, size=_size, train_state=_of(dict),
+                         args=_of(dict), metrics=_of(dict), step=_of(int), classes=_of(object),
+                         data_fingerprint=_of(object))
 
 
 def load_checkpoint(path, kinds, flag: str) -> dict:
@@ -63,12 +76,7 @@ def load_checkpoint(path, kinds, flag: str) -> dict:
     missing = [k for k in CHECKPOINT_FIELDS if k not in state]
     if missing:
         raise UserError(f"{flag} {path}: incomplete {kind} checkpoint (no {', '.join(missing)}); retrain it")
-    size, split = state["size"], state["split"]
-    malformed = [k for k, form in CHECKPOINT_FIELDS.items() if form is not None and not isinstance(state[k], form)]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        malformed.append("size")
-    if isinstance(split, dict) and not all(isinstance(split.get(k), list) for k in ("labeled", "unlabeled", "val", "test")):
-        malformed.append("split")
+    malformed = [k for k, form in CHECKPOINT_FIELDS.items() if not form(state[k])]
     if malformed:
         raise UserError(f"{flag} {path}: malformed {kind} checkpoint ({', '.join(malformed)}); retrain it")
     return state
