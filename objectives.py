@@ -12,7 +12,8 @@ or (L_unsup, {name: float}) with numbers worth logging. An objective that needs 
 loss of one student pass (input mixing, several passes, perturbed features) registers a `step`
 instead: a function of the step's `StepInputs` returning the same; a plain loss is the step
 `loss(student(noised), targets(clean), settings)`.
-The KD pixel weights (`--weight`) are registered in `kernels.kd_reference`.
+The KD pixel weights (`--weight`) are registered in `kernels.kd_reference`; the KD objectives share
+one step, `kd_step`, and differ in their default weight and whether the targets are refined.
 """
 import dataclasses
 import math
@@ -40,6 +41,7 @@ class StepInputs:
     perturb: Callable           # (x, generator) -> another strongly perturbed view of x
     generator: torch.Generator  # for the objective's own draws (boxes), a stream of its own
     settings: object
+    truth: torch.Tensor | None = None   # (M, H, W) the clean view's true masks: oracle upper bounds only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,20 +122,41 @@ def consistency_loss(student_logits, ema_logits, s):
     return F.mse_loss(student_logits.float().softmax(1), ema_logits.float().softmax(1))
 
 
-def kd_loss(weight: str):
-    """The weighted KD loss of SPEC section 4 with `weight` as the default pixel weight (--weight overrides)."""
-    def loss(student_logits, teacher_logits, s):
-        return weighted_kd_loss(student_logits, teacher_logits, weight=weight if s.weight is None else s.weight,
-                                temperature=s.temperature, window=s.weight_window, gamma=s.weight_gamma,
-                                map_temperature=s.weight_map_temperature)
-    return loss
+ORACLE_MARGIN = 10.0    # logit of the true class in oracle targets: softmax 0.99995, KD ~ cross-entropy
 
 
-objective("kd", weight="none", summary="KD to the teacher, every pixel weighted 1")(kd_loss("none"))
-objective("wkd", weight="ssim", summary="KD weighted by the structural agreement of teacher and student")(
-    kd_loss("ssim"))
-objective("wkd_refine", weight="ssim", refine=True,
-          summary="wkd against teacher logits refined by SinusCycle-GAN (the paper's method)")(kd_loss("ssim"))
+def oracle_logits(truth: torch.Tensor, classes: int) -> torch.Tensor:
+    """(N, C, H, W) logits whose softmax is the true masks' one-hot up to ORACLE_MARGIN."""
+    return ORACLE_MARGIN * F.one_hot(truth, classes).permute(0, 3, 1, 2).float()
+
+
+def kd_weight(method: str, s) -> str:
+    """The KD pixel weight a run uses: --weight, else its method's."""
+    return s.weight or OBJECTIVES[method].weight
+
+
+def kd_step(b: StepInputs):
+    """The weighted KD loss of SPEC section 4 on the clean view's targets. The oracle upper bounds,
+    which read the unlabelled batch's true masks (`b.truth`), replace the weight by 1 where the
+    teacher's argmax is right and 0 elsewhere (--oracle weight), or the targets by the true masks
+    (--oracle targets)."""
+    s = b.settings
+    student, targets, weight = b.student(b.noised), b.targets(b.clean), kd_weight(s.method, s)
+    if s.oracle == "weight":
+        weight = (targets.argmax(1) == b.truth).float()
+    elif s.oracle == "targets":
+        targets = oracle_logits(b.truth, targets.shape[1])
+    return weighted_kd_loss(student, targets, weight=weight, temperature=s.temperature, window=s.weight_window,
+                            gamma=s.weight_gamma, map_temperature=s.weight_map_temperature)
+
+
+objective("kd", weight="none", step=True, summary="KD to the teacher, every pixel weighted 1")(kd_step)
+objective("wkd", weight="ssim", step=True, summary="KD weighted by the structural agreement of teacher and "
+                                                    "student")(kd_step)
+objective("kd_refine", weight="none", refine=True, step=True,
+          summary="kd against teacher logits refined by SinusCycle-GAN")(kd_step)
+objective("wkd_refine", weight="ssim", refine=True, step=True,
+          summary="wkd against teacher logits refined by SinusCycle-GAN (the paper's method)")(kd_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ def run_record(run, wall: float | None, previous: dict, out: Path, data: Path) -
         per_class = [m for m in (rows[0] if rows else ()) if m.partition("[")[0] in CASE_METRICS and "[" in m]
         entry["cases"].update({m: [None if r[m] == "nan" else float(r[m]) for r in rows]
                                for m in (*CASE_METRICS, *per_class)})
+    elif run.script == "train_cyclegan":     # the refiner's validation record: its keep-rule verdict
+        entry["keep_rule"] = read_checkpoint(run.output, "--out")["metrics"]
     return entry
 
 

@@ -10,18 +10,25 @@ maps against the teacher's. By default the discriminators see the mask alone (--
 mask) through a receptive field of about one sinus lobe (--disc-layers), binarised in the
 forward pass and both sides randomly translated alike; the few real masks are also deformed
 (flips, affine and elastic, --real-deform) so that the discriminator cannot memorise them. The
-losses: least squares adversarial, cycle L1 and identity L1 on the generators' maps.
+losses: least squares adversarial, cycle L1 and identity L1 on the generators' maps, and with
+--fidelity-weight an L1 of G_AB's map to the teacher's, which keeps the refiner from moving a
+whole mask's area where the few expert masks do not support it.
 
 The specified design (SPEC section 5) is `--disc-input pair --disc-layers 3 --adversarial-weight 1
 --cycle-weight 10 --identity-weight 5 --real-deform 0 --lr 2e-4`.
 
-Selection: the candidate G_AB (that of the best validation check, or with --keep final the last) is kept only
-when its per-case validation Dice gain over the teacher has a 95 % lower bound above zero and its
-mean HD95 is not worse; otherwise the checkpoint holds the identity (the teacher's own
-prediction), and the log and the checkpoint's metrics say which was kept.
+The refiner G_AB written to --out is the trained one, always: the paper applies SinusCycle-GAN
+to every pseudo label. With --keep best it is the generator of the best validation check after
+the first (the untrained generator at step 0 is the baseline, never a candidate), with --keep
+final the last; with --average, the running average of G_AB's weights stands for G_AB at every
+check. The checkpoint also records the keep rule's verdict on it (`keep_rule`): whether its
+per-case validation Dice gain over the teacher has a 95 % lower bound above zero and its mean
+HD95 is not worse. `train_student.py --refiner-gate` uses that verdict to distil from the
+teacher's own logits where the rule fails; nothing else does.
 
 Settings: the block below, on the shared ones of settings.py (Training).
 """
+import copy
 import dataclasses
 import functools
 import math
@@ -55,7 +62,7 @@ ELASTIC_GRID = (4, 8)         # coarse displacement grid (rows, columns), upsamp
 class CycleGANSettings(Training):
     out: Path = setting(Path("cyclegan.pt"), "checkpoint to write (logs go to a folder beside it)")
     teacher: Path | None = setting(None, "teacher checkpoint whose pseudo labels to refine", required=True)
-    lr: float = setting(5e-4, "learning rate of both Adam optimisers (betas 0.5, 0.999; SPEC section 5: 2e-4)",
+    lr: float = setting(2e-4, "learning rate of both Adam optimisers (betas 0.5, 0.999; SPEC section 5: 2e-4)",
                         within="(0, inf)")
     width: int = setting(16, "generator channels at full resolution", within="[1, inf)")
     blocks: int = setting(4, "residual blocks in each generator", within="[1, inf)")
@@ -71,10 +78,15 @@ class CycleGANSettings(Training):
                                   within="[0, inf)")
     identity_weight: float = setting(1.0, "weight of the identity L1 G_AB(xl, yl) ~ yl (SPEC section 5: 5)",
                                      within="[0, inf)")
+    fidelity_weight: float = setting(1.0, "weight of the fidelity L1 G_AB(xu, qT) ~ qT, which holds the refined map "
+                                          "near the teacher's where the adversarial loss gains little (not in SPEC)",
+                                     within="[0, inf)")
     real_deform: float = setting(1.0, "elastic displacement of the real masks shown to D_B, in pixels (0: none, "
                                       "and no flip or affine either)", within="[0, inf)")
-    keep: str = setting("best", "candidate G_AB for the keep rule: the best validation check's (the Dice gain is "
-                                "gated, so a noise-level best is not kept) or the final one", choices=("best", "final"))
+    keep: str = setting("final", "the refiner written: the best validation check's after step 0, or the final one",
+                        choices=("best", "final"))
+    average: float = setting(0.99, "decay of the running average of G_AB's weights used at every check and written "
+                                  "(0: none, the trained weights themselves)", within="[0, 1)")
     pool_size: int = setting(50, "fakes kept in each discriminator's history pool (0: none)", within="[0, inf)")
     decay_start: float = setting(0.5, "fraction of --steps after which the learning rate decays linearly to 0",
                                  within="[0, 1]")
@@ -169,16 +181,19 @@ class DiscriminatorView:
 
 
 def generator_loss(nets, view, xa, qa, xb, yb, s, g):
-    """LSGAN + cycle L1 + identity L1 of both generators on their maps -> (loss, fake A, fake B, parts)."""
+    """LSGAN + cycle L1 + identity L1 (+ fidelity L1) of both generators on their maps -> (loss, fake A, fake B,
+    parts)."""
     def through(name, image, mask):
         return torch.sigmoid(nets[name](pair(image, mask)))
     fake_b = through("G_AB", xa, qa)                 # refined pseudo label of xu
     fake_a = through("G_BA", xb, yb)                 # teacher-like map of xl
     cycle = F.l1_loss(through("G_BA", xa, fake_b), qa) + F.l1_loss(through("G_AB", xb, fake_a), yb)
     identity = F.l1_loss(through("G_AB", xb, yb), yb)
+    fidelity = F.l1_loss(fake_b, qa)
     adversarial = lsgan(view(nets["D_B"], xa, fake_b, g), True) + lsgan(view(nets["D_A"], xb, fake_a, g), True)
-    loss = s.adversarial_weight * adversarial + s.cycle_weight * cycle + s.identity_weight * identity
-    parts = dict(adv=adversarial.detach(), cycle=cycle.detach(), idt=identity.detach())
+    loss = (s.adversarial_weight * adversarial + s.cycle_weight * cycle + s.identity_weight * identity
+            + s.fidelity_weight * fidelity)
+    parts = dict(adv=adversarial.detach(), cycle=cycle.detach(), idt=identity.detach(), fid=fidelity.detach())
     return loss, fake_a.detach(), fake_b.detach(), parts
 
 
@@ -202,17 +217,39 @@ def case_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
 
 
 def refinement_gain(teacher: dict, refined: dict) -> dict:
-    """Validation means, the paired Dice gain with its 95 % t lower bound over the cases, and whether
-    the refinement passes the keep rule (lower bound above zero, HD95 not worse where defined)."""
+    """Validation means, the paired Dice gain with its 95 % t lower bound over the cases, and the keep
+    rule's verdict on the refinement (`passes`: 1.0 or 0.0)."""
     gain = refined["dice"] - teacher["dice"]
     both = np.isfinite(teacher["hd95"]) & np.isfinite(refined["hd95"])
     n = len(gain)
     low = float(gain.mean() - stats.t.ppf(0.975, n - 1) * gain.std(ddof=1) / math.sqrt(n)) if n > 1 else -math.inf
     out = dict(teacher_dice=float(teacher["dice"].mean()), refined_dice=float(refined["dice"].mean()),
-               teacher_hd95=float(teacher["hd95"][both].mean()), refined_hd95=float(refined["hd95"][both].mean()),
+               teacher_hd95=float(teacher["hd95"][both].mean()) if both.any() else math.nan,
+               refined_hd95=float(refined["hd95"][both].mean()) if both.any() else math.nan,
                dice_gain=float(gain.mean()), dice_gain_low=0.0 if not gain.any() else low)
-    out["passes"] = float(out["dice_gain_low"] > 0 and out["refined_hd95"] <= out["teacher_hd95"])
+    out["passes"] = float(not keep_rule_failures(out))
     return out
+
+
+def keep_rule_failures(gain: dict) -> list:
+    """What the keep rule finds wrong with a refinement: its Dice gain's 95 % lower bound is not above
+    zero, or its mean HD95 is worse than the teacher's or undefined on every validation case."""
+    failures = []
+    if not gain["dice_gain_low"] > 0:
+        failures.append(f"the Dice gain's lower bound {gain['dice_gain_low']:+.4f} is not above 0")
+    if not math.isfinite(gain["refined_hd95"]):
+        failures.append("HD95 is undefined on every validation case")
+    elif gain["refined_hd95"] > gain["teacher_hd95"]:
+        failures.append(f"HD95 is worse ({gain['teacher_hd95']:.2f} -> {gain['refined_hd95']:.2f} px)")
+    return failures
+
+
+def average_into(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """One step of the running average of a generator's weights (Polyak averaging): the average
+    moves a (1 - decay) part of the way to the current weights."""
+    with torch.no_grad():
+        for a, p in zip(average.parameters(), model.parameters()):
+            a.lerp_(p, 1.0 - decay)
 
 
 class CycleGAN:
@@ -241,11 +278,14 @@ class CycleGAN:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, constant_then_linear(s.steps, s.decay_start))
         self.pool_a, self.pool_b = HistoryPool(s.pool_size, device), HistoryPool(s.pool_size, device)
         self.view = DiscriminatorView(s.disc_input == "pair")
+        # the refiner that is validated and written: G_AB itself, or the running average of its weights
+        self.refiner = copy.deepcopy(self.nets["G_AB"]).requires_grad_(False) if s.average else self.nets["G_AB"]
 
     def modules(self) -> dict:
         """Everything whose state --resume needs."""
-        return dict(nets=self.nets, opt_g=self.opt_g, opt_d=self.opt_d, sched_g=self.sched_g,
-                    sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
+        modules = dict(nets=self.nets, opt_g=self.opt_g, opt_d=self.opt_d, sched_g=self.sched_g,
+                       sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
+        return modules | (dict(average=self.refiner) if self.s.average else {})
 
     def train_step(self, xa, qa, xb, yb, generators) -> dict:
         """One generator update, then one discriminator update on pooled fakes; `generators` holds
@@ -261,6 +301,8 @@ class CycleGAN:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        if s.average:
+            average_into(self.refiner, nets["G_AB"], s.average)
 
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
@@ -301,7 +343,7 @@ def main(argv=None):
 
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
-    state = StageState("cyclegan", out, gan.nets["G_AB"], gan.modules(), s, split, size, config=config,
+    state = StageState("cyclegan", out, gan.refiner, gan.modules(), s, split, size, config=config,
                        score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry = strengths(Geometry, s, "aug_")
@@ -327,33 +369,29 @@ def main(argv=None):
         streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge", "deform")]
         return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
 
-    def validate(generator=gan.nets["G_AB"]):
-        refine = functools.partial(refine_logits, generator)
+    def validate():
+        refine = functools.partial(refine_logits, gan.refiner)
         refined = case_metrics(predict_logits(teacher, val_images, device, refine=refine), val_masks)
         return refinement_gain(teacher_cases, refined)
 
     if start == 0 and ddp.is_main:
-        state.save(0, validate())   # the untrained G_AB is the teacher: the baseline to beat
+        # the untrained G_AB (the teacher) is written as the baseline, below every trained candidate
+        state.keep(weights_copy(gan.refiner), 0, validate(), -math.inf)
+        state.write(0)
     run_steps(desc="cyclegan", steps=s.steps, start_step=start, val_every=s.val_every, train_step=train_step,
               validate=validate, save=state.save, checkpoint_path=out, logger=logger, saved_at_start=True,
               writer=ddp.is_main)
     if not ddp.is_main:
         return
-    candidate = state.best["metrics"]
-    kept = "trained" if candidate["passes"] else "identity"
-    if kept == "identity":
-        identity = ResnetGenerator(**config["G_AB"]).to(device)   # a zero correction: the teacher's prediction
-        state.keep(weights_copy(identity), 0, validate(identity), 0.0)
-    state.extra.update(kept=kept, candidate=candidate)
-    state.write(s.steps)
-    logger.info("kept %s: candidate of step %d, validation Dice %.4f -> %.4f (gain %+.4f, 95 %% lower bound "
-                "%+.4f), HD95 %.2f -> %.2f px", kept, candidate.get("step", 0), candidate["teacher_dice"],
-                candidate["refined_dice"], candidate["dice_gain"], candidate["dice_gain_low"],
-                candidate["teacher_hd95"], candidate["refined_hd95"])
-    print(f"{out}: kept the {kept} refiner; candidate (step {candidate.get('step', 0)}) on validation: "
-          f"Dice {candidate['teacher_dice']:.4f} -> {candidate['refined_dice']:.4f} "
-          f"(gain {candidate['dice_gain']:+.4f}, lower bound {candidate['dice_gain_low']:+.4f}), "
-          f"HD95 {candidate['teacher_hd95']:.2f} -> {candidate['refined_hd95']:.2f} px; logs in {logs}/")
+    refiner = state.best["metrics"]
+    failures = keep_rule_failures(refiner)
+    verdict = "passes the keep rule" if not failures else "fails the keep rule: " + "; ".join(failures)
+    summary = (f"refiner of step {refiner['step']} on validation: Dice {refiner['teacher_dice']:.4f} -> "
+               f"{refiner['refined_dice']:.4f} (gain {refiner['dice_gain']:+.4f}, 95 % lower bound "
+               f"{refiner['dice_gain_low']:+.4f}), HD95 {refiner['teacher_hd95']:.2f} -> {refiner['refined_hd95']:.2f} "
+               f"px; it {verdict}")
+    logger.info("%s", summary)
+    print(f"{out}: {summary}; logs in {logs}/")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from nets import load_network
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from nets.unet import UNet
-from objectives import OBJECTIVES, StepInputs, ema_update, ramp, supervised_loss
+from objectives import OBJECTIVES, StepInputs, ema_update, kd_weight, ramp, supervised_loss
 from settings import LabelledPhotometric, Training
 
 
@@ -53,8 +53,13 @@ class StudentSettings(LabelledPhotometric, Training):
     out: Path = setting(Path("student.pt"), "checkpoint to write (logs go to a folder beside it)")
     teacher: Path | None = setting(None, "teacher checkpoint (gives the split and the input size)", required=True)
     refiner: Path | None = setting(None, "SinusCycle-GAN checkpoint that refines the teacher's logits (KD methods)")
+    refiner_gate: bool = setting(False, "apply --refiner only where its keep rule passed on validation; else distil "
+                                        "from the teacher's own logits")
     postprocess: bool = setting(False, "KD methods: distil from the teacher's post-processed logits (each side's "
                                        "largest connected component, holes filled), the refiner's control")
+    oracle: str = setting("none", "KD methods, upper bounds only: read the unlabelled split's true masks, which no "
+                                  "semi-supervised method has, as the pixel weight (1 where the teacher is right) or "
+                                  "as the targets", choices=("none", "weight", "targets"))
     method: str = setting("wkd_refine", "unlabelled objective: " + "; ".join(
         f"{o.name}: {o.summary}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES))
     weight: str | None = setting(None, "KD pixel weight; default: the method's", choices=tuple(WEIGHT_MODES))
@@ -90,10 +95,13 @@ def check_method_flags(s: StudentSettings) -> None:
     method = OBJECTIVES[s.method]
     if method.refine and s.refiner is None:
         raise UserError(f"--method {s.method} needs --refiner cyclegan.pt")
-    if method.weight is None and (s.refiner or s.weight or s.postprocess):
-        raise UserError(f"--refiner, --postprocess and --weight apply to the KD methods only, not --method {s.method}")
+    if method.weight is None and (s.refiner or s.weight or s.postprocess or s.oracle != "none"):
+        raise UserError(f"--refiner, --postprocess, --weight and --oracle apply to the KD methods only, not "
+                        f"--method {s.method}")
     if s.refiner and s.postprocess:
         raise UserError("--refiner and --postprocess: choose one")
+    if s.refiner_gate and not s.refiner:
+        raise UserError("--refiner-gate needs --refiner cyclegan.pt")
     if s.weight_window % 2 == 0:
         raise UserError(f"--weight-window {s.weight_window}: the window must be odd, so that it has a centre")
 
@@ -124,7 +132,7 @@ def main(argv=None):
     s = parse(StudentSettings, __doc__, argv)
     check_method_flags(s)
     method = OBJECTIVES[s.method]
-    weight = s.weight or method.weight
+    weight = kd_weight(s.method, s)
     ddp, device = join(select_device(s.device))
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
@@ -135,11 +143,17 @@ def main(argv=None):
     if s.refiner:
         refiner, refiner_ckpt = load_network(s.refiner, ("cyclegan",), "--refiner", device)
         check_same_experiment(refiner_ckpt, "--refiner", s.refiner, teacher_ckpt)
+        if s.refiner_gate and not refiner_ckpt["metrics"].get("passes"):
+            print(f"--refiner-gate: {s.refiner} failed its keep rule on validation; distilling from the "
+                  f"teacher's own logits")
+            refiner = None
     resume = resume_from(out, "student", s)
     run_seed = seed_stage(s.seed, "student", s.deterministic)
 
     images, masks = dataset.tensors(split["labeled"], size)
-    unlabeled = None if method.target is None else dataset.tensors(split["unlabeled"], size, with_masks=False)[0]
+    unlabeled, truth = None, None
+    if method.target is not None:      # an oracle reads the unlabelled masks; nothing else may
+        unlabeled, truth = dataset.tensors(split["unlabeled"], size, with_masks=s.oracle != "none")
     val_images, val_masks = dataset.tensors(split["val"], size)
     if unlabeled is not None and len(unlabeled) == 0:
         raise UserError(f"--method {s.method} needs unlabelled images, but the split of --teacher has none")
@@ -160,7 +174,7 @@ def main(argv=None):
         modules["ema"] = ema
     state = StageState("student", out, model, modules, s, split, size,
                        extra=dict(method=s.method, weight=weight, refined=refiner is not None, postprocessed=s.postprocess,
-                                  classes=dataset.classes.record(), data_fingerprint=fingerprint))
+                                  oracle=s.oracle, classes=dataset.classes.record(), data_fingerprint=fingerprint))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
     strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")
@@ -169,8 +183,9 @@ def main(argv=None):
                                                      processes=ddp.world,
                                                      global_batch=(s.batch_size + s.unlabeled_batch_size) * ddp.world),
                                  ddp.is_main)
-    logger.info("student %s (weight %s, refined %s, post-processed %s): %d labelled, %d unlabelled, %d val at %s "
-                "on %s, global batch %d + %d", s.method, weight, refiner is not None, s.postprocess, len(images),
+    logger.info("student %s (weight %s, refined %s, post-processed %s, oracle %s): %d labelled, %d unlabelled, %d "
+                "val at %s on %s, global batch %d + %d", s.method, weight, refiner is not None, s.postprocess, s.oracle,
+                len(images),
                 0 if unlabeled is None else len(unlabeled), len(val_images), size, device, s.batch_size * ddp.world,
                 s.unlabeled_batch_size * ddp.world)
 
@@ -214,12 +229,12 @@ def main(argv=None):
         loss = sup
         if unlabeled is not None:
             # The targets come from the clean view xu; the student sees a strongly perturbed one.
-            xu, xs = unlabeled_views(unlabeled, s.unlabeled_batch_size * ddp.world, run_seed, step, device, geometry,
-                                     strong, corruption)
-            xu, xs = ddp.share(xu), ddp.share(xs)
+            xu, xs, yu = unlabeled_views(unlabeled, s.unlabeled_batch_size * ddp.world, run_seed, step, device,
+                                         geometry, strong, corruption, truth)
+            xu, xs, yu = ddp.share(xu), ddp.share(xs), None if yu is None else ddp.share(yu)
             unsup = method.unlabelled_term(StepInputs(
                 labelled=xl, masks=yl, clean=xu, noised=xs, student=unlabelled_passes(step), targets=targets,
-                perturb=perturb, generator=step_generator(run_seed, step, "objective"), settings=s))
+                perturb=perturb, generator=step_generator(run_seed, step, "objective"), settings=s, truth=yu))
             unsup, extra = unsup if isinstance(unsup, tuple) else (unsup, {})
             lam = ramp(step, s.lambda_max, s.ramp_steps)
             losses.update(unsup=check_finite(unsup, "unlabelled loss"), **extra, **{"lambda": lam})
@@ -238,7 +253,7 @@ def main(argv=None):
     if ddp.is_main:
         write_model_card(logs, s, split, dataset.classes, fingerprint, state.best["metrics"], kind="student",
                          checkpoint=out, size=size, code_version=state.version,
-                         method=f"{s.method} (KD weight {weight}, refined {refiner is not None}, "
+                         method=f"{s.method} (KD weight {weight}, refined {refiner is not None}, oracle {s.oracle}, "
                                 f"post-processed {s.postprocess})")
         print(f"{out}: validation Dice {state.best['score']:.4f} of the kept weights (step {state.best['step']}, "
               f"--keep {s.keep}); logs in {logs}/")

@@ -165,10 +165,12 @@ def labeled_batch(images, masks, batch_size: int, seed: int, step: int, device, 
 
 
 def unlabeled_views(images, batch_size: int, seed: int, step: int, device, geometry: Geometry,
-                    strong: Photometric, corruption: Corruption):
-    """Batch `step` of the unlabelled stream as (clean view, noised view): one geometry for both, so
-    targets computed on the clean view line up with the student's predictions on the noised one."""
+                    strong: Photometric, corruption: Corruption, masks=None):
+    """Batch `step` of the unlabelled stream as (clean view, noised view, masks or None): one geometry
+    for all, so targets computed on the clean view line up with the student's predictions on the
+    noised one (and with the true masks, which only the oracle upper bounds are given)."""
     idx = batch_indices(len(images), batch_size, derive_seed(seed, "unlabeled"), step)
     g = step_generator(seed, step, "unlabeled")
-    clean, _ = augment_geometry(images[idx].to(device), None, g, geometry)
-    return clean, corrupt(augment_photometric(clean, g, strong), g, corruption)
+    clean, truth = augment_geometry(images[idx].to(device), None if masks is None else masks[idx].to(device), g,
+                                    geometry)
+    return clean, corrupt(augment_photometric(clean, g, strong), g, corruption), truth

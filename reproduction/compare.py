@@ -23,7 +23,7 @@ def describe(results: dict) -> str:
 def side_by_side(first: dict, second: dict) -> str:
     lines = [f"First: {describe(first)}. Second: {describe(second)}.", "",
              "| claim | metric | first | second | moved (first's half-widths) | readings |", "|---|---|---|---|---|---|"]
-    for (claim, row, control, a), (_, _, _, b) in zip(claims(collect(first)), claims(collect(second))):
+    for (contrast, a), (_, b) in zip(claims(collect(first)), claims(collect(second))):
         for metric in METRICS:
             da, db = a[metric], b[metric]
             if da is None or db is None:
@@ -34,7 +34,7 @@ def side_by_side(first: dict, second: dict) -> str:
             readings = verdict(da, metric), verdict(db, metric)
             kinds = [r if r in ("helps", "hurts") else "no difference" for r in readings]
             same = "same" if kinds[0] == kinds[1] else "**differ**"
-            lines.append(f"| {claim} (`{row} - {control}`) | {metric} | {show(da)} | {show(db)} | {moved:.2f} | "
+            lines.append(f"| {contrast.name} ({contrast.shown()}) | {metric} | {show(da)} | {show(db)} | {moved:.2f} | "
                          f"{same}: {readings[0]}; {readings[1]} |")
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,9 @@
 """The tables as pictures: a forest plot of every paired difference, and the label-efficiency curve.
 
-forest.png: one line per row with a control (the claims first, then Tables 1-3), its mean paired
-difference with the 95 % interval as a bar and each seed's own difference as a dot; Dice in
-points on the left, HD95 in pixels on the right, zero marked. label_efficiency.png: test Dice of
+forest.png: one line per contrast (the claims, the contrasts beside them, the headroom) and per
+row with a control (Tables 1-3): its mean paired difference with the 95 % interval as a bar and
+each seed's own difference as a dot; Dice in points on the left, HD95 in pixels on the right,
+zero marked. label_efficiency.png: test Dice of
 Table 4's methods against the labelled fraction, mean and seeds.
 """
 import matplotlib
@@ -13,15 +14,17 @@ import numpy as np  # noqa: E402
 
 from engine.records import write_atomic  # noqa: E402
 
-from .plan import TABLE4_METHODS, percent, table4_label  # noqa: E402
+from .plan import BESIDE, CLAIMS, HEADROOM, TABLE4_METHODS, percent, table4_label  # noqa: E402
 from .tables import claims, paired_difference  # noqa: E402
 
 METRICS = (("dice", "Δ Dice (points)", 100.0), ("hd95", "Δ HD95 (px)", 1.0))
 
 
 def forest_rows(cells: dict, specs: dict) -> list:
-    """(label, {metric: difference}) of the claims and of every row of Tables 1-3 with a control."""
-    rows = [(f"claim: {row} - {control}", d) for _, row, control, d in claims(cells)]
+    """(label, {metric: difference}) of the claims, the contrasts beside them, the headroom, and every
+    row of Tables 1-3 with a control."""
+    contrasts = [*CLAIMS, *BESIDE, *(c for _, headroom, taken in HEADROOM for c in (headroom, taken))]
+    rows = [(c.shown().replace("`", ""), d) for c, d in claims(cells, contrasts)]
     for name in ("table1", "table2", "table3"):
         spec = specs[name]
         for label in spec["rows"]:

@@ -1,55 +1,114 @@
-"""What `reproduce.py` runs: the profiles, and every stage run the four tables of SPEC section 7 need.
+"""What `reproduce.py` runs: the profiles, the rows and contrasts of the four tables of SPEC
+section 7, and every stage run they need.
 
 A run is one call of a stage script. Rows that share a run share it: one teacher per labelled
 ratio and seed, one refiner per teacher, one student per (ratio, method or KD cell, seed), one
 evaluation per trained network (plus the teacher's pseudo labels, plain, post-processed and
 refined, for Table 3). Every student of one seed starts from that seed's teacher and sees the
-same labelled batches, so the `supervised` student is the paired control of every other row.
+same labelled and unlabelled batches, so the `supervised` student is the paired control of every
+other row, and the KD cells differ only in their weight and their targets.
 
 Seeds come in groups, each a number of seeds fixed per profile before any table is read: the
-runs of the three claims (`primary`), the other baselines (`baselines`), the other ablation cells
-(`ablation`) and the 10 %-and-up label-efficiency runs (`efficiency`).
+runs of the claims, the 2x2 of KD weight {none, ssim} x targets {plain, refined} (`primary`), the
+two oracle upper bounds (`oracle`), the other baselines (`baselines`), the other KD cells
+(`ablation`) and the 10 %-and-up label-efficiency runs (`efficiency`). Every row and contrast
+is listed here explicitly: registering a new objective or weight changes no reproduction.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.kd_reference import WEIGHT_MODES
-from objectives import OBJECTIVES
-
 CONTROL = "supervised"          # the student every other row is compared with
 PAPER_METHOD = "wkd_refine"
 FULL_LABELS = "teacher, 100 % labels"
-# KD cells are (weight, pseudo-label source) pairs.
-KD_METHOD = {(o.weight, o.refine): name for name, o in OBJECTIVES.items() if o.weight is not None}
-SOURCES = ("plain", "refined", "post-processed")
-KD_CELLS = [(w, source) for source in SOURCES[:2] for w in WEIGHT_MODES] + [("ssim", "post-processed")]
+REFINER = "refiner"             # the refiners' keep-rule records, by seed, at the profile's ratio
+
+# Table 1: each row with the seed group whose runs give it.
+TABLE1_ROWS = {"teacher": "primary", CONTROL: "primary", "pseudo_label": "baselines", "mean_teacher": "baselines",
+               "kd": "primary", "wkd": "primary", "kd_refine": "primary", PAPER_METHOD: "primary",
+               "bcp": "baselines", "unimatch": "baselines", FULL_LABELS: "baselines"}
+# Table 2: KD cells (weight, targets), each with its seed group. "oracle" weighs a pixel 1 where the
+# teacher is right, and "true masks" are oracle targets: both read the unlabelled masks, so they are
+# upper bounds, never methods.
+KD_CELLS = {("none", "plain"): "primary", ("ssim", "plain"): "primary", ("none", "refined"): "primary",
+            ("ssim", "refined"): "primary", ("oracle", "plain"): "oracle", ("none", "true masks"): "oracle",
+            ("agree", "plain"): "ablation", ("agree", "refined"): "ablation", ("ssim", "post-processed"): "ablation"}
+# The KD cell of each KD method of Table 1; every other cell is `kd` or `kd_refine` with flags.
+KD_METHODS = {("none", "plain"): "kd", ("ssim", "plain"): "wkd", ("none", "refined"): "kd_refine",
+              ("ssim", "refined"): PAPER_METHOD}
+# Table 3's rows, from the teacher's pseudo labels on the unlabelled split.
+TABLE3_ROWS = ("teacher", "post-processed", "refined")
+# Rows of the gated pipeline, derived from runs that exist anyway: per seed the refined run where
+# the refiner passed its keep rule on validation, else the unrefined run (bit for bit what a run
+# with `train_student.py --refiner-gate` would give there).
+GATED = {("table2", "ssim, refined if kept"): (("table2", "ssim, refined"), ("table2", "ssim, plain")),
+         ("table3", "refined if kept"): (("table3", "refined"), ("table3", "teacher"))}
 # Table 4's methods, each with the seed group its runs at the profile's own ratio belong to (there
 # they are Table 1's runs); at the other ratios every method has the efficiency seeds. Both modern
 # baselines are shown: the plan is fixed before any run, so the better of the two could only be
 # picked afterwards, from the test split.
 TABLE4_METHODS = {CONTROL: "primary", PAPER_METHOD: "primary", "bcp": "baselines", "unimatch": "baselines"}
-# The claims, each a paired contrast (row - control) on the same seeds and test cases.
-CLAIMS = (("the structural weight helps KD", "wkd", "kd"),
-          ("SinusCycle-GAN refinement helps", PAPER_METHOD, "wkd"),
-          ("the method beats the supervised control", PAPER_METHOD, CONTROL))
-PRIMARY_METHODS = {CONTROL, *(row for _, row, _ in CLAIMS), *(c for _, _, c in CLAIMS)}
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A paired combination of rows, sum of coefficient x row, on the same seeds and test cases."""
+    name: str
+    terms: tuple                # ((table, row), coefficient) pairs
+
+    def shown(self) -> str:
+        """`wkd_refine` - `kd_refine`, as the tables print it."""
+        text = " ".join(f"{'+' if c > 0 else '-'} `{row}`" for (_, row), c in self.terms)
+        return text.removeprefix("+ ")
+
+
+def rows(*pairs) -> tuple:
+    """Contrast terms from (row, coefficient) pairs; a KD cell is (weight, targets), a row of Table 1 its name."""
+    return tuple((("table2", kd_label(*row)) if isinstance(row, tuple) else ("table1", row), c) for row, c in pairs)
+
+
+def kd_label(weight: str, source: str) -> str:
+    """Table 2's row of a KD cell."""
+    return f"{weight}, {source}"
+
+
+# The claims as the paper applies its method (the refiner on every seed, the weight on the refined
+# targets), each a paired contrast read by the rule in tables.verdict; beside them, the other cells
+# of the 2x2 and the gated pipeline; then how much of the headroom an oracle shows each part takes.
+CLAIMS = (Contrast("the weight helps KD on refined targets (the paper's use)",
+                   rows((PAPER_METHOD, 1), ("kd_refine", -1))),
+          Contrast("refinement helps weighted KD (the paper's use)", rows((PAPER_METHOD, 1), ("wkd", -1))),
+          Contrast("the method beats the supervised control", rows((PAPER_METHOD, 1), (CONTROL, -1))))
+BESIDE = (Contrast("the weight helps KD on the teacher's targets", rows(("wkd", 1), ("kd", -1))),
+          Contrast("refinement helps unweighted KD", rows(("kd_refine", 1), ("kd", -1))),
+          Contrast("interaction: the weight's effect on refined minus on the teacher's targets",
+                   rows((PAPER_METHOD, 1), ("kd_refine", -1), ("wkd", -1), ("kd", 1))),
+          Contrast("refinement where its keep rule passed (the gated pipeline) helps weighted KD",
+                   (*rows(("wkd", -1)), (("table2", "ssim, refined if kept"), 1))[::-1]))
+# (part, its headroom: the oracle minus plain KD, what the part takes of it: the part minus plain KD)
+HEADROOM = (("the weight", Contrast("an oracle weight over plain KD", rows((("oracle", "plain"), 1), ("kd", -1))),
+             Contrast("the ssim weight over plain KD", rows(("wkd", 1), ("kd", -1)))),
+            ("the targets", Contrast("oracle targets over plain KD", rows((("none", "true masks"), 1), ("kd", -1))),
+             Contrast("refined targets over plain KD", rows(("kd_refine", 1), ("kd", -1)))))
 
 PROFILES = {
     # End-to-end check of the whole plan in seconds (the test suite runs it on a tiny phantom).
-    "micro": dict(size=(32, 64), precision="fp32", seeds=dict(primary=2, baselines=1, ablation=1, efficiency=1),
+    "micro": dict(size=(32, 64), precision="fp32",
+                  seeds=dict(primary=2, oracle=1, baselines=1, ablation=1, efficiency=1),
                   ratio=0.3, table4_ratios=(0.3, 0.6), teacher=dict(width=4, steps=4, batch=2),
-                  cyclegan=dict(width=4, blocks=1, disc_width=4, disc_layers=1, steps=4),
+                  cyclegan=dict(width=4, blocks=1, disc_width=4, disc_layers=1, steps=4, average=0.9),
                   student=dict(width=4, steps=4, batch=2, ramp=2), val_every=2),
     # CPU, within 20 minutes on 2 cores: small input and networks. Students start from their
-    # teacher and train for 150 steps; every run keeps its final weights.
-    "quick": dict(size=(48, 96), precision="fp32", seeds=dict(primary=7, baselines=3, ablation=3, efficiency=1),
+    # teacher and train for 150 steps; every student keeps its final weights.
+    "quick": dict(size=(48, 96), precision="fp32",
+                  seeds=dict(primary=6, oracle=3, baselines=3, ablation=3, efficiency=1),
                   ratio=0.02, table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
-                  cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=1, steps=200),
+                  cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=2, steps=200, average=0.99),
                   student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
     # GPU: the phantom's full 256x512 resolution, paper-sized networks, six seeds (three above 2 % labels).
-    "paper": dict(size=(256, 512), precision="bf16", seeds=dict(primary=6, baselines=6, ablation=6, efficiency=3),
+    "paper": dict(size=(256, 512), precision="bf16",
+                  seeds=dict(primary=6, oracle=3, baselines=6, ablation=6, efficiency=3),
                   ratio=0.02, table4_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), teacher=dict(width=32, steps=20000, batch=8),
-                  cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=10000),
+                  cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=10000, average=0.99),
                   student=dict(width=32, steps=10000, batch=8, ramp=3000), val_every=1000),
 }
 
@@ -147,36 +206,41 @@ class Planner:
         out = teacher.output.with_name("cyclegan.pt")
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--width", c["width"],
                                      "--blocks", c["blocks"], "--disc-width", c["disc_width"],
-                                     "--disc-layers", c["disc_layers"], "--steps", c["steps"],
-                                     "--batch-size", self.p["student"]["batch"]]
+                                     "--disc-layers", c["disc_layers"], "--steps", c["steps"], "--average",
+                                     c["average"], "--batch-size", self.p["student"]["batch"]]
         return self._add(Run(self._name(out), "train_cyclegan", argv, out, seed, c["steps"], needs=[teacher.name]))
 
-    def student(self, ratio: float, seed: int, method: str, weight: str | None = None, source: str = "plain"):
+    def student(self, ratio: float, seed: int, method: str, cell: tuple | None = None) -> Run:
+        """The student of `method` at `ratio` and `seed`, trained on the KD `cell` (weight, targets) if given."""
         s, teacher = self.p["student"], self.teacher(ratio, seed)
-        name = method if weight is None else f"kd-{weight}-{source.replace('-', '')}"
+        name = method if cell is None else f"kd-{cell[0]}-{cell[1].replace('-', '').replace(' ', '')}"
         out = teacher.output.with_name(f"student-{name}.pt")
         flags = {"--width": s["width"], "--steps": s["steps"], "--batch-size": s["batch"],
                  "--unlabeled-batch-size": s["batch"], "--ramp-steps": s["ramp"], **method_settings(method, s["steps"])}
         argv = self._common(seed) + ["--out", out, "--teacher", teacher.output, "--method", method,
                                      *(x for flag, value in flags.items() for x in (flag, value))]
         needs = [teacher.name]
-        if weight is not None:
-            argv += ["--weight", weight]
-        if source == "refined":
+        if cell is not None:
+            weight, source = cell
+            argv += ["--oracle", "weight"] if weight == "oracle" else ["--weight", weight]
+            if source == "true masks":
+                argv += ["--oracle", "targets"]
+            elif source == "post-processed":
+                argv.append("--postprocess")
+        if method in ("kd_refine", PAPER_METHOD):
             refiner = self.refiner(ratio, seed)
             argv += ["--refiner", refiner.output]
             needs.append(refiner.name)
-        elif source == "post-processed":
-            argv.append("--postprocess")
         return self._add(Run(self._name(out), "train_student", argv, out, seed, s["steps"], needs=needs))
 
-    def kd_student(self, ratio: float, seed: int, weight: str, source: str) -> Run:
-        return self.student(ratio, seed, KD_METHOD.get((weight, source == "refined"), "kd"), weight, source)
+    def kd_student(self, ratio: float, seed: int, cell: tuple) -> Run:
+        """A KD cell's student: the method of that cell, or `kd` (`kd_refine` for refined targets) with flags."""
+        method = KD_METHODS.get(cell) or ("kd_refine" if cell[1] == "refined" else "kd")
+        return self.student(ratio, seed, method, cell)
 
     def method_student(self, ratio: float, seed: int, method: str) -> Run:
-        o = OBJECTIVES[method]
-        return self.student(ratio, seed, method) if o.weight is None else self.kd_student(
-            ratio, seed, o.weight, "refined" if o.refine else "plain")
+        cell = next((c for c, m in KD_METHODS.items() if m == method), None)
+        return self.student(ratio, seed, method) if cell is None else self.kd_student(ratio, seed, cell)
 
     def evaluation(self, trained: Run, cell, split: str = "test", refiner: Run | None = None,
                    postprocess: bool = False) -> Run:
@@ -195,24 +259,20 @@ class Planner:
         """Every run in an order that satisfies dependencies (each run after the runs it reads)."""
         r, n = self.p["ratio"], self.seeds
         for seed in range(max(n.values())):
+            for row, group in TABLE1_ROWS.items():
+                if seed < n[group]:
+                    trained = self.teacher(r, seed) if row == "teacher" else self.teacher(1.0, seed) \
+                        if row == FULL_LABELS else self.method_student(r, seed, row)
+                    self.evaluation(trained, ("table1", row))
+            for cell, group in KD_CELLS.items():
+                if seed < n[group]:
+                    self.evaluation(self.kd_student(r, seed, cell), ("table2", kd_label(*cell)))
             if seed < n["primary"]:
-                self.evaluation(self.teacher(r, seed), ("table1", "teacher"))
-                for method in sorted(PRIMARY_METHODS, key=list(OBJECTIVES).index):
-                    self.evaluation(self.method_student(r, seed, method), ("table1", method))
-                teacher = self.teacher(r, seed)
+                teacher, refiner = self.teacher(r, seed), self.refiner(r, seed)
+                self._add(refiner, (REFINER, percent(r)))
                 self.evaluation(teacher, ("table3", "teacher"), split="unlabeled")
                 self.evaluation(teacher, ("table3", "post-processed"), split="unlabeled", postprocess=True)
-                self.evaluation(teacher, ("table3", "refined"), split="unlabeled", refiner=self.refiner(r, seed))
-            if seed < n["baselines"]:
-                for method in OBJECTIVES:
-                    if method not in PRIMARY_METHODS:
-                        self.evaluation(self.method_student(r, seed, method), ("table1", method))
-                self.evaluation(self.teacher(1.0, seed), ("table1", FULL_LABELS))
-            for weight, source in KD_CELLS:
-                run_is_primary = KD_METHOD.get((weight, source == "refined")) in PRIMARY_METHODS \
-                    and source != "post-processed"
-                if seed < n["primary" if run_is_primary else "ablation"]:
-                    self.evaluation(self.kd_student(r, seed, weight, source), ("table2", kd_label(weight, source)))
+                self.evaluation(teacher, ("table3", "refined"), split="unlabeled", refiner=refiner)
             for ratio in self.p["table4_ratios"]:
                 for method, group in TABLE4_METHODS.items():
                     if seed < n[group if ratio == r else "efficiency"]:

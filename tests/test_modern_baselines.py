@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from conftest import run_main
 
 import objectives
+from kernels import weighted_kd_loss
 from nets.unet import UNet
 from objectives import (OBJECTIVES, StepInputs, copy_paste_box, cutmix_boxes, largest_component_per_side,
-                        masked_dice_loss, perturb_features, region_loss)
+                        masked_dice_loss, perturb_features, pseudo_label_loss, region_loss)
 
 
 def logits(*shape, seed=0):
@@ -39,17 +40,21 @@ def inputs(student, targets=None, n=2, shape=(4, 6), settings=None, perturb=None
                       settings=settings or SimpleNamespace(confidence=0.95))
 
 
-def test_the_plain_objectives_step_is_their_loss_of_one_pass():
-    """The hook's default path: the student's pass on the noised view against the clean view's targets."""
+@pytest.mark.parametrize("name", ["pseudo_label", "kd"])
+def test_the_plain_objectives_step_is_their_loss_of_one_pass(name):
+    """The hook's default path, and the KD objectives' shared step: the student's pass on the noised
+    view against the clean view's targets."""
     zt = logits(2, 2, 4, 6, seed=9)
     student = Passes()
-    b = inputs(student, targets=lambda x: zt)
-    s = SimpleNamespace(weight=None, temperature=1.0, weight_window=3, weight_gamma=1.0, weight_map_temperature=4.0)
-    b = dataclasses.replace(b, settings=s)
-    got = OBJECTIVES["kd"].unlabelled_term(b)
-    assert len(student.inputs) == 1 and torch.equal(student.inputs[0], b.noised) and student.features == [None]
-    torch.testing.assert_close(got, OBJECTIVES["kd"].loss(logits(2, 2, 4, 6, seed=1), zt, s))
-    assert all(o.step is None for name, o in OBJECTIVES.items() if name not in ("bcp", "unimatch"))
+    s = SimpleNamespace(method=name, weight=None, oracle="none", temperature=1.0, weight_window=3, weight_gamma=1.0,
+                        weight_map_temperature=4.0, confidence=0.5)
+    got = OBJECTIVES[name].unlabelled_term(inputs(student, targets=lambda x: zt, settings=s))
+    assert len(student.inputs) == 1 and torch.equal(student.inputs[0], torch.full((2, 1, 4, 6), 0.5))
+    assert student.features == [None]
+    expected = pseudo_label_loss(logits(2, 2, 4, 6, seed=1), zt, s)[0] if name == "pseudo_label" else \
+        weighted_kd_loss(logits(2, 2, 4, 6, seed=1), zt, weight="none")
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, expected)
+    assert [n for n, o in OBJECTIVES.items() if o.step is None] == ["supervised", "pseudo_label", "mean_teacher"]
 
 
 def test_the_unet_feature_hook_changes_the_output_only_through_the_features():

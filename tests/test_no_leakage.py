@@ -5,7 +5,8 @@ Every file the data code decodes is recorded while the teacher, the refiner, the
 every method (KD refined and post-processed included) and the KD-weight study run in this
 process; none may be a mask of an unlabelled or test case. Decoding the labelled and validation
 masks is what they are for, and is checked to happen, so that the recording cannot pass by
-recording nothing.
+recording nothing. The two oracle upper bounds (`train_student.py --oracle`) are the one
+exception: they read the unlabelled masks, and are checked to read those and no test mask.
 """
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_p
     assert set(split["labeled"]) <= masks and set(split["val"]) <= masks
 
 
+@pytest.mark.parametrize("oracle", ["weight", "targets"])
+def test_the_oracle_upper_bounds_read_the_unlabelled_masks_and_no_test_mask(tiny_data, tiny_teacher, tmp_path,
+                                                                             opened, oracle):
+    with script_state():
+        train_student.main(["--data", str(tiny_data), "--teacher", str(tiny_teacher), "--method", "kd", "--oracle",
+                            oracle, "--out", str(tmp_path / "oracle.pt"), "--width", "4",
+                            "--unlabeled-batch-size", "2", *TINY])
+    split = torch.load(tiny_teacher, weights_only=True)["split"]
+    masks = {p.stem for p in opened if p.parent.name == "masks"}
+    assert set(split["unlabeled"]) <= masks and not masks & set(split["test"])
+
+
 def run_everything(tiny_data, tmp_path):
     teacher, refiner = tmp_path / "teacher.pt", tmp_path / "cyclegan.pt"
     train_teacher.main(["--data", str(tiny_data), "--out", str(teacher), "--width", "4", "--labeled-ratio", "0.4",
@@ -53,8 +66,8 @@ def run_everything(tiny_data, tmp_path):
     train_cyclegan.main(["--data", str(tiny_data), "--teacher", str(teacher), "--out", str(refiner), "--width", "4",
                          "--blocks", "1", "--disc-width", "4", "--disc-layers", "1", *TINY])
     students = []
-    for method, extra in [(m, []) for m in OBJECTIVES if m != "wkd_refine"] + [
-            ("wkd_refine", ["--refiner", str(refiner)]), ("wkd", ["--postprocess"])]:
+    for method, extra in [(m, ["--refiner", str(refiner)] if o.refine else []) for m, o in OBJECTIVES.items()] + [
+            ("wkd", ["--postprocess"]), ("wkd_refine", ["--refiner", str(refiner), "--refiner-gate"])]:
         students.append(tmp_path / f"{method}{len(students)}.pt")
         train_student.main(["--data", str(tiny_data), "--teacher", str(teacher), "--method", method, "--out",
                             str(students[-1]), "--width", "4", "--unlabeled-batch-size", "2", *TINY, *extra])

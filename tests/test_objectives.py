@@ -12,7 +12,8 @@ from engine.cli import build_parser
 from kernels import kd_weight_map
 from kernels.kd_reference import WEIGHT_MODES
 from nets.unet import UNet
-from objectives import OBJECTIVES, consistency_loss, ema_update, pseudo_label_loss, ramp, supervised_loss
+from objectives import OBJECTIVES, StepInputs, consistency_loss, ema_update, oracle_logits, pseudo_label_loss, \
+    ramp, supervised_loss
 from reproduction.plan import PROFILES
 from reproduction.tables import table_specs
 
@@ -26,7 +27,7 @@ def test_the_registry_is_what_the_command_line_and_the_tables_offer():
     assert tuple(actions["weight"].choices) == tuple(WEIGHT_MODES)
     assert set(OBJECTIVES) <= set(table_specs(PROFILES["quick"])["table1"]["rows"])
     assert {o.weight for o in OBJECTIVES.values() if o.weight} <= set(WEIGHT_MODES)
-    assert [name for name, o in OBJECTIVES.items() if o.refine] == ["wkd_refine"]
+    assert [name for name, o in OBJECTIVES.items() if o.refine] == ["kd_refine", "wkd_refine"]
 
 
 def test_ramp_follows_the_sigmoid_shaped_schedule():
@@ -73,12 +74,21 @@ def test_consistency_is_the_mse_of_the_two_softmaxes_and_vanishes_when_they_agre
     assert consistency_loss(zs, zs.clone(), None) == 0
 
 
-@pytest.mark.parametrize("name", ["kd", "wkd", "wkd_refine"])
+def kd_term(name: str, zs, zt, truth=None, **settings):
+    """The unlabelled term of a KD objective with the student answering `zs` and the targets `zt`."""
+    s = SimpleNamespace(**dict(dict(method=name, weight=None, oracle="none", temperature=1.0, weight_window=3,
+                                    weight_gamma=1.0, weight_map_temperature=4.0), **settings))
+    inputs = StepInputs(labelled=None, masks=None, clean=torch.zeros(1), noised=torch.zeros(1),
+                        student=lambda x: zs, targets=lambda x: zt, perturb=None, generator=None, settings=s,
+                        truth=truth)
+    return OBJECTIVES[name].unlabelled_term(inputs)
+
+
+@pytest.mark.parametrize("name", ["kd", "wkd", "kd_refine", "wkd_refine"])
 def test_kd_gradient_is_t_w_times_ps_minus_pt_over_z(name):
     zs, zt = logits(2, 2, 6, 9).requires_grad_(), logits(2, 2, 6, 9, seed=1)
     weight, t = OBJECTIVES[name].weight, 2.0
-    loss = OBJECTIVES[name].loss(zs, zt, SimpleNamespace(weight=None, temperature=t, weight_window=3, weight_gamma=1.0, weight_map_temperature=4.0))
-    loss.backward()
+    kd_term(name, zs, zt, temperature=t).backward()
     w = kd_weight_map(zs.detach(), zt, mode=weight, window=3, map_temperature=4.0, backend="torch")
     expected = t * w[:, None] * ((zs.detach() / t).softmax(1) - (zt / t).softmax(1)) / w.sum()
     # atol: the kernel's ssim weight uses exp2 and one reciprocal of the window count, whose float32
@@ -87,16 +97,42 @@ def test_kd_gradient_is_t_w_times_ps_minus_pt_over_z(name):
     assert zs.grad.abs().sum() > 0
 
 
+def test_the_weight_flag_overrides_the_methods_weight():
+    zs, zt = logits(2, 2, 6, 9), logits(2, 2, 6, 9, seed=1)
+    torch.testing.assert_close(kd_term("wkd", zs, zt, weight="none"), kd_term("kd", zs, zt))
+    assert not torch.allclose(kd_term("wkd", zs, zt), kd_term("kd", zs, zt))
+
+
+def test_the_oracle_weight_counts_the_pixels_where_the_teacher_is_right_and_only_those():
+    zs, zt = logits(2, 3, 6, 9).requires_grad_(), logits(2, 3, 6, 9, seed=1)
+    truth = torch.randint(3, (2, 6, 9), generator=torch.Generator().manual_seed(2))
+    right = zt.argmax(1) == truth
+    assert 0 < right.float().mean() < 1
+    kd_term("kd", zs, zt, truth, oracle="weight").backward()
+    grad = zs.grad.permute(0, 2, 3, 1)       # (N, H, W, C): a pixel's gradient in a row
+    assert grad[~right].abs().max() == 0 and grad[right].abs().sum(1).min() > 0
+    kl = (zt.softmax(1) * (zt.log_softmax(1) - zs.detach().log_softmax(1))).sum(1)
+    torch.testing.assert_close(kd_term("kd", zs.detach(), zt, truth, oracle="weight"), kl[right].mean())
+
+
+def test_oracle_targets_are_the_true_masks_so_kd_is_their_cross_entropy_up_to_the_margin():
+    zs, zt = logits(2, 2, 6, 9), logits(2, 2, 6, 9, seed=1)
+    truth = torch.randint(2, (2, 6, 9), generator=torch.Generator().manual_seed(2))
+    loss = kd_term("kd", zs, zt, truth, oracle="targets")
+    ce = F.cross_entropy(zs, truth)
+    assert abs(loss.item() - ce.item()) < 1e-3 * (1 + ce.item())        # a 0.99995 target, not exactly 1
+    torch.testing.assert_close(loss, kd_term("kd", zs, oracle_logits(truth, 2)))
+
+
 def test_kd_with_a_zero_weight_map_gives_no_unlabelled_gradient():
     zs, zt = logits(1, 2, 5, 5).requires_grad_(), logits(1, 2, 5, 5, seed=1)
-    loss = OBJECTIVES["wkd"].loss(zs, zt, SimpleNamespace(weight=torch.zeros(1, 5, 5), temperature=1.0, weight_window=7, weight_gamma=1.0,
-                                                      weight_map_temperature=1.0))
+    loss = kd_term("kd", zs, zt, 1 - zt.argmax(1), oracle="weight")     # the teacher wrong everywhere
     loss.backward()
     assert loss == 0 and zs.grad.abs().max() == 0
 
 
 def test_each_objective_tells_its_target_network():
-    assert OBJECTIVES["supervised"].target is None and OBJECTIVES["supervised"].loss is None
+    assert OBJECTIVES["supervised"].target is None and OBJECTIVES["supervised"].step is None
     assert OBJECTIVES["mean_teacher"].target == "ema" and OBJECTIVES["bcp"].target == "ema"
     assert OBJECTIVES["unimatch"].target == "student"      # its pseudo labels come from its own weak pass
     assert all(o.target == "teacher" for n, o in OBJECTIVES.items()

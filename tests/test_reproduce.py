@@ -15,8 +15,8 @@ from conftest import run_script, run_scripts
 from scipy import stats
 
 from objectives import OBJECTIVES
-from reproduction.plan import PROFILES, Planner
-from reproduction.tables import collect, paired_difference, render, table_specs
+from reproduction.plan import BESIDE, CLAIMS, GATED, HEADROOM, PROFILES, Contrast, Planner
+from reproduction.tables import collect, combination, paired_difference, render, table_specs
 
 
 def quick_plan(seeds=None):
@@ -27,25 +27,32 @@ def test_plan_shares_teachers_refiners_and_students():
     runs = quick_plan()
     scripts = Counter(r.script for r in runs)
     seeds = PROFILES["quick"]["seeds"]
-    # primary seeds: a teacher, its refiner, the four students of the claims, their test evaluations
-    # and Table 3's three; baseline seeds: the other objectives' students and the 100 % teacher;
-    # ablation seeds: the four KD cells no claim needs; efficiency seeds: at 10 % a teacher, a
-    # refiner and Table 4's four students
-    primary, others = 4, len(OBJECTIVES) - 4
+    # primary seeds: a teacher, its refiner, the control and the 2x2 of KD weight x targets, their test
+    # evaluations, the teacher's and Table 3's three; oracle seeds: two KD students; baseline seeds: four
+    # other methods' students and the 100 % teacher; ablation seeds: three other KD cells; efficiency
+    # seeds: at 10 % a teacher, a refiner and Table 4's four students
+    primary, baselines = 5, 4
     assert scripts == {
         "train_teacher": seeds["primary"] + seeds["baselines"] + seeds["efficiency"],
         "train_cyclegan": seeds["primary"] + seeds["efficiency"],
-        "train_student": primary * seeds["primary"] + others * seeds["baselines"] + 4 * seeds["ablation"]
-        + 4 * seeds["efficiency"],
-        "evaluate": (1 + primary + 3) * seeds["primary"] + (others + 1) * seeds["baselines"] + 4 * seeds["ablation"]
-        + 4 * seeds["efficiency"]}
+        "train_student": primary * seeds["primary"] + 2 * seeds["oracle"] + baselines * seeds["baselines"]
+        + 3 * seeds["ablation"] + 4 * seeds["efficiency"],
+        "evaluate": (1 + primary + 3) * seeds["primary"] + 2 * seeds["oracle"] + (baselines + 1) * seeds["baselines"]
+        + 3 * seeds["ablation"] + 4 * seeds["efficiency"]}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     wkd_refine = next(r for r in runs if r.name == "seed0/r0020/student-kd-ssim-refined_test_eval")
     assert set(wkd_refine.cells) == {("table1", "wkd_refine"), ("table2", "ssim, refined"),
                                      ("table4", "wkd_refine|2 %")}
+    kd_refine = next(r for r in runs if r.name == "seed0/r0020/student-kd-none-refined.pt")
+    assert kd_refine.argv[kd_refine.argv.index("--method") + 1] == "kd_refine" and "--refiner" in kd_refine.argv
+    oracles = [r for r in runs if "--oracle" in r.argv]
+    assert sorted((r.seed, r.argv[r.argv.index("--oracle") + 1]) for r in oracles) == \
+        [(s, o) for s in range(seeds["oracle"]) for o in ("targets", "weight")]
     control = next(r for r in runs if r.name == "seed1/r0020/student-supervised_test_eval")
     assert control.cells == [("table1", "supervised"), ("table4", "supervised|2 %")] and control.seed == 1
+    refiner = next(r for r in runs if r.name == "seed1/r0020/cyclegan.pt")
+    assert refiner.cells == [("refiner", "2 %")]
     # Table 4's modern baselines at 2 % are Table 1's runs, on its baseline seeds only
     bcp = [r for r in runs if ("table4", "bcp|2 %") in r.cells]
     assert sorted(r.seed for r in bcp) == list(range(seeds["baselines"]))
@@ -88,10 +95,12 @@ def test_results_of_other_settings_are_not_reused(tmp_path):
 
 
 def test_every_table_cell_is_fed_by_a_run():
-    fed = {cell for run in quick_plan() for cell in run.cells}
+    fed = {cell for run in quick_plan() for cell in run.cells} | set(GATED)
     for name, spec in table_specs(PROFILES["quick"]).items():
         for row in spec["rows"]:
             assert (name, row) in fed, (name, row)
+    for contrast in (*CLAIMS, *BESIDE, *(c for _, headroom, taken in HEADROOM for c in (headroom, taken))):
+        assert all(row in fed for row, _ in contrast.terms), contrast.name
 
 
 def evaluation(cells, seed, values):
@@ -220,8 +229,8 @@ def test_one_worker_gives_the_numbers_two_workers_give(micro_reproduction, clust
 
 
 def claim_results(shift):
-    """Six seeds of the three claims' rows: kd at the control, wkd and wkd_refine `shift` above it."""
-    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "wkd": shift, "wkd_refine": shift}
+    """Six seeds of the claims' rows: kd and kd_refine at the control, wkd and wkd_refine `shift` above it."""
+    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "kd_refine": 0.0, "wkd": shift, "wkd_refine": shift}
     for seed in range(6):
         noise = 0.001 * (seed % 3)
         for row, offset in values.items():
@@ -236,9 +245,32 @@ def claim_results(shift):
 def test_claims_are_read_by_the_fixed_rule_and_compared_across_runs():
     from reproduction.compare import side_by_side
     from reproduction.tables import claims, verdict
-    (_, _, _, weight), (_, _, _, refine), (_, _, _, method) = claims(collect(claim_results(0.02)))
+    (_, weight), (_, refine), (_, method) = claims(collect(claim_results(0.02)))
     assert verdict(weight["dice"], "dice") == "helps" and verdict(weight["hd95"], "hd95") == "hurts"
+    assert weight["dice"]["above_zero"] == 6 and weight["dice"]["n"] == 6
     assert verdict(refine["dice"], "dice").startswith("no difference larger than")
     table = side_by_side(claim_results(0.02), claim_results(0.0))
     assert table.count("**differ**") == 4 and table.count("| same:") == 2     # weight and method change
 
+
+def test_a_contrast_of_four_rows_is_the_per_case_combination_on_shared_seeds_and_cases():
+    rows = {"a": [0.9, 0.8, 0.7], "b": [0.5, 0.5, 0.6], "c": [0.4, 0.7, 0.7], "d": [0.3, 0.3, 0.3]}
+    cells = {("table1", name): {seed: evaluation([], seed, np.add(v, 0.05 * seed * (name == "a")))
+                                for seed in range(3)} for name, v in rows.items()}
+    del cells[("table1", "d")][2]                                     # the last seed lacks a row: left out
+    interaction = Contrast("x", ((("table1", "a"), 1), (("table1", "b"), -1), (("table1", "c"), -1),
+                                 (("table1", "d"), 1)))
+    d = combination([(cells[row], c) for row, c in interaction.terms], "dice")
+    per_case = np.array(rows["a"]) - rows["b"] - rows["c"] + rows["d"]
+    assert d["seeds"] == [0, 1] and d["per_seed"] == pytest.approx([per_case.mean(), per_case.mean() + 0.05])
+    assert interaction.shown() == "`a` - `b` - `c` + `d`" and d["above_zero"] == 1      # -0.033 and +0.017
+
+
+def test_gated_rows_take_the_refined_run_where_the_refiner_passed_and_the_plain_one_elsewhere():
+    results = {"runs": {}}
+    for seed, passes in ((0, 1.0), (1, 0.0)):
+        results["runs"][f"refiner{seed}"] = dict(seed=seed, cells=[["refiner", "2 %"]], keep_rule=dict(passes=passes))
+        for row, value in (("ssim, refined", 0.9), ("ssim, plain", 0.6)):
+            results["runs"][f"{row}{seed}"] = evaluation([["table2", row]], seed, [value])
+    gated = collect(results)[("table2", "ssim, refined if kept")]
+    assert {seed: run["cases"]["dice"] for seed, run in gated.items()} == {0: [0.9], 1: [0.6]}

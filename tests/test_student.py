@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import RESUME_AT, assert_same_training, resumed, run_main, script_state, student_args
+from conftest import RESUME_AT, assert_same_training, resumed, run_main, run_scripts, script_state, student_args
 
 import train_student
 from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
@@ -148,9 +148,36 @@ def test_the_teacher_sees_the_clean_view_and_the_student_a_noised_one(tiny_data,
     s = train_student.StudentSettings()
     split = torch.load(tiny_teacher, weights_only=True)["split"]
     images, _ = load_tensors(tiny_data, split["unlabeled"], (32, 64), with_masks=False)
-    expected_clean, expected_noised = unlabeled_views(
+    expected_clean, expected_noised, no_masks = unlabeled_views(
         images, 3, seed_stage(0, "student", False), 0, torch.device("cpu"), strengths(Geometry, s, "aug_"),
         strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_"))
+    assert no_masks is None
     torch.testing.assert_close(clean, expected_clean)          # the teacher: geometry only
     torch.testing.assert_close(noised, expected_noised)        # the student: the same geometry, then noise
     assert (noised - clean).abs().mean() > 0.02
+
+
+def test_a_gated_refiner_that_failed_its_rule_leaves_the_targets_bit_for_bit_the_teachers(tiny_data, tiny_teacher,
+                                                                                          tmp_path):
+    """With --refiner-gate, a refiner that failed its keep rule is not applied at all (no logit round
+    trip): the student equals the unrefined one of its seed, weight for weight. One that passed is
+    applied: the student equals the ungated refined one and differs from the unrefined one."""
+    refiner, passed = tmp_path / "cyclegan.pt", tmp_path / "passed.pt"
+    run_scripts(("train_cyclegan.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", refiner, "--width", 4,
+                 "--blocks", 1, "--disc-width", 4, "--disc-layers", 1, "--batch-size", 2, "--steps", 2,
+                 "--val-every", 2))
+    ckpt = torch.load(refiner, weights_only=True)
+    assert not ckpt["metrics"]["passes"]          # a teacher this tiny finds no sinus: no gain to pass
+    torch.save(dict(ckpt, metrics=dict(ckpt["metrics"], passes=1.0)), passed)
+    runs = {"plain": ("wkd", []), "gated": ("wkd_refine", ["--refiner", refiner, "--refiner-gate"]),
+            "refined": ("wkd_refine", ["--refiner", refiner]),
+            "passed": ("wkd_refine", ["--refiner", passed, "--refiner-gate"])}
+    run_scripts(*(("train_student.py", "--data", tiny_data, "--teacher", tiny_teacher, "--method", method, *flags,
+                   "--width", 4, "--batch-size", 2, "--unlabeled-batch-size", 2, "--steps", 3, "--val-every", 3,
+                   "--ramp-steps", 1, "--lambda-max", 5, "--out", tmp_path / f"{name}.pt")
+                  for name, (method, flags) in runs.items()))
+    weights = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"] for name in runs}
+
+    def same(a, b):
+        return all(torch.equal(v, weights[b][k]) for k, v in weights[a].items())
+    assert same("gated", "plain") and same("passed", "refined") and not same("refined", "plain")
