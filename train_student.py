@@ -184,14 +184,18 @@ def main(argv=None):
 
     @torch.no_grad()
     def targets(x: torch.Tensor) -> torch.Tensor:
-        """The objective's target logits for the clean unlabelled view `x`."""
+        """The objective's target logits for the clean unlabelled view `x`; on CUDA in the student's
+        memory format, which the KD kernels' fast path needs (a refined or post-processed map is
+        assembled in another)."""
         with autocast(s.precision, device):
             if method.target == "ema":
                 return ema(x)
             logits = teacher(x)
             if refiner is not None:
-                return refine_logits(refiner, x, logits)
-            return postprocess_logits(x, logits) if s.postprocess else logits
+                logits = refine_logits(refiner, x, logits)
+            elif s.postprocess:
+                logits = postprocess_logits(x, logits)
+        return logits.contiguous(memory_format=channels) if device.type == "cuda" else logits
 
     def forward(x: torch.Tensor, features=None) -> torch.Tensor:
         x = x.contiguous(memory_format=channels)
