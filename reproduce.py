@@ -14,7 +14,9 @@ interrupted reproduction continues where it stopped (an unfinished training run 
 
 Reads --data (the embedded phantom by default); writes into --out: table1..4 as .md and .csv,
 tables.md with all four, results.json with every run's per-case numbers, seed, wall time and
-command, and one console log per run beside its output.
+command, and one console log per run beside its output. results.json is rewritten after every
+run, the tables each time a seed's table runs have all finished (from the seeds finished so far,
+which their caption counts), so a reproduction stopped at any moment leaves valid tables.
 """
 import csv
 import dataclasses
@@ -41,20 +43,24 @@ from reproduction.tables import CASE_METRICS, collect, render, table_specs
 from settings import DEFAULT_DATA
 
 # Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json:
-# measured on a 2-core CPU for the quick profile, from FLOP counts for the paper profile until a
-# GPU run replaces them (docs/RESULTS.md, "Costs").
+# measured on a 2-core CPU for the quick profile, from FLOP counts for the GPU profiles until a
+# GPU run replaces them (docs/RESULTS.md, "Costs"; the claims profile's steps are a quarter of the
+# paper's pixels).
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
            "quick": dict(train_teacher=(4.0, 0.044), train_cyclegan=(6.0, 0.22), train_student=(4.0, 0.11),
                          evaluate=(4.0, 0.0)),
+           "claims": dict(train_teacher=(5.0, 0.0034), train_cyclegan=(5.0, 0.016), train_student=(5.0, 0.0085),
+                          evaluate=(10.0, 0.0)),
            "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
                          evaluate=(30.0, 0.0))}
 
 
 @dataclasses.dataclass
 class ReproduceSettings:
-    profile: str = setting("quick", "quick: CPU minutes; paper: GPU, full size, six seeds; micro: a seconds-long "
-                                    "check", choices=tuple(PROFILES))
+    profile: str = setting("quick", "quick: CPU minutes; claims: one GPU, minutes, the claims' runs at the paper's "
+                                    "widths; paper: GPU, full size, six seeds; micro: a seconds-long check",
+                           choices=tuple(PROFILES))
     data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
     out: Path | None = setting(None, "output folder; default: results/<profile>")
     seeds: int | None = setting(None, "number of seeds; default: the profile's", within="[1, inf)")
@@ -162,7 +168,21 @@ def caption(results: dict) -> str:
             f"torch {env['torch']}, code {env['git'][:12]}; mean ± std over the n seeds of a row (n for each method, in "
             f"column order, where they differ; over the scored cases where n is 1). Run time summed by stage: {stages}"
             + (f"; wall time of the reproduction {clock(wall)}" + (f" over {calls} invocations" if calls > 1 else "")
-               + "." if wall else "."))
+               + "." if wall else ".") + partial_note(results.get("seeds_finished")))
+
+
+def partial_note(seeds_finished) -> str:
+    if seeds_finished is None:
+        return ""
+    seeds, planned = seeds_finished
+    return (f" These tables hold the {len(seeds)} of {planned} planned seeds whose table runs had all finished "
+            f"(seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}).")
+
+
+def finished_seeds(runs: list, finished: set) -> list:
+    """The seeds all of whose table runs (those that feed a cell) are in `finished`."""
+    table_runs = [r for r in runs if r.cells]
+    return sorted({r.seed for r in table_runs} - {r.seed for r in table_runs if r.name not in finished})
 
 
 def write_tables(out: Path, results: dict) -> str:
@@ -177,30 +197,34 @@ def write_tables(out: Path, results: dict) -> str:
     return "\n".join(text)
 
 
-def longest_chains_first(runs: list, profile: str) -> list:
+def longest_chains_first(runs: list, profile: str, cost=None) -> list:
     """The runs ordered by the estimated work of the longest chain each one starts (itself, then the
     runs that need it, transitively), longest first, so that the slots start the work that would
-    otherwise finish last. A run still comes before every run that needs it: its chain is longer."""
+    otherwise finish last. A run still comes before every run that needs it: its chain is longer.
+    `cost(run)`: its seconds, by default `estimate`'s."""
+    cost = cost or (lambda run: estimate(run, profile))
     needed_by: dict = {r.name: [] for r in runs}
     for run in runs:
         for name in run.needs:
             needed_by[name].append(run.name)
     chain: dict = {}
     for run in reversed(runs):      # dependency order reversed: a run's dependants are done already
-        chain[run.name] = estimate(run, profile) + max((chain[n] for n in needed_by[run.name]), default=0.0)
+        chain[run.name] = cost(run) + max((chain[n] for n in needed_by[run.name]), default=0.0)
     return sorted(runs, key=lambda r: -chain[r.name])
 
 
-def makespan(runs: list, profile: str, slots: int) -> float:
+def makespan(runs: list, profile: str, slots: int, cost=None) -> float:
     """Estimated wall time of the plan on `slots` devices, scheduled as `execute` does: whenever a
-    device is free it takes the first run, in the given order, whose inputs are done."""
+    device is free it takes the first run, in the given order, whose inputs are done. `cost(run)`:
+    its seconds, by default `estimate`'s."""
+    cost = cost or (lambda run: estimate(run, profile))
     ended, pending, running, now = {}, list(runs), [], 0.0
     while pending or running:
         for run in [r for r in pending if all(n in ended for n in r.needs)]:
             if len(running) == slots:
                 break
             pending.remove(run)
-            running.append((now + estimate(run, profile), run.name))
+            running.append((now + cost(run), run.name))
         running.sort()
         now, name = running.pop(0)
         ended[name] = now
@@ -215,7 +239,8 @@ def write_plan(path: Path, runs: list, profile: str) -> None:
     walls = {n: round(makespan(runs, profile, n)) for n in (1, 2, 8)}
     write_json(writable_file(path, "--plan-json"), dict(profile=profile, runs=entries, estimated_seconds=total,
                                                         estimated_wall_seconds_on_devices=walls))
-    source = "FLOP counts at an assumed 100 TFLOP/s" if profile == "paper" else "CPU step times measured here"
+    source = "CPU step times measured here" if profile in ("micro", "quick") else \
+        "FLOP counts at an assumed 100 TFLOP/s"
     print(f"{len(runs)} runs written to {path}; estimated from {source}: {clock(total)} of device time, "
           + ", ".join(f"{clock(w)} on {n} device{'s' * (n > 1)}" for n, w in walls.items()))
 
@@ -282,6 +307,8 @@ def main(argv=None):
                    device=torch.cuda.get_device_name(slots[0]) if slots[0].startswith("cuda") else "cpu",
                    slots=slots, threads_per_run=threads, environment=environment())
     results["environment"]["command"] = portable(results["environment"]["command"], out, data)
+    previous = results["runs"]
+    results["runs"] = {r.name: run_record(r, None, previous.get(r.name, {}), out, data) for r in runs if r.name in done}
     todo = [r for r in runs if r.name not in done]
     print(f"reproduce --profile {args.profile}: {len(runs)} runs, {len(done)} already finished; "
           f"{len(slots)} at once on {', '.join(sorted(set(slots)))}, {threads} thread(s) each", flush=True)
@@ -295,22 +322,32 @@ def main(argv=None):
         print(f"[{len(walls) + len(done) + 1}/{len(runs)}] {run.script} {run.name} on {device} ({cells})"
               f", ETA {clock(eta)}", flush=True)
 
+    planned = len({r.seed for r in runs if r.cells})
+    tabled_seeds = finished_seeds(runs, done)
+
     def on_finish(run, ok, seconds, last):
+        nonlocal tabled_seeds
         walls[run.name] = seconds if ok else None
         remaining["estimate"] -= estimate(run, args.profile)
         remaining["spent"] += seconds
         remaining["estimated_done"] += estimate(run, args.profile)
         if not ok:
             print(f"  FAILED {run.name}: {last} (log: {log_file(run)})", flush=True)
-        else:
-            results["runs"][run.name] = run_record(run, seconds, {}, out, data)
-            write_json(results_path, results)
+            return
+        results["runs"][run.name] = run_record(run, seconds, {}, out, data)
+        write_json(results_path, results)
+        seeds = finished_seeds(runs, set(results["runs"]))
+        if len(tabled_seeds) < len(seeds) < planned:     # the tables of every seed come at the end
+            tabled_seeds = seeds
+            write_tables(out, dict(results, seeds_finished=(seeds, planned), runs={
+                r.name: results["runs"][r.name] for r in runs if r.seed in seeds and r.name in results["runs"]}))
+            print(f"  tables of the {len(seeds)} finished seed(s) of {planned} written to {out}/", flush=True)
 
     status = execute(todo, done, slots, threads, stage_argv, log_file, on_start, on_finish)
-    previous, results["runs"] = results["runs"], {}
-    for run in runs:     # only the plan's runs: entries of runs the plan no longer has are dropped
-        if run.name in done:
-            results["runs"][run.name] = run_record(run, None, previous.get(run.name, {}), out, data)
+    recorded, results["runs"] = results["runs"], {}
+    for run in runs:     # in plan order; entries of runs the plan no longer has are dropped
+        if run.name in recorded:
+            results["runs"][run.name] = recorded[run.name]
         elif run.name in previous:
             results["runs"][run.name] = previous[run.name]
     if todo:

@@ -36,7 +36,10 @@ class Training(Common):
                                      "computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), fp32 elsewhere",
                              choices=("auto", "fp32", "bf16"))
     channels_last: bool = setting(True, "keep activations in the channels-last memory format")
-    deterministic: bool = setting(False, "use deterministic algorithms only (bitwise repeatable on GPU, slower)")
+    deterministic: bool = setting(False, "deterministic algorithms where torch has them, and no cuDNN autotune "
+                                         "(slower); on CUDA, cross-entropy and the backward passes of bilinear "
+                                         "upsampling and reflection padding have none and stay nondeterministic "
+                                         "(torch warns)")
     resume: bool = setting(False, "continue the run stored at --out from its last checkpoint; the result equals "
                                   "an uninterrupted run")
     aug_rotate: float = setting(5.0, "geometric augmentation: maximum rotation in degrees", within="[0, 180]")

@@ -41,9 +41,9 @@ from scipy import stats
 
 from data import Geometry, augment_geometry, batch_indices, derive_seed, prepare_dataset, step_generator, strengths
 from data.check import upstream_dataset
-from engine.cli import autocast, memory_format, parse, select_device, setting, writable_file
+from engine.cli import autocast, memory_format, parse, select_device, setting, training_backends, writable_file
 from engine.distributed import Distributed, join
-from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
+from engine.loop import check_finite, constant_then_linear, finite_values, predict_logits, run_steps
 from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
 from engine.state import StageState, resume_from, seed_stage, weights_copy
@@ -297,7 +297,9 @@ class CycleGAN:
         learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
             loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, generators[2])
-        value_g = check_finite(loss_g, "generator loss")
+        # the parts are read with the loss, while the device has nothing else queued
+        parts = finite_values({"generator loss": loss_g, **parts})
+        value_g = parts.pop("generator loss")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -318,7 +320,7 @@ class CycleGAN:
         self.opt_d.step()
         self.sched_g.step()
         self.sched_d.step()
-        return dict(g=value_g, d=value_d, **{k: v.item() for k, v in parts.items()})
+        return dict(g=value_g, d=value_d, **parts)
 
 
 @exit_on_user_error
@@ -335,10 +337,16 @@ def main(argv=None):
                         f"teacher with --labeled-ratio below 1")
     resume = resume_from(out, "cyclegan", s)
     run_seed = seed_stage(s.seed, "cyclegan", s.deterministic)
+    training_backends(device, s.deterministic)
 
     unlabeled, _ = dataset.tensors(split["unlabeled"], size, with_masks=False)
     labeled, labels = dataset.tensors(split["labeled"], size)
     val_images, val_masks = dataset.tensors(split["val"], size)
+    # on the device once, not a batch at a time (on the CPU they are there already)
+    unlabeled, labeled, labels, val_images, val_masks = (t.to(device) for t in (unlabeled, labeled, labels, val_images,
+                                                                               val_masks))
+    if device.type == "cuda":   # the teacher in the refiner's layout
+        teacher.to(memory_format=memory_format(s.channels_last))
     teacher_cases = case_metrics(predict_logits(teacher, val_images, device), val_masks)
 
     gan = CycleGAN(s, device, ddp)

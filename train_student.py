@@ -32,9 +32,9 @@ import torch
 from data import Corruption, Geometry, Photometric, augment_photometric, corrupt, derive_seed, labeled_batch, \
     prepare_dataset, step_generator, strengths, unlabeled_views
 from data.check import upstream_dataset
-from engine.cli import autocast, memory_format, parse, select_device, setting, writable_file
+from engine.cli import autocast, memory_format, parse, select_device, setting, training_backends, writable_file
 from engine.distributed import join
-from engine.loop import check_finite, poly_lr, run_steps, validation_dice
+from engine.loop import finite_values, poly_lr, run_steps, validation_dice
 from engine.card import write_model_card
 from engine.records import open_run_logs
 from engine.state import StageState, check_same_experiment, resume_from, seed_stage
@@ -149,6 +149,7 @@ def main(argv=None):
             refiner = None
     resume = resume_from(out, "student", s)
     run_seed = seed_stage(s.seed, "student", s.deterministic)
+    training_backends(device, s.deterministic)
 
     images, masks = dataset.tensors(split["labeled"], size)
     unlabeled, truth = None, None
@@ -157,7 +158,14 @@ def main(argv=None):
     val_images, val_masks = dataset.tensors(split["val"], size)
     if unlabeled is not None and len(unlabeled) == 0:
         raise UserError(f"--method {s.method} needs unlabelled images, but the split of --teacher has none")
+    # on the device once, not a batch at a time (on the CPU they are there already)
+    images, masks, val_images, val_masks = (t.to(device) for t in (images, masks, val_images, val_masks))
+    unlabeled = None if unlabeled is None else unlabeled.to(device)
     channels = memory_format(s.channels_last)
+    if device.type == "cuda":   # targets in the student's layout: the KD kernels' fast path
+        teacher.to(memory_format=channels)
+        if refiner is not None:
+            refiner.to(memory_format=channels)
     model = UNet(num_classes=dataset.classes.outputs, width=s.width, dropout=s.dropout).to(device,
                                                                                            memory_format=channels)
     if s.init == "teacher":
@@ -191,14 +199,18 @@ def main(argv=None):
 
     @torch.no_grad()
     def targets(x: torch.Tensor) -> torch.Tensor:
-        """The objective's target logits for the clean unlabelled view `x`."""
+        """The objective's target logits for the clean unlabelled view `x`; on CUDA in the student's
+        memory format, which the KD kernels' fast path needs (a refined or post-processed map is
+        assembled in another)."""
         with autocast(s.precision, device):
             if method.target == "ema":
                 return ema(x)
             logits = teacher(x)
             if refiner is not None:
-                return refine_logits(refiner, x, logits)
-            return postprocess_logits(x, logits) if s.postprocess else logits
+                logits = refine_logits(refiner, x, logits)
+            elif s.postprocess:
+                logits = postprocess_logits(x, logits)
+        return logits.contiguous(memory_format=channels) if device.type == "cuda" else logits
 
     def forward(x: torch.Tensor, features=None) -> torch.Tensor:
         x = x.contiguous(memory_format=channels)
@@ -225,7 +237,7 @@ def main(argv=None):
                                photometric)
         xl, yl = ddp.share(xl), ddp.share(yl)
         sup = supervised_loss(forward(xl), yl, ddp.total)
-        losses = {"sup": check_finite(sup, "supervised loss")}
+        checked, logged = {"supervised loss": sup}, {}
         loss = sup
         if unlabeled is not None:
             # The targets come from the clean view xu; the student sees a strongly perturbed one.
@@ -237,8 +249,11 @@ def main(argv=None):
                 perturb=perturb, generator=step_generator(run_seed, step, "objective"), settings=s, truth=yu))
             unsup, extra = unsup if isinstance(unsup, tuple) else (unsup, {})
             lam = ramp(step, s.lambda_max, s.ramp_steps)
-            losses.update(unsup=check_finite(unsup, "unlabelled loss"), **extra, **{"lambda": lam})
+            checked["unlabelled loss"] = unsup
+            logged = dict(extra, **{"lambda": lam})
             loss = sup + lam * unsup
+        values = finite_values(checked).values()     # one wait for the device a step
+        losses = dict(zip(("sup", "unsup"), values), **logged)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

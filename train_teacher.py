@@ -18,7 +18,8 @@ import torch
 from data import Dataset, Geometry, Photometric, dataset_classes, from_record, labeled_batch, new_split, observed, \
     prepare_dataset, strengths
 from data.check import check_folder, verified
-from engine.cli import autocast, check_size, memory_format, parse, select_device, setting, writable_file
+from engine.cli import autocast, check_size, memory_format, parse, select_device, setting, training_backends, \
+    writable_file
 from engine.distributed import join
 from engine.loop import check_finite, poly_lr, run_steps, validation_dice
 from engine.records import open_run_logs
@@ -56,6 +57,7 @@ def main(argv=None):
     root = prepare_dataset(s.data)
     resume = resume_from(out, "teacher", s)
     run_seed = seed_stage(s.seed, "teacher", s.deterministic)
+    training_backends(device, s.deterministic)
     classes = from_record(resume["classes"]) if resume else dataset_classes(root, s.classes)
     try:
         split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.default_labeled_ratio,
@@ -68,6 +70,8 @@ def main(argv=None):
 
     images, masks = dataset.tensors(split["labeled"], size)
     val_images, val_masks = dataset.tensors(split["val"], size)
+    # on the device once, not a batch at a time (on the CPU they are there already)
+    images, masks, val_images, val_masks = (t.to(device) for t in (images, masks, val_images, val_masks))
     channels = memory_format(s.channels_last)
     model = UNet(num_classes=dataset.classes.outputs, width=s.width).to(device, memory_format=channels)
     net = ddp.wrap(model)

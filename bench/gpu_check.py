@@ -77,29 +77,42 @@ def kd_cases(size):
 
 
 def kd_case(case, size, device, check=True):
-    """One KD check: the scaled gradient within half an ulp of the float64 oracle given the
-    kernel's own weight, the weight against its float64 reference, the gradient's layout kept.
-    With check=False only the calls are made (to record their launches)."""
+    """One KD check of `kd_check` at the check size, one dtype and layout for both logits. With
+    check=False only the calls are made (to record their launches)."""
     dtype_name, channels_last, c, mode = case
-    dtype = DTYPES[dtype_name]
-    student, teacher = _logits((2, c, *size["check_hw"]), dtype, channels_last, c, device)
+    student, teacher = _logits((2, c, *size["check_hw"]), DTYPES[dtype_name], channels_last, c, device)
+    row = kd_check(student, teacher, mode, temperature=2.0, check=check)
+    if row is None:
+        return None
+    return dict(step="kd", dtype=dtype_name, channels_last=channels_last, classes=c, mode=mode, **row)
+
+
+def kd_check(student, teacher, mode, temperature=1.0, window=7, gamma=1.0, map_temperature=1.0, check=True):
+    """The kernels' KD loss and student gradient for logits of any dtypes and layouts against the
+    float64 oracle given the kernel's own weight: the scaled gradient within half an ulp of the
+    student's dtype, the loss within 1e-3, the weight against its float64 reference, the
+    gradient's layout kept. With check=False only the calls are made."""
+    options = dict(window=window, gamma=gamma, map_temperature=map_temperature)
     s = student.clone().requires_grad_()
-    (weighted_kd_loss(s, teacher, weight=mode, temperature=2.0) * LOSS_SCALE).backward()
-    w32 = kd_weight_map(student, teacher, mode).double()
+    loss = weighted_kd_loss(s, teacher, weight=mode, temperature=temperature, **options)
+    (loss * LOSS_SCALE).backward()
+    w32 = kd_weight_map(student, teacher, mode, **options).double()
     if not check:
         return None
     s64 = student.double().requires_grad_()
-    (kd_loss_reference(s64, teacher.double(), w32, 2.0) * LOSS_SCALE).backward()
+    reference = kd_loss_reference(s64, teacher.double(), w32, temperature)
+    (reference * LOSS_SCALE).backward()
     error = (s.grad.double() - s64.grad).abs()
-    factor = (LOSS_SCALE * 2.0 * w32 / w32.sum().clamp_min(1e-6))[:, None]
+    factor = (LOSS_SCALE * temperature * w32 / w32.sum().clamp_min(1e-6))[:, None]
     # the interpreter casts float32 to bfloat16 by truncation (a GPU rounds): a whole ulp there
-    rounding = 2 if INTERPRET and dtype == torch.bfloat16 else 1
-    bound = rounding * _half_ulp(s64.grad, dtype) + 8 * torch.finfo(torch.float32).eps * factor
-    row = dict(step="kd", dtype=dtype_name, channels_last=channels_last, classes=c, mode=mode,
-               grad_over_bound=float((error / bound).max()),
-               weight_abs_err=float((w32 - weight_map_reference(s64, teacher.double(), mode)).abs().max()),
+    rounding = 2 if INTERPRET and student.dtype == torch.bfloat16 else 1
+    bound = rounding * _half_ulp(s64.grad, student.dtype) + 8 * torch.finfo(torch.float32).eps * factor
+    row = dict(grad_over_bound=float((error / bound).max()),
+               loss_rel_err=float((loss.detach().double() - reference.detach()).abs() / reference.detach().abs()),
+               weight_abs_err=float((w32 - weight_map_reference(s64, teacher.double(), mode, **options)).abs().max()),
                grad_layout_kept=s.grad.stride() == s.stride())
-    row["ok"] = row["grad_over_bound"] <= 1 and row["weight_abs_err"] < 2e-4 and row["grad_layout_kept"]
+    row["ok"] = (row["grad_over_bound"] <= 1 and row["loss_rel_err"] < 1e-3 and row["weight_abs_err"] < 2e-4
+                 and row["grad_layout_kept"])
     return row
 
 

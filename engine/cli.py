@@ -128,10 +128,30 @@ def check_device(name: str, flag: str, auto: bool = True) -> None:
 
 
 def select_device(flag: str) -> torch.device:
+    """The device of --device; a GPU becomes the process's current CUDA device before anything else
+    uses CUDA, since what launches without naming a device (Triton kernels, the random streams of
+    `torch.cuda`) goes to the current one, cuda:0 unless set. Under torchrun (WORLD_SIZE above 1)
+    each process takes the GPU of its local rank."""
     check_device(flag, f"--device {flag}")
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(flag)
+    device = torch.device(flag)
+    if device.type != "cuda":
+        return device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
+def training_backends(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, cuDNN times the algorithms of each convolution shape on its first call and keeps the
+    fastest (a stage's shapes are fixed, so this is paid once); not with --deterministic, where a
+    timing could pick another algorithm, and so another rounding, in another run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def bf16_native(device: torch.device) -> bool:

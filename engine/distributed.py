@@ -56,14 +56,11 @@ class Distributed:
 
 
 def join(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the process group torchrun describes in the environment, if any; each rank takes the
-    GPU of its local rank."""
+    """Join the process group torchrun describes in the environment, if any, on `device`, which
+    `engine.cli.select_device` has made the GPU of this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     atexit.register(dist.destroy_process_group)
     return Distributed(dist.get_rank(), world), device

@@ -3,6 +3,7 @@ validation and checkpointing, every step's numbers in train.jsonl and their curv
 a clean stop on a non-finite loss; learning-rate schedules and batched inference."""
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -22,10 +23,18 @@ class NonFiniteLoss(Exception):
 
 def check_finite(loss: torch.Tensor, name: str = "loss") -> float:
     """Return the loss as a float; raise before the optimiser can step on a NaN or Inf."""
-    value = loss.detach().float().item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(name)
-    return value
+    return finite_values({name: loss})[name]
+
+
+def finite_values(losses: dict) -> dict:
+    """{name: float} of the 0-dim `losses`, read from the device in one transfer (each read waits for
+    the device, which then idles until the host queues more); raise before the optimiser can step on
+    a NaN or Inf, naming the first that is one."""
+    values = torch.stack([loss.detach().float() for loss in losses.values()]).tolist()
+    for name, value in zip(losses, values):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(name)
+    return dict(zip(losses, values))
 
 
 def poly_lr(steps: int, power: float = 0.9):
@@ -43,14 +52,14 @@ def constant_then_linear(steps: int, decay_start: float):
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 8,
                    refine=None) -> torch.Tensor:
     """Logits for (N, 1, H, W) images in eval mode, passed through `refine(images, logits)` if given
-    (a SinusCycle-GAN refiner or the post-processing), returned on the CPU in float32."""
+    (a SinusCycle-GAN refiner or the post-processing), returned on `device` in float32."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)
         logits = model(x).float()
-        out.append((logits if refine is None else refine(x, logits)).cpu())
+        out.append(logits if refine is None else refine(x, logits))
     model.train(was_training)
     return torch.cat(out)
 
@@ -63,7 +72,7 @@ def predict_full_size(model: torch.nn.Module, dataset, ids, size, device: torch.
     for chunk, cases, images in dataset.batches(ids, size, batch_size):
         logits = predict_logits(model, images, device, batch_size, refine)
         for case_id, (image, labels), z in zip(chunk, cases, logits):
-            up = F.interpolate(z[None].to(device), size=image.shape, mode="bilinear", align_corners=False)
+            up = F.interpolate(z[None], size=image.shape, mode="bilinear", align_corners=False)
             yield case_id, image, labels, up[0]
 
 
@@ -74,7 +83,7 @@ def class_map(logits: torch.Tensor) -> torch.Tensor:
 
 
 def validation_dice(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, device) -> dict:
-    return {"dice": dice_score(predict_logits(model, images, device), masks).item()}
+    return {"dice": dice_score(predict_logits(model, images, device), masks.to(device)).item()}
 
 
 def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_step, validate, save,
@@ -82,7 +91,8 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
     """Call `train_step(step) -> {name: float}` for each step from `start_step`, then every
     `val_every` steps and at the end `save(step_done, validate())`. `saved_at_start`: a
     checkpoint of step `start_step` exists (always so when resuming). Only the `writer` (the one
-    process, or rank 0 of several) validates, saves, shows progress and writes train.jsonl and
+    process, or rank 0 of several) validates, saves, shows progress and writes train.jsonl (each
+    step's numbers, then a "time" line with its wall time `step_s`, validation and saving apart) and
     curves.png into the checkpoint's logs folder (drawn at the end, and at a stop on a non-finite loss,
     which they then show; not at every validation, which would cost a short CPU run a tenth of its time)."""
     if start_step >= steps:
@@ -103,6 +113,7 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
                mininterval=1.0, disable=not writer)
     try:
         for step in bar:
+            started = time.perf_counter()
             try:
                 losses = train_step(step)
             except NonFiniteLoss as err:
@@ -113,11 +124,15 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
                         if last_saved is not None else "no checkpoint had been written yet")
                 raise UserError(f"non-finite {err.name} at step {step}: training stopped; {kept}. "
                                 f"Try a lower --lr.") from None
+            # a step's loss check waits for the device's work queued before it, so in a steady state
+            # this is the time a step takes, the device's share included
+            seconds = time.perf_counter() - started
             running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in losses.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
             done = step + 1
             if record is not None:
                 record.add(done, "train", losses)
+                record.add(done, "time", {"step_s": seconds})
             if writer and (done % val_every == 0 or done == steps):
                 metrics = validate()
                 save(done, metrics)

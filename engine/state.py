@@ -116,24 +116,27 @@ def weights_copy(module: torch.nn.Module) -> dict:
 # ---------------------------------------------------------------------------------------------
 # random state: stored as tensors, so that checkpoints stay weights-only
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every random stream a run draws from; of the GPUs, only `device`'s, the one the run uses, so
+    that the run can resume on another GPU or where fewer are visible."""
     version, python, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(python=torch.tensor(python, dtype=torch.int64), python_version=version, python_gauss=gauss,
                  numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos), numpy_has_gauss=int(has_gauss),
                  numpy_cached=float(cached), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state`'s streams; its GPU stream becomes `device`'s."""
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_stage(seed: int, stage: str, deterministic: bool) -> int:
@@ -148,9 +151,10 @@ def seed_stage(seed: int, stage: str, deterministic: bool) -> int:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Switched off too, since a process may run several stages; only when needed, because the call
-    # imports torch's compiler (seconds per run).
+    # imports torch's compiler (seconds per run). The ops without a deterministic CUDA kernel
+    # (settings.py's --deterministic names them) warn and run rather than stop the run.
     if deterministic or torch.are_deterministic_algorithms_enabled():
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return stage_seed
 
 
@@ -186,12 +190,17 @@ class StageState:
         self.best = dict(score=-float("inf"), step=0, metrics={}, weights=None)
         self.version = git_hash()
 
+    @property
+    def device(self) -> torch.device:
+        """The run's device: its network's."""
+        return next(self.model.parameters()).device
+
     def restore(self, ckpt: dict) -> int:
         """Load the training state of `ckpt`; return the step to continue from."""
         state = ckpt["train_state"]
         for name, module in self.modules.items():
             module.load_state_dict(state[name])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         self.best = dict(score=state["best_score"], step=state["best_step"], metrics=ckpt["metrics"],
                          weights=ckpt["model"])
         return state["step"]
@@ -212,7 +221,8 @@ class StageState:
         """The checkpoint of the kept network and of the training state at `step`, atomically."""
         train_state = {name: weights_copy(module) if isinstance(module, torch.nn.Module) else module.state_dict()
                        for name, module in self.modules.items()}
-        train_state.update(step=step, rng=rng_state(), best_score=self.best["score"], best_step=self.best["step"])
+        train_state.update(step=step, rng=rng_state(self.device), best_score=self.best["score"],
+                           best_step=self.best["step"])
         save_checkpoint(self.path, dict(
             kind=self.kind, config=self.config, model=self.best["weights"], split=self.split, size=self.size,
             metrics=self.best["metrics"], args=settings_json(self.settings), code_version=self.version, step=step,

@@ -104,6 +104,14 @@ PROFILES = {
                   ratio=0.02, table4_ratios=(0.02, 0.1), teacher=dict(width=8, steps=800, batch=4),
                   cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=2, steps=200, average=0.99),
                   student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
+    # One GPU in minutes: the claims' runs alone (Table 1's claim rows and what they read), at half the
+    # phantom's resolution with the paper's widths; step counts sized from FLOP estimates so that six
+    # seeds fit about five minutes with three runs at once (docs/RESULTS.md, "Costs").
+    "claims": dict(size=(128, 256), precision="bf16",
+                   seeds=dict(primary=6, oracle=0, baselines=0, ablation=0, efficiency=0),
+                   ratio=0.02, table4_ratios=(0.02,), teacher=dict(width=32, steps=3000, batch=8),
+                   cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=600),
+                   student=dict(width=32, steps=1500, batch=8, ramp=450), val_every=300),
     # GPU: the phantom's full 256x512 resolution, paper-sized networks, six seeds (three above 2 % labels).
     "paper": dict(size=(256, 512), precision="bf16",
                   seeds=dict(primary=6, oracle=3, baselines=6, ablation=6, efficiency=3),

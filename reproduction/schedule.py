@@ -2,9 +2,11 @@
 
 A slot is one device (`cpu`, `cuda:0`, ...) with room for one run; a device named K times holds K
 runs at once. Each slot is a process of its own (the operating system's processes, nothing
-home-made), started once, so torch is imported once per slot rather than once per run. Every
-run in a slot uses the same number of CPU threads, whatever else runs, so a result never
-depends on how many runs shared the machine. A run whose inputs failed is not started; the
+home-made), started once, so torch is imported once per slot rather than once per run; after a
+failed run on a GPU the slot gets a fresh process, since a CUDA error can leave the process's
+context unusable for every later run (a failed CPU run leaves nothing behind, and its process is
+kept). Every run in a slot uses the same number of CPU threads, whatever else runs, so a result
+never depends on how many runs shared the machine. A run whose inputs failed is not started; the
 others go on.
 """
 import contextlib
@@ -84,9 +86,12 @@ def execute(runs: list, finished: set, slots: list[str], threads: int, argv_of, 
                 run, slot = busy.pop(future)
                 try:
                     ok, seconds, last = future.result()
-                except BrokenProcessPool:      # the worker died (out of memory, a crash): a fresh one
+                    fresh = not ok and slots[slot].startswith("cuda")
+                except BrokenProcessPool:      # the worker died (out of memory, a crash)
+                    ok, seconds, last, fresh = False, 0.0, "its worker process died", True
+                if fresh:
+                    pools[slot].shutdown(wait=False)
                     pools[slot] = _pool(threads)
-                    ok, seconds, last = False, 0.0, "its worker process died"
                 status[run.name] = "done" if ok else "failed"
                 on_finish(run, ok, seconds, last)
     finally:

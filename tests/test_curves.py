@@ -1,14 +1,16 @@
-"""Every training stage's step loop leaves train.jsonl (each step's losses, each validation's numbers)
-and curves.png of them in its logs folder, whatever keys the stage logs; a resumed run's record is
-that of an uninterrupted one."""
+"""Every training stage's step loop leaves train.jsonl (each step's losses and wall time, each
+validation's numbers) and curves.png of them in its logs folder, whatever keys the stage logs; a
+resumed run's record is that of an uninterrupted one, wall times aside."""
 import json
 import logging
+import math
 
 import imageio.v3 as iio
 import pytest
+import torch
 
 from engine.curves import panels
-from engine.loop import NonFiniteLoss, run_steps
+from engine.loop import NonFiniteLoss, finite_values, run_steps
 from errors import UserError
 
 
@@ -27,8 +29,10 @@ def fake_stage(ckpt, steps, start=0, fail_at=None, val=lambda step: {"dice": ste
     return done
 
 
-def entries(logs):
-    return [json.loads(line) for line in (logs / "train.jsonl").read_text().splitlines()]
+def entries(logs, times=False):
+    """train.jsonl's lines; with `times`, the wall-time lines too."""
+    lines = [json.loads(line) for line in (logs / "train.jsonl").read_text().splitlines()]
+    return [e for e in lines if times or "time" not in e]
 
 
 def test_the_loop_writes_every_step_and_validation_and_their_curves(tmp_path):
@@ -40,6 +44,8 @@ def test_the_loop_writes_every_step_and_validation_and_their_curves(tmp_path):
     assert [(e["step"], e["val"]) for e in lines if "val" in e] == [(3, {"dice": 0.0}), (6, {"dice": 0.01}),
                                                                     (7, {"dice": 0.02})]
     assert lines[0]["train"] == {"sup": 1.0, "unsup": 0.5, "lambda": 0.0}
+    times = [e for e in entries(logs, times=True) if "time" in e]
+    assert [e["step"] for e in times] == list(range(1, 8)) and all(e["time"]["step_s"] > 0 for e in times)
     picture = iio.imread(logs / "curves.png")
     assert picture.shape[:2] == (3 * 240, 800)       # losses, lambda, validation dice
     assert picture[..., :3].std() > 10                 # something is drawn
@@ -80,6 +86,14 @@ def test_a_non_finite_loss_leaves_the_curves_up_to_it(tmp_path):
         fake_stage(tmp_path / "s.pt", steps=10, fail_at=4)
     assert [e["step"] for e in entries(tmp_path / "s_logs") if "train" in e] == [1, 2, 3, 4]
     assert (tmp_path / "s_logs" / "curves.png").is_file()
+
+
+def test_the_loss_check_names_the_first_loss_that_is_not_finite():
+    assert finite_values({"sup": torch.tensor(1.5), "unsup": torch.tensor(0.25, dtype=torch.bfloat16)}) == {
+        "sup": 1.5, "unsup": 0.25}
+    with pytest.raises(NonFiniteLoss) as stop:
+        finite_values({"sup": torch.tensor(1.0), "unsup": torch.tensor(float("inf")), "other": torch.tensor(math.nan)})
+    assert stop.value.name == "unsup"
 
 
 def test_a_training_stage_leaves_its_record_and_curves(tiny_teacher):

@@ -5,7 +5,9 @@ reproduction is the session's one, which tests/test_classes.py reads too)."""
 import json
 import math
 import shutil
-from collections import Counter
+from collections import Counter, namedtuple
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,59 @@ def test_results_of_other_settings_are_not_reused(tmp_path):
     assert reproduce.previous_results(path, args, {"a"}) == {"runs": {}}
 
 
+def test_the_claims_profile_plans_the_claims_alone():
+    runs = Planner("claims", Path("/d"), Path("/o")).plan()
+    rows = {label for r in runs for table, label in r.cells if table == "table1"}
+    assert rows == {"teacher", "supervised", "kd", "wkd", "wkd_refine"}
+    assert {r.seed for r in runs} == set(range(6)) and all("r0020" in r.name for r in runs)
+    assert Counter(r.script for r in runs)["train_student"] == 6 * 4
+
+
+def test_tables_of_the_finished_seeds_say_so():
+    Run = namedtuple("Run", "name seed cells")
+    runs = [Run("t0", 0, []), Run("e0", 0, ["x"]), Run("f0", 0, ["y"]), Run("e1", 1, ["x"]), Run("e2", 2, ["x"])]
+    import reproduce
+    assert reproduce.finished_seeds(runs, {"e0", "e1", "e2"}) == [1, 2]       # seed 0 still waits for f0
+    assert reproduce.finished_seeds(runs, {"e0", "f0", "e2"}) == [0, 2]       # training runs feed no table
+    assert reproduce.partial_note(None) == ""
+    assert "the 2 of 3 planned seeds whose table runs had all finished (seeds 0, 2)" in reproduce.partial_note(
+        ([0, 2], 3))
+
+
+def test_a_failed_gpu_run_gets_its_slot_a_fresh_worker(monkeypatch):
+    """A CUDA error can spoil the worker's process for every later run; a CPU one cannot, so a CPU
+    slot keeps its worker unless the worker died."""
+    from reproduction import schedule
+    pools = []
+
+    class Pool:
+        def __init__(self, threads):
+            self.ran = []
+            pools.append(self)
+
+        def submit(self, fn, script, argv, log):
+            self.ran.append(script)
+            future = Future()
+            if script == "dies":
+                future.set_exception(BrokenProcessPool("killed"))
+            else:
+                future.set_result((script == "ok", 1.0, ""))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+    monkeypatch.setattr(schedule, "_pool", Pool)
+    Run = namedtuple("Run", "name needs script")
+    runs = [Run("a", [], "fails"), Run("b", [], "ok"), Run("c", [], "dies"), Run("d", [], "ok")]
+    for device, workers in (("cuda:1", [["fails"], ["ok", "dies"], ["ok"]]),
+                            ("cpu", [["fails", "ok", "dies"], ["ok"]])):
+        pools.clear()
+        status = schedule.execute(runs, set(), [device], 1, lambda run, d: [], lambda run: "log", lambda *a: None,
+                                  lambda *a: None)
+        assert [pool.ran for pool in pools] == workers, device
+        assert status == dict(a="failed", b="done", c="failed", d="done")
+
+
 def test_every_table_cell_is_fed_by_a_run():
     fed = {cell for run in quick_plan() for cell in run.cells} | set(GATED)
     for name, spec in table_specs(PROFILES["quick"]).items():
@@ -169,6 +224,9 @@ def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, t
     assert all(0.0 <= r["metrics"]["dice"]["mean"] <= 1.0 and len(r["cases"]["dice"]) == r["metrics"]["dice"]["n"]
                for r in evaluated)
     assert (out / "seed0/r0300/teacher.pt.log").is_file()
+    # the first of the two seeds to finish had its tables written on its own, the full ones at the end
+    assert "tables of the 1 finished seed(s) of 2 written" in first
+    assert "planned seeds whose table runs had all finished" not in (out / "tables.md").read_text()
 
     # A lost evaluation is redone, everything else is reused (in a copy: the tests share the original).
     copy = tmp_path / "copy"
