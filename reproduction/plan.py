@@ -110,7 +110,7 @@ PROFILES = {
     "claims": dict(size=(128, 256), precision="bf16",
                    seeds=dict(primary=6, oracle=0, baselines=0, ablation=0, efficiency=0),
                    ratio=0.02, table4_ratios=(0.02,), teacher=dict(width=32, steps=3000, batch=8),
-                   cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=600),
+                   cyclegan=dict(width=32, blocks=6, disc_width=64, disc_layers=3, steps=600, average=0.99),
                    student=dict(width=32, steps=1500, batch=8, ramp=450), val_every=300),
     # GPU: the phantom's full 256x512 resolution, paper-sized networks, six seeds (three above 2 % labels).
     "paper": dict(size=(256, 512), precision="bf16",

@@ -99,9 +99,9 @@ def test_results_of_other_settings_are_not_reused(tmp_path):
 def test_the_claims_profile_plans_the_claims_alone():
     runs = Planner("claims", Path("/d"), Path("/o")).plan()
     rows = {label for r in runs for table, label in r.cells if table == "table1"}
-    assert rows == {"teacher", "supervised", "kd", "wkd", "wkd_refine"}
+    assert rows == {"teacher", "supervised", "kd", "wkd", "kd_refine", "wkd_refine"}
     assert {r.seed for r in runs} == set(range(6)) and all("r0020" in r.name for r in runs)
-    assert Counter(r.script for r in runs)["train_student"] == 6 * 4
+    assert Counter(r.script for r in runs)["train_student"] == 6 * 5
 
 
 def test_tables_of_the_finished_seeds_say_so():
