@@ -99,10 +99,11 @@ def estimate(run, profile: str) -> float:
 
 
 def stage_argv(run, device: str) -> list[str]:
-    """The run's arguments for `device`; an unfinished training run resumes."""
+    """The run's arguments for `device`; an unfinished training run resumes, an evaluation replaces
+    what an earlier one left."""
     argv = [str(a) for a in run.argv] + ["--device", device]
-    if run.script != "evaluate" and run.output.is_file():
-        argv.append("--resume")
+    if run.output.exists():
+        argv.append("--overwrite" if run.script == "evaluate" else "--resume")
     return argv
 
 

@@ -39,7 +39,7 @@ from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, predict_logits, run_steps
 from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
-from engine.state import StageState, resume_from, seed_stage, weights_copy
+from engine.state import StageState, resume_from, seed_stage, weights_copy, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
 from nets import load_network
@@ -289,8 +289,10 @@ def main(argv=None):
     size = tuple(teacher_ckpt["size"])
     dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     if not split["unlabeled"]:
-        raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "
-                        f"teacher with --labeled-ratio below 1")
+        remedy = "list images without a mask under \"unlabeled\" in splits.json" if split.get("labeled_ratio") is None \
+            else "add images without masks, or use --labeled-ratio below 1"
+        raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; {remedy}, and "
+                        f"train the teacher again")
     resume = resume_from(out, "cyclegan", s)
     run_seed = seed_stage(s.seed, "cyclegan", s.deterministic)
 
@@ -302,7 +304,8 @@ def main(argv=None):
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
     state = StageState("cyclegan", out, gan.nets["G_AB"], gan.modules(), s, split, size, config=config,
-                       score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint))
+                       score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint,
+                                                     teacher_sha256=weights_sha256(teacher_ckpt["model"])))
     start = state.restore(resume) if resume else 0
     geometry = strengths(Geometry, s, "aug_")
 
@@ -345,7 +348,7 @@ def main(argv=None):
         identity = ResnetGenerator(**config["G_AB"]).to(device)   # a zero correction: the teacher's prediction
         state.keep(weights_copy(identity), 0, validate(identity), 0.0)
     state.extra.update(kept=kept, candidate=candidate)
-    state.write(s.steps)
+    state.finish(s.steps)
     logger.info("kept %s: candidate of step %d, validation Dice %.4f -> %.4f (gain %+.4f, 95 %% lower bound "
                 "%+.4f), HD95 %.2f -> %.2f px", kept, candidate.get("step", 0), candidate["teacher_dice"],
                 candidate["refined_dice"], candidate["dice_gain"], candidate["dice_gain_low"],
