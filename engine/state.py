@@ -135,11 +135,6 @@ def check_same_experiment(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> No
     if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):
         raise UserError(f"{flag} {path} was trained from another teacher (its split or size differ); "
                         f"train it from this teacher")
-    check_teacher(ckpt, flag, path, teacher_ckpt)
-
-
-def check_teacher(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> None:
-    """`ckpt` (a refiner or student) must have learnt from the teacher `teacher_ckpt`, by content."""
     now = weights_sha256(teacher_ckpt["model"])
     if ckpt["teacher_sha256"] != now:
         raise UserError(f"{flag} {path} was trained from another teacher (weights {ckpt['teacher_sha256'][:12]}, "
@@ -252,7 +247,7 @@ class StageState:
     def restore(self, ckpt: dict) -> int:
         """Load the training state of `ckpt`; return the step to continue from. A run that learns from a
         teacher continues only with the teacher it started with."""
-        if ckpt.get("teacher_sha256", self.extra.get("teacher_sha256")) != self.extra.get("teacher_sha256"):
+        if "teacher_sha256" in self.extra and ckpt["teacher_sha256"] != self.extra["teacher_sha256"]:
             raise UserError(f"--teacher {self.settings.teacher}: not the teacher the run at --out {self.path} "
                             f"started with (retrained in place?); resume with that teacher, or start again with "
                             f"--overwrite")
