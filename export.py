@@ -2,12 +2,13 @@
 
     python export.py --ckpt student.pt --out student.onnx
 
-Reads the checkpoint --ckpt; writes --out, an ONNX graph from images (N, 1, H, W) to logits
-(N, C, H, W) with free batch, height and width (multiples of 16), whose metadata states the
-preprocessing (training input size, intensity normalisation, resize), the class names and the
-mask value of each output. `predict.py --ckpt student.onnx` runs it with onnxruntime and writes
-what it writes with the checkpoint. Needs onnx (and onnxruntime to run it): pip install onnx
-onnxruntime, or -r requirements-test.txt.
+Reads the checkpoint --ckpt (of a finished training run); writes --out (an existing file only with
+--overwrite), an ONNX graph from images (N, 1, H, W) to logits (N, C, H, W) with free batch,
+height and width (multiples of 16), whose metadata states the preprocessing (training input
+size, intensity normalisation, resize), the class names and the mask value of each output.
+`predict.py --ckpt student.onnx` runs it with onnxruntime and writes what it writes with the
+checkpoint. Needs onnx (and onnxruntime to run it): pip install onnx onnxruntime, or
+-r requirements-test.txt.
 """
 import dataclasses
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from engine.cli import parse, setting, writable_file
 from engine.deploy import export_onnx
-from engine.records import write_atomic
+from engine.records import lock_output, write_atomic
 from errors import UserError, exit_on_user_error
 from nets import load_network
 
@@ -25,6 +26,7 @@ from nets import load_network
 class ExportSettings:
     ckpt: Path | None = setting(None, "teacher or student checkpoint to export", required=True)
     out: Path | None = setting(None, "ONNX file to write, e.g. student.onnx", required=True)
+    overwrite: bool = setting(False, "replace an existing --out")
 
 
 @exit_on_user_error
@@ -38,6 +40,9 @@ def main(argv=None):
         raise UserError("export.py needs the onnx package: pip install onnx onnxruntime "
                         "(or pip install -r requirements-test.txt)") from None
     out = writable_file(s.out)
+    lock_output(out)
+    if out.exists() and not s.overwrite:
+        raise UserError(f"--out {out}: exists; replace it with --overwrite, or choose another --out")
     model, ckpt = load_network(s.ckpt, ("teacher", "student"), "--ckpt", torch.device("cpu"))
     write_atomic(out, lambda tmp: export_onnx(model, ckpt, tmp))
     h, w = ckpt["size"]

@@ -7,17 +7,19 @@ run with onnxruntime; its classes and input size come with it) and every image i
 Writes the folder --out: masks/<id>.png at each image's original size, holding the mask values
 the network was trained with (0 background); areas.csv, each image's area of each class in
 pixels and in mm² (with --spacing, else where a DICOM header states the pixel spacing), and the
-spacing with its source; overlays/<id>.png, each predicted class's contour in its own
-colour (red for a binary dataset), unless --no-overlays; with --probabilities,
-probabilities/<id>_<mask value>.png, each class's probability times 255; and summary.json. The
-folder is filled beside --out and moved into place at the end: a bad image or an interruption
-leaves nothing half-written.
+spacing with its source; overlays/<id>.png, each predicted class's contour in its own colour
+(orange for a binary dataset), each region labelled with its class, side and area, unless
+--no-overlays; with --probabilities, probabilities/<id>_<mask value>.png, each class's
+probability times 255; and summary.json, which names files by their names only (no folder of this
+machine). The folder is filled beside --out and moved into place at the end: a bad image or an
+interruption leaves nothing half-written, and an existing --out is replaced only with --overwrite.
 """
 import collections
 import csv
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -30,8 +32,9 @@ from data.dataset import IMAGE_SUFFIXES
 from engine.cli import output_folder, parse, pixel_spacing, select_device, setting
 from engine.deploy import load_onnx
 from engine.loop import class_map, predict_full_size
-from engine.metrics import case_spacing, save_overlay, spacing_columns
-from engine.records import environment, fill_folder
+from engine.metrics import case_spacing, spacing_columns
+from engine.overlays import save_overlay
+from engine.records import environment, fill_folder, lock_output, portable_command
 from errors import UserError, exit_on_user_error, problems_error
 from nets import load_network
 
@@ -43,6 +46,7 @@ class PredictSettings:
     images: Path | None = setting(None, "folder of radiographs to segment (every file in it must be one)",
                                   required=True)
     out: Path | None = setting(None, "folder to write the results to (not inside --images)", required=True)
+    overwrite: bool = setting(False, "replace the results of an earlier run at --out")
     device: str = setting("auto", "where to run: auto (CUDA when available), cpu, cuda or cuda:N")
     spacing: tuple[float, ...] | None = setting(None, "pixel size in mm of every image, one value or two (row, "
                                                       "column); default: a DICOM header's pixel spacing, else none "
@@ -80,14 +84,15 @@ def write_predictions(s, model, ckpt, dataset: Dataset, device, spacing, tmp: Pa
     for case_id, image, _, logits in tqdm(cases, desc="predict", total=len(ids), dynamic_ncols=True, mininterval=1.0):
         labels = class_map(logits).to(torch.uint8).cpu().numpy()
         iio.imwrite(tmp / "masks" / f"{case_id}.png", values[labels])
+        known = case_spacing(spacing, dataset.spacing(case_id))
         if s.overlays:
-            save_overlay(tmp / "overlays" / f"{case_id}.png", image, labels, classes=len(classes.names))
+            save_overlay(tmp / "overlays" / f"{case_id}.png", image, labels, classes.names, header=case_id,
+                         spacing=known)
         if s.probabilities:
             probabilities = (logits.softmax(0) * 255).round().to(torch.uint8).cpu().numpy()
             for c, value in enumerate(classes.values, 1):
                 iio.imwrite(tmp / "probabilities" / f"{case_id}_{value}.png", probabilities[c])
         counts = np.bincount(labels.ravel(), minlength=len(values))
-        known = case_spacing(spacing, dataset.spacing(case_id))
         pixels = {f"area_px[{name}]": int(counts[c]) for c, name in enumerate(classes.names, 1)}
         mm2 = {f"area_mm2[{name}]": "" if known is None else round(counts[c] * known[0] * known[1], 6)
                for c, name in enumerate(classes.names, 1)}
@@ -97,10 +102,12 @@ def write_predictions(s, model, ckpt, dataset: Dataset, device, spacing, tmp: Pa
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], classes=classes.record(), images=str(s.images),
+    meta = dict(checkpoint=s.ckpt.name, kind=ckpt["kind"], classes=classes.record(), images=s.images.name,
+                files=[p.name for _, p in sorted(dataset.images.items())],
                 n=len(rows), size=list(ckpt["size"]), spacing_mm=spacing and list(spacing),
                 spacing_sources=dict(collections.Counter(r["spacing_source"] for r in rows)),
-                checkpoint_code_version=ckpt.get("code_version"), environment=environment())
+                checkpoint_code_version=ckpt.get("code_version"),
+                environment=dict(environment(), command=portable_command(sys.argv)))
     (tmp / "summary.json").write_text(json.dumps(meta, indent=2) + "\n")
     return len(rows)
 
@@ -112,7 +119,8 @@ def main(argv=None):
     device = select_device(s.device)
     if s.out.is_relative_to(s.images):
         raise UserError(f"--out {s.out}: inside --images {s.images}; write the results elsewhere")
-    out = output_folder(s.out, OUTPUTS)
+    lock_output(s.out)
+    out = output_folder(s.out, OUTPUTS, s.overwrite)
     if s.ckpt.suffix.lower() == ".onnx":
         model, ckpt = load_onnx(s.ckpt, "--ckpt")
     else:

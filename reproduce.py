@@ -92,9 +92,7 @@ def parse_devices(text: str) -> list[str]:
 def finished(run) -> bool:
     if run.script == "evaluate":
         return (run.output / "summary.json").is_file()
-    if not run.output.is_file():
-        return False
-    return read_checkpoint(run.output, "--out").get("step", 0) >= run.steps
+    return run.output.is_file() and bool(read_checkpoint(run.output, "--out").get("finished"))
 
 
 def estimate(run, profile: str) -> float:
@@ -105,10 +103,11 @@ def estimate(run, profile: str) -> float:
 
 
 def stage_argv(run, device: str) -> list[str]:
-    """The run's arguments for `device`; an unfinished training run resumes."""
+    """The run's arguments for `device`; an unfinished training run resumes, an evaluation replaces
+    what an earlier one left."""
     argv = [str(a) for a in run.argv] + ["--device", device]
-    if run.script != "evaluate" and run.output.is_file():
-        argv.append("--resume")
+    if run.output.exists():
+        argv.append("--overwrite" if run.script == "evaluate" else "--resume")
     return argv
 
 

@@ -42,6 +42,8 @@ class Training(Common):
                                          "(torch warns)")
     resume: bool = setting(False, "continue the run stored at --out from its last checkpoint; the result equals "
                                   "an uninterrupted run")
+    overwrite: bool = setting(False, "replace the checkpoint at --out and its logs (a run there is otherwise "
+                                     "refused: a finished one, and an unfinished one without --resume)")
     aug_rotate: float = setting(5.0, "geometric augmentation: maximum rotation in degrees", within="[0, 180]")
     aug_scale: tuple[float, float] = setting((0.9, 1.1), "geometric augmentation: zoom range", within="(0, 10]",
                                              metavar=("LOW", "HIGH"))

@@ -46,7 +46,7 @@ from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, finite_values, predict_logits, run_steps
 from engine.metrics import overlap_metrics
 from engine.records import open_run_logs
-from engine.state import StageState, resume_from, seed_stage, weights_copy
+from engine.state import StageState, resume_from, seed_stage, weights_copy, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
 from nets import load_network
@@ -333,8 +333,10 @@ def main(argv=None):
     size = tuple(teacher_ckpt["size"])
     dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     if not split["unlabeled"]:
-        raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; retrain the "
-                        f"teacher with --labeled-ratio below 1")
+        remedy = "list images without a mask under \"unlabeled\" in splits.json" if split.get("labeled_ratio") is None \
+            else "add images without masks, or use --labeled-ratio below 1"
+        raise UserError(f"--teacher {s.teacher}: its split has no unlabelled images to refine; {remedy}, and "
+                        f"train the teacher again")
     resume = resume_from(out, "cyclegan", s)
     run_seed = seed_stage(s.seed, "cyclegan", s.deterministic)
     training_backends(device, s.deterministic)
@@ -352,7 +354,8 @@ def main(argv=None):
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
     state = StageState("cyclegan", out, gan.refiner, gan.modules(), s, split, size, config=config,
-                       score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint))
+                       score="dice_gain", extra=dict(classes=dataset.classes.record(), data_fingerprint=fingerprint,
+                                                     teacher_sha256=weights_sha256(teacher_ckpt["model"])))
     start = state.restore(resume) if resume else 0
     geometry = strengths(Geometry, s, "aug_")
 
@@ -391,6 +394,7 @@ def main(argv=None):
               writer=ddp.is_main)
     if not ddp.is_main:
         return
+    state.finish(s.steps)
     refiner = state.best["metrics"]
     failures = keep_rule_failures(refiner)
     verdict = "passes the keep rule" if not failures else "fails the keep rule: " + "; ".join(failures)

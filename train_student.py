@@ -37,7 +37,7 @@ from engine.distributed import join
 from engine.loop import finite_values, poly_lr, run_steps, validation_dice
 from engine.card import write_model_card
 from engine.records import open_run_logs
-from engine.state import StageState, check_same_experiment, resume_from, seed_stage
+from engine.state import StageState, check_same_experiment, resume_from, seed_stage, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
 from nets import load_network
@@ -72,7 +72,10 @@ class StudentSettings(LabelledPhotometric, Training):
     lambda_max: float = setting(1.0, "weight of the unlabelled loss after the ramp-up", within="[0, inf)")
     ramp_steps: int = setting(200, "length of the sigmoid-shaped ramp-up of lambda", within="[1, inf)")
     unlabeled_batch_size: int = setting(4, "unlabelled images per step", within="[1, inf)")
-    width: int = setting(16, "student U-Net width", within="[1, inf)")
+    width: int | None = setting(None, "student U-Net width; default: the teacher's", within="[1, inf)")
+    aug_flip: float | None = setting(None, "geometric augmentation: probability of a left-right flip; default: the "
+                                           "teacher's (so 0 for left and right classes when the teacher had it)",
+                                     within="[0, 1]")
     init: str = setting("teacher", "start from the teacher's weights (same width only) or from random ones",
                         choices=("teacher", "scratch"))
     confidence: float = setting(0.95, "pseudo_label, unimatch: minimum probability of a pseudo-labelled pixel "
@@ -106,6 +109,12 @@ def check_method_flags(s: StudentSettings) -> None:
         raise UserError(f"--weight-window {s.weight_window}: the window must be odd, so that it has a centre")
 
 
+def inherited(teacher_ckpt: dict) -> dict:
+    """The settings a student takes from its teacher unless given: the width (which --init teacher
+    needs) and the flip augmentation (0 where the classes are sides)."""
+    return dict(width=teacher_ckpt["config"]["width"], aug_flip=teacher_ckpt["args"]["aug_flip"])
+
+
 @contextlib.contextmanager
 def running_statistics_kept(model: torch.nn.Module):
     """BatchNorm layers normalise with the batch's statistics and leave their running ones alone."""
@@ -137,6 +146,7 @@ def main(argv=None):
     out = writable_file(s.out)
     root = prepare_dataset(s.data)
     teacher, teacher_ckpt = load_network(s.teacher, ("teacher",), "--teacher", device)
+    s = dataclasses.replace(s, **{k: v for k, v in inherited(teacher_ckpt).items() if getattr(s, k) is None})
     dataset, split, fingerprint = upstream_dataset(root, teacher_ckpt, "--teacher", s.teacher)
     size = tuple(teacher_ckpt["size"])
     refiner = None
@@ -182,7 +192,8 @@ def main(argv=None):
         modules["ema"] = ema
     state = StageState("student", out, model, modules, s, split, size,
                        extra=dict(method=s.method, weight=weight, refined=refiner is not None, postprocessed=s.postprocess,
-                                  oracle=s.oracle, classes=dataset.classes.record(), data_fingerprint=fingerprint))
+                                  oracle=s.oracle, classes=dataset.classes.record(), data_fingerprint=fingerprint,
+                                  teacher_sha256=weights_sha256(teacher_ckpt["model"])))
     start = state.restore(resume) if resume else 0
     geometry, photometric = strengths(Geometry, s, "aug_"), strengths(Photometric, s, "aug_")
     strong, corruption = strengths(Photometric, s, "strong_"), strengths(Corruption, s, "strong_")
@@ -266,6 +277,7 @@ def main(argv=None):
               train_step=train_step, validate=lambda: validation_dice(model, val_images, val_masks, device),
               save=state.save, checkpoint_path=out, logger=logger, writer=ddp.is_main)
     if ddp.is_main:
+        state.finish(s.steps)
         write_model_card(logs, s, split, dataset.classes, fingerprint, state.best["metrics"], kind="student",
                          checkpoint=out, size=size, code_version=state.version,
                          method=f"{s.method} (KD weight {weight}, refined {refiner is not None}, oracle {s.oracle}, "

@@ -1,23 +1,24 @@
 """Stage 1: train the teacher U-Net on the labelled split (cross-entropy + soft Dice).
 
 Reads --data (drawing the split, or taking splits.json; the classes from classes.json or
---classes) and checks every image of the split and the masks of its labelled and validation
-cases before training (no stage opens an unlabelled or test mask); writes the checkpoint --out
-with the final weights (or with --keep best those of the best validation check), the resolved
-split and classes (which every later stage inherits) and the full training state for --resume,
-and <out stem>_logs/ beside it.
+--classes), prints the split (where every mask went) and checks every image and mask of the
+split before training (the masks of unlabelled and test cases for their format only: no stage
+reads their pixels); writes the checkpoint --out with the final weights (or with --keep best
+those of the best validation check), the resolved split and classes (which every later stage
+inherits) and the full training state for --resume, and <out stem>_logs/ beside it.
 
 Settings: the block below, on the shared ones of settings.py (Training, LabelledPhotometric).
 """
 import dataclasses
-import typing
 from pathlib import Path
 
 import torch
 
-from data import Dataset, Geometry, Photometric, dataset_classes, from_record, labeled_batch, new_split, observed, \
-    prepare_dataset, strengths
-from data.check import check_folder, verified
+from data import Dataset, Geometry, Photometric, dataset_classes, describe_split, from_record, labeled_batch, \
+    new_split, observed, prepare_dataset, strengths
+from data.check import check_folder, dataset_warnings, verified
+from data.dataset import warn
+from data.split import PHANTOM_LABELED_RATIO, TEST_FRACTION, VAL_FRACTION
 from engine.cli import autocast, check_size, memory_format, parse, select_device, setting, training_backends, \
     writable_file
 from engine.distributed import join
@@ -34,14 +35,13 @@ from settings import LabelledPhotometric, Training
 class TeacherSettings(LabelledPhotometric, Training):
     out: Path = setting(Path("teacher.pt"), "checkpoint to write (logs go to a folder beside it)")
     size: tuple[int, int] = setting((128, 256), "network input size H W, each a multiple of 16", metavar=("H", "W"))
-    # not the flag's default: a splits.json fixes the labelled set, and a ratio given beside one is an error
-    default_labeled_ratio: typing.ClassVar[float] = 0.1
-    labeled_ratio: float | None = setting(None, f"fraction of the training ids that keep their labels (default "
-                                                f"{default_labeled_ratio}; not allowed with a splits.json, which "
-                                                f"fixes the labelled set)",
+    labeled_ratio: float | None = setting(None, f"fraction of the masked training ids that keep their labels "
+                                                f"(default: 1, every mask is used; {PHANTOM_LABELED_RATIO} on the "
+                                                f"generated phantom, whose every case has one; not allowed with a "
+                                                f"splits.json, which fixes the labelled set)",
                                           within="(0, 1]")
-    test_fraction: float = setting(0.2, "fraction of the masked ids held out for testing", within="(0, 1)")
-    val_fraction: float = setting(0.1, "fraction of the masked ids held out for validation", within="(0, 1)")
+    test_fraction: float = setting(TEST_FRACTION, "fraction of the masked ids held out for testing", within="(0, 1)")
+    val_fraction: float = setting(VAL_FRACTION, "fraction of the masked ids held out for validation", within="(0, 1)")
     width: int = setting(16, "U-Net channels at full resolution (doubles per level)", within="[1, inf)")
     classes: tuple[str, ...] | None = setting(None, "the classes of a dataset without classes.json, as mask values "
                                                     "and names, e.g. 1=left 2=right; default: binary (any one "
@@ -54,19 +54,24 @@ def main(argv=None):
     ddp, device = join(select_device(s.device))
     size = check_size(s.size, 2 ** UNet.DEPTH)
     out = writable_file(s.out)
-    root = prepare_dataset(s.data)
     resume = resume_from(out, "teacher", s)
+    root = prepare_dataset(s.data)
     run_seed = seed_stage(s.seed, "teacher", s.deterministic)
     training_backends(device, s.deterministic)
     classes = from_record(resume["classes"]) if resume else dataset_classes(root, s.classes)
     try:
-        split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.default_labeled_ratio,
-                                                         s.test_fraction, s.val_fraction)
+        split = resume["split"] if resume else new_split(root, s.seed, s.labeled_ratio, s.test_fraction,
+                                                         s.val_fraction)
     except UserError:
         check_folder(root, classes)      # a folder the split cannot be drawn from: name all of its problems
         raise
     fingerprint, checked = verified(root, classes, split, resume and resume["data_fingerprint"])
     dataset = Dataset.open(root, classes if resume else observed(classes, checked["mask_values"]))
+    if ddp.is_main:
+        print(describe_split(split, dataset.images, dataset.masks), flush=True)
+        for warning in dataset_warnings(dataset.classes, checked["mask_values"], split, dataset.images) \
+                if checked else []:
+            warn(warning)
 
     images, masks = dataset.tensors(split["labeled"], size)
     val_images, val_masks = dataset.tensors(split["val"], size)
@@ -104,6 +109,7 @@ def main(argv=None):
               validate=lambda: validation_dice(model, val_images, val_masks, device), save=state.save,
               checkpoint_path=out, logger=logger, writer=ddp.is_main)
     if ddp.is_main:
+        state.finish(s.steps)
         print(f"{out}: validation Dice {state.best['score']:.4f} of the kept weights (step {state.best['step']}, "
               f"--keep {s.keep}); logs in {logs}/")
 

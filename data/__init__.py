@@ -8,9 +8,9 @@ from .augment import Corruption, Geometry, Photometric, augment_geometry, augmen
     corrupt, derive_seed, labeled_batch, step_generator, strengths, unlabeled_views
 from .classes import Classes, dataset_classes, from_record, observed
 from .dataset import Dataset, list_images, load_tensors, prepare_dataset
-from .split import SPLIT_KEYS, inherited_split, new_split, resolve_split
+from .split import SPLIT_KEYS, describe_split, inherited_split, new_split, resolve_split
 
 __all__ = ["prepare_dataset", "Dataset", "list_images", "load_tensors", "Classes", "dataset_classes",
-           "from_record", "observed", "SPLIT_KEYS", "new_split", "inherited_split", "resolve_split", "Geometry",
-           "Photometric", "Corruption", "strengths", "corrupt", "batch_indices", "step_generator", "derive_seed",
-           "augment_geometry", "augment_photometric", "labeled_batch", "unlabeled_views"]
+           "from_record", "observed", "SPLIT_KEYS", "describe_split", "new_split", "inherited_split", "resolve_split",
+           "Geometry", "Photometric", "Corruption", "strengths", "corrupt", "batch_indices", "step_generator",
+           "derive_seed", "augment_geometry", "augment_photometric", "labeled_batch", "unlabeled_views"]

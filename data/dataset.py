@@ -14,7 +14,9 @@ scale to [0, 1]. Resizing to the training size uses bilinear interpolation with 
 (area-weighted when shrinking, so a 2900-pixel radiograph does not alias on its way to 512) and
 the mask nearest-exact, which samples at the same pixel centres as the bilinear image.
 """
+import errno
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +60,7 @@ def prepare_dataset(path) -> Path:
             raise UserError(f"--data {root}: has no images/ folder; expected {root}/images/<id>.png "
                             f"(and masks/<id>.png), or an empty folder to generate the phantom in")
         start = time.perf_counter()
-        phantom.generate(root, **phantom.DEFAULT, own_folder=own)
+        phantom.generate(root, **phantom.DEFAULT, own_folder=own, flag="--data")
         h, w = phantom.DEFAULT["size"]
         print(f"generated the default phantom dataset ({phantom.DEFAULT['n']} cases, {h}x{w}, "
               f"seed {phantom.DEFAULT['seed']}) in {root} in {time.perf_counter() - start:.1f} s")
@@ -83,10 +85,28 @@ def image_id(path: Path):
     return path.name if has_preamble(path) else None
 
 
+def unreadable_entry(path: Path):
+    """Why an entry of images/ or masks/ cannot be a case's file (a folder, or a link that loops or
+    points to nothing), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if path.is_symlink():
+            what = "loops" if err.errno == errno.ELOOP else f"points to nothing ({os.readlink(path)})"
+            return f"{path}: a link that {what}; replace it with the file it should point to, or remove it"
+        return f"{path}: cannot be read ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return f"{path}: is a folder, not a file; move it out of {path.parent.name}/"
+    return None
+
+
 def list_images(folder, problems: list) -> dict:
     """{id: image path} of the images in `folder`; a file that is not one is added to `problems`."""
     files = {}
     for path in _listing(folder):
+        if (problem := unreadable_entry(path)) is not None:
+            problems.append(problem)
+            continue
         case_id = image_id(path)
         if case_id is None:
             problems.append(f"{path}: not a supported image type; use one of {', '.join(IMAGE_SUFFIXES)} "
@@ -108,7 +128,9 @@ def scan(root) -> tuple[dict, dict, list]:
         raise UserError(f"--data {root}: images/ is empty; add radiographs as images/<id>.png")
     masks = {}
     for path in _listing(root / "masks") if (root / "masks").is_dir() else []:
-        if path.suffix.lower() != ".png":
+        if (problem := unreadable_entry(path)) is not None:
+            problems.append(problem)
+        elif path.suffix.lower() != ".png":
             problems.append(f"{path}: masks must be PNG (lossless), named masks/<id>.png")
         elif path.stem not in images:
             problems.append(f"{path}: no image with the id {path.stem!r} in images/; remove the mask or add the image")
@@ -126,7 +148,14 @@ def few(ids, k=5):
 # ---------------------------------------------------------------------------------------------
 # one case
 
-def decode(path, what):
+# Why a file is decoded: for its pixels (an image, or a mask training or scoring reads), or only to
+# check its format (a mask's size and values, as the data check does for every mask; the pixels
+# are dropped there, so the masks of unlabelled and test cases can be checked without being used).
+# decode() takes the purpose so that tests/test_no_leakage.py can record it.
+PIXELS, FORMAT_CHECK = "pixels", "format check"
+
+
+def decode(path, what, purpose=PIXELS):
     try:
         return np.asarray(iio.imread(path))
     except Exception as err:   # imageio raises many types for a bad file; all mean the same here
@@ -183,9 +212,10 @@ def preprocess(image):
     return np.clip((image - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
 
-def read_mask(path, shape, image_path):
-    """The 2-D mask at `path`, checked to be `shape` (its image's size) unless that is None."""
-    mask = decode(path, "mask")
+def read_mask(path, shape, image_path, purpose=PIXELS):
+    """The 2-D mask at `path`, checked to be `shape` (its image's size) unless that is None; `purpose`
+    says why it is decoded (PIXELS or FORMAT_CHECK)."""
+    mask = decode(path, "mask", purpose)
     if mask.ndim == 3:
         mask = mask[..., :3].max(-1) if mask.shape[-1] >= 3 else mask[..., 0]
     if shape is not None and mask.shape != shape:

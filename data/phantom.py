@@ -19,6 +19,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from errors import OneLineParser, UserError, exit_on_user_error
 from kernels.boundary_reference import mask_boundary
@@ -120,10 +121,10 @@ DEFAULT = dict(n=600, size=(256, 512), seed=0)
 
 
 def generate(out_dir, n=DEFAULT["n"], size=DEFAULT["size"], seed=DEFAULT["seed"], workers=None, own_folder=False,
-             classes=1):
-    """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json; with
-    `classes` 2, the two sinuses are mask values 1 (image left) and 2 (image right), declared in
-    out_dir/classes.json.
+             classes=1, flag="--out"):
+    """Write n phantom cases to out_dir/images, out_dir/masks and out_dir/phantom.json, with a progress
+    bar on stderr; with `classes` 2, the two sinuses are mask values 1 (image left) and 2 (image
+    right), declared in out_dir/classes.json. `flag` names out_dir in errors.
 
     Everything is rendered into a staging folder first and moved into place with images/ last,
     so a folder with images/ always holds a complete dataset; an interrupted run leaves only
@@ -131,7 +132,7 @@ def generate(out_dir, n=DEFAULT["n"], size=DEFAULT["size"], seed=DEFAULT["seed"]
     """
     out_dir = Path(out_dir)
     if (out_dir / "images").exists():
-        raise UserError(f"--out {out_dir}: already holds images/; choose an empty folder")
+        raise UserError(f"{flag} {out_dir}: already holds images/; choose an empty folder")
     if own_folder or is_interrupted_phantom(out_dir):   # own_folder: data/, whose code is no leftover
         shutil.rmtree(out_dir / STAGING, ignore_errors=True)
         shutil.rmtree(out_dir / "masks", ignore_errors=True)
@@ -142,12 +143,13 @@ def generate(out_dir, n=DEFAULT["n"], size=DEFAULT["size"], seed=DEFAULT["seed"]
         (staging / "images").mkdir(parents=True)
         (staging / "masks").mkdir()
     except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot write there ({err.strerror}); choose a writable folder")
+        raise UserError(f"{flag} {out_dir}: cannot write there ({err.strerror}); choose a writable folder") from None
     workers = workers or len(os.sched_getaffinity(0))
     sides = classes == 2
     jobs = [(staging, seed, i, tuple(size), sides) for i in range(n)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for _ in pool.imap_unordered(_write_case, jobs, chunksize=4):
+        for _ in tqdm(pool.imap_unordered(_write_case, jobs, chunksize=4), desc="phantom", total=n, dynamic_ncols=True,
+                      mininterval=1.0):
             pass
     info = dict(generator="sinus-wkd panoramic phantom", format_version=FORMAT_VERSION, n=n,
                 size=list(size), seed=seed, ids=f"{case_id(0)} .. {case_id(n - 1)}",

@@ -2,8 +2,9 @@
 every checkpoint after it, so that all stages of one experiment see the same cases.
 
 Without a splits.json the masked ids are shuffled by the seed: a test fraction, a validation
-fraction, the rest train, of which a labelled ratio keeps its labels and the others join the
-images that have no mask as the unlabelled set.
+fraction, the rest train, of which a labelled ratio keeps its labels (by default all of them:
+every mask a user gives is used) and the others join the images that have no mask as the
+unlabelled set.
 """
 import json
 import math
@@ -16,6 +17,12 @@ from errors import UserError
 from .dataset import Dataset, few
 
 SPLIT_KEYS = ("labeled", "unlabeled", "val", "test")
+TEST_FRACTION, VAL_FRACTION = 0.2, 0.1     # of the masked ids, held out
+# The generated phantom has a mask for every case, standing in for a dataset of which few are
+# masked: there, by default, a tenth of the training cases keep their labels and the others are
+# the unlabelled images. A user's masks are all used.
+PHANTOM_LABELED_RATIO = 0.1
+SHOWN_IDS = 20          # ids listed per part when the split is printed
 
 
 def _round(x):
@@ -79,18 +86,47 @@ def read_splits(path, images, masks):
     return split
 
 
-def new_split(root: Path, seed: int, labeled_ratio: float | None, default_ratio: float, test_fraction: float,
-              val_fraction: float) -> dict:
+def default_labeled_ratio(root: Path) -> float:
+    """The labelled ratio of a split drawn without --labeled-ratio: 1 (every masked training case is
+    labelled), or PHANTOM_LABELED_RATIO on the generated phantom."""
+    return PHANTOM_LABELED_RATIO if (Path(root) / "phantom.json").is_file() else 1.0
+
+
+def new_split(root: Path, seed: int, labeled_ratio: float | None, test_fraction: float, val_fraction: float) -> dict:
     """The teacher's split: from root/splits.json (which fixes the labelled set, so a
-    --labeled-ratio is an error there), else drawn by `seed` with `labeled_ratio`, or
-    `default_ratio` where none was given."""
+    --labeled-ratio is an error there), else drawn by `seed` with `labeled_ratio`, or the
+    dataset's default_labeled_ratio where none was given."""
     fixed = (root / "splits.json").exists()
     if fixed and labeled_ratio is not None:
         raise UserError(f"--labeled-ratio {labeled_ratio}: {root / 'splits.json'} fixes the labelled set; "
                         f"drop the flag or remove splits.json")
-    ratio = None if fixed else default_ratio if labeled_ratio is None else labeled_ratio
-    split = resolve_split(root, seed, ratio or default_ratio, test_fraction, val_fraction)
+    ratio = None if fixed else default_labeled_ratio(root) if labeled_ratio is None else labeled_ratio
+    split = resolve_split(root, seed, ratio or 1.0, test_fraction, val_fraction)
     return dict(split, seed=seed, labeled_ratio=ratio)
+
+
+def listed(ids) -> str:
+    ids = sorted(ids)
+    return few(ids, SHOWN_IDS) if ids else "none"
+
+
+def describe_split(split: dict, images, masks) -> str:
+    """The split in a few lines, as the teacher and the data check print it: each part's size with its
+    ids (where every mask went), the unlabelled images counted by whether they have a mask (one
+    training never reads), and the images a splits.json leaves out of every list."""
+    how = "from splits.json" if split.get("labeled_ratio") is None else \
+        f"drawn by --seed {split['seed']}, --labeled-ratio {split['labeled_ratio']:g}"
+    lines = [f"split ({how}): {len(images)} images, {len(masks)} with a mask"]
+    for key, name in (("labeled", "labelled"), ("val", "validation"), ("test", "test")):
+        lines.append(f"  {name:<11}{len(split[key]):>5}: {listed(split[key])}")
+    masked = [i for i in split["unlabeled"] if i in masks]
+    lines.append(f"  {'unlabelled':<11}{len(split['unlabeled']):>5}: {len(split['unlabeled']) - len(masked)} without "
+                 f"a mask" + (f", {len(masked)} whose mask training does not read: {listed(masked)}" if masked else ""))
+    left_out = set(images) - {i for key in SPLIT_KEYS for i in split[key]}
+    if left_out:
+        lines.append(f"  {'left out':<11}{len(left_out):>5}: in no list of splits.json, so used nowhere: "
+                     f"{listed(left_out)}")
+    return "\n".join(lines)
 
 
 def inherited_split(ckpt: dict, flag: str, path, root: Path) -> dict:

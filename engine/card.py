@@ -1,5 +1,6 @@
 """MODEL_CARD.md beside a trained network: the repository's template filled with the run's settings,
-data, classes and validation numbers."""
+data, classes and validation numbers. A card travels with a shared network, so it names the data
+folder by its name alone and leaves every path out of the settings."""
 import datetime
 import string
 from pathlib import Path
@@ -36,8 +37,9 @@ def fill_model_card(settings, split: dict, classes, fingerprint: str, metrics: d
         data_warning=PHANTOM_WARNING if phantom else "",
         size=" x ".join(map(str, size)),
         classes=", ".join(f"{v} = {n}" for v, n in zip(classes.values, classes.names)),
-        settings=_table({k: v for k, v in args.items() if k not in ("data", "out")}),
-        data=data, fingerprint=fingerprint,
+        settings=_table({k: Path(v).name if isinstance(getattr(settings, k), Path) else v
+                         for k, v in args.items() if k not in ("data", "out")}),
+        data=data.name, fingerprint=fingerprint,
         split_sizes=", ".join(f"{k} {len(split[k])}" for k in SPLIT_KEYS),
         score_name=score, best_step=metrics.get("step", "?"), n_val=len(split.get("val", [])),
         metrics=_table({k: _number(v) for k, v in metrics.items() if k != "step"}))

@@ -203,13 +203,17 @@ def writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def output_folder(path: Path, written: set, flag: str = "--out") -> Path:
-    """A folder a script fills with the entries `written`: a new one, or one it filled before, never a
-    folder that holds anything else (it is replaced as a whole, see records.fill_folder)."""
+def output_folder(path: Path, written: set, overwrite: bool, flag: str = "--out") -> Path:
+    """A folder a script fills with the entries `written`: a new one, or with `overwrite` one it filled
+    before, never a folder that holds anything else (it is replaced as a whole, see
+    records.fill_folder)."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file; name a folder")
     if path.exists() and not {p.name for p in path.iterdir()} <= written:
         raise UserError(f"{flag} {path}: exists and holds more than this script writes; choose a new folder")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path}: holds the results of an earlier run; replace them with --overwrite, or "
+                        f"choose another {flag}")
     writable_dir(path.parent, flag)
     return path
 

@@ -4,15 +4,17 @@ One panel for the training losses (each step's value faint, its running mean as 
 bar shows it solid), one for `lambda` when the losses include it (a weight, not a loss), and one
 per group of validation numbers sharing their last word (`teacher_dice` and `refined_dice` in
 one, `dice_gain` and `gain` in another), so that any stage's keys are plotted without a list.
+The figure is redrawn as the run goes (`Curves`), within a share of the run's time.
 """
 import math
+import time
 from pathlib import Path
-
-from matplotlib.figure import Figure   # no pyplot: no global backend or state, safe in any process
 
 from .records import write_atomic
 
 SMOOTHING = 0.9     # the running mean of engine.loop's progress bar
+PANEL_INCHES = 2.4
+DRAWING_SHARE = 0.05   # at most this share of a run's time goes to redrawing its curves along the way
 
 
 def running_mean(values):
@@ -49,10 +51,18 @@ def panels(entries) -> list:
 
 def plot_curves(entries, path: Path, title: str) -> None:
     """Write the curves of a run's StepLog entries to `path` (atomically: a viewer never sees half)."""
+    # here, not at the top: matplotlib's import costs evaluate.py and predict.py 0.4 s; no pyplot: no
+    # global backend or state, safe in any process
+    from matplotlib.figure import Figure
     rows = panels(entries)
     if not rows:
         return
-    fig = Figure(figsize=(8, 2.4 * len(rows)), layout="constrained")
+    height = PANEL_INCHES * len(rows)
+    fig = Figure(figsize=(8, height))
+    # fixed margins, in inches: a constrained layout would double the drawing time, which is paid at
+    # every validation
+    fig.subplots_adjust(left=0.8 / 8, right=1 - 0.2 / 8, bottom=0.5 / height, top=1 - 0.45 / height,
+                        hspace=0.45 * len(rows) / (height - 0.95))
     axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, group, smooth) in zip(axes, rows):
         for key, (steps, values) in group.items():
@@ -69,4 +79,20 @@ def plot_curves(entries, path: Path, title: str) -> None:
         ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step")
     fig.suptitle(title, fontsize=11)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", pil_kwargs=dict(compress_level=1)))
+
+
+class Curves:
+    """A run's curves.png, redrawn at each validation unless the last drawing ended less than its own
+    cost divided by DRAWING_SHARE ago (on a fast CPU run, where a drawing takes as long as many
+    steps, not at every one), and always when asked to `force` (the run's end, a stop)."""
+
+    def __init__(self, path: Path, title: str):
+        self.path, self.title, self.ready_at = path, title, 0.0
+
+    def draw(self, entries, force: bool = False) -> None:
+        start = time.perf_counter()
+        if force or start >= self.ready_at:
+            plot_curves(entries, self.path, self.title)
+            end = time.perf_counter()
+            self.ready_at = end + (end - start) * (1 / DRAWING_SHARE - 1)

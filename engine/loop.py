@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import UserError
+from .curves import Curves
 from .metrics import dice_score
 from .records import StepLog, logs_folder
 
@@ -93,19 +94,19 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
     checkpoint of step `start_step` exists (always so when resuming). Only the `writer` (the one
     process, or rank 0 of several) validates, saves, shows progress and writes train.jsonl (each
     step's numbers, then a "time" line with its wall time `step_s`, validation and saving apart) and
-    curves.png into the checkpoint's logs folder (drawn at the end, and at a stop on a non-finite loss,
-    which they then show; not at every validation, which would cost a short CPU run a tenth of its time)."""
+    curves.png into the checkpoint's logs folder (redrawn at validations within a share of the run's
+    time, see curves.Curves, and always at the end and at a stop on a non-finite loss)."""
     if start_step >= steps:
         if writer:
             print(f"{checkpoint_path}: already trained for {start_step} steps; nothing to do")
         return
     logs = logs_folder(checkpoint_path)
     record = StepLog(logs, start_step) if writer else None
+    curves = Curves(logs / "curves.png", f"{desc}: {Path(checkpoint_path).name}")
 
-    def draw():
+    def draw(force=True):
         if record is not None:
-            from .curves import plot_curves   # here: matplotlib's import costs evaluate.py and predict.py 0.4 s
-            plot_curves(record.entries, logs / "curves.png", f"{desc}: {Path(checkpoint_path).name}")
+            curves.draw(record.entries, force)
 
     running: dict = {}
     last_saved = start_step if start_step or saved_at_start else None
@@ -138,8 +139,7 @@ def run_steps(*, desc: str, steps: int, start_step: int, val_every: int, train_s
                 save(done, metrics)
                 last_saved = done
                 record.add(done, "val", metrics)
-                if done == steps:
-                    draw()
+                draw(force=done == steps)
                 logger.info("step %d %s %s", done, " ".join(f"{k}={v:.4f}" for k, v in running.items()),
                             " ".join(f"val_{k}={v:.4f}" for k, v in metrics.items()))
     finally:

@@ -9,14 +9,11 @@ empty ground truth alone gives 0 for the overlap ratio whose denominator is empt
 (undefined) boundary errors.
 """
 import math
-from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 
 from kernels import boundary_metrics
-from kernels.boundary_reference import mask_boundary
 
 OVERLAP = ("dice", "iou", "precision", "recall")
 SPACING_COLUMNS = ("spacing_row_mm", "spacing_col_mm", "spacing_source")
@@ -56,14 +53,19 @@ def per_class(metric: str, name: str) -> str:
 
 def class_metrics(pred: torch.Tensor, target: torch.Tensor, names, spacing=(1.0, 1.0)) -> dict:
     """All metrics of one or more same-sized cases (B, H, W) of class indices 1..len(names) -> {name:
-    list of floats}: each class's, and their mean over the classes (undefined where any class's is)."""
+    list of floats}: of a single class under the plain names, of several each class's."""
     if len(names) == 1:
         return case_metrics(pred == 1, target == 1, spacing)
     out = {}
     for c, name in enumerate(names, 1):
         out.update({per_class(k, name): v for k, v in case_metrics(pred == c, target == c, spacing).items()})
-    mean = {k: np.mean([out[per_class(k, n)] for n in names], axis=0).tolist() for k in METRICS}
-    return mean | out
+    return out
+
+
+def class_means(metrics: dict, names) -> dict:
+    """Each metric's mean over the classes `names` of class_metrics' result with several classes
+    (undefined where any class's is)."""
+    return {k: np.mean([metrics[per_class(k, n)] for n in names], axis=0).tolist() for k in METRICS}
 
 
 def case_spacing(explicit, header):
@@ -95,31 +97,9 @@ def case_statistics(values, penalty=None) -> dict:
 
 
 def dice_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Foreground Dice of argmax predictions, mean over the cases and then the classes, for validation."""
-    pred = logits.argmax(1)
-    return torch.stack([overlap_metrics(pred == c, target == c)["dice"].mean()
-                        for c in range(1, logits.shape[1])]).mean()
-
-
-GREEN, RED, YELLOW, WHITE = (40, 220, 60), (240, 40, 40), (250, 220, 40), (255, 255, 255)
-CLASS_COLOURS = (RED, (40, 130, 255), (250, 150, 20), (220, 60, 230), (30, 220, 220), (150, 230, 50), (250, 220, 40))
-
-
-def save_overlay(path: Path, image: np.ndarray, pred: np.ndarray, target: np.ndarray | None = None,
-                 classes: int = 1) -> None:
-    """The image in gray with contours: of a binary dataset's ground truth green, its prediction red
-    and both yellow; with several classes (or no ground truth), each predicted class in its own
-    colour (CLASS_COLOURS, in class order) over the ground truth's contours in white."""
-    rgb = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    if target is not None and classes == 1:
-        gt_edge, pred_edge = mask_boundary(target == 1), mask_boundary(pred == 1)
-        rgb[gt_edge] = GREEN
-        rgb[pred_edge] = RED
-        rgb[gt_edge & pred_edge] = YELLOW
-    else:
-        if target is not None:
-            for c in range(1, classes + 1):
-                rgb[mask_boundary(target == c)] = WHITE
-        for c in range(1, classes + 1):
-            rgb[mask_boundary(pred == c)] = CLASS_COLOURS[c - 1]
-    iio.imwrite(path, rgb, compress_level=1)     # the default level takes seconds on a full-size panorama
+    """Foreground Dice of argmax predictions, mean over the cases and then the classes, for validation.
+    A class that no mask of `target` holds is left out (predicted nowhere it would score 1 and lift
+    the mean), unless no class is held at all."""
+    pred, classes = logits.argmax(1), range(1, logits.shape[1])
+    held = [c for c in classes if (target == c).any()] or classes
+    return torch.stack([overlap_metrics(pred == c, target == c)["dice"].mean() for c in held]).mean()

@@ -1,10 +1,13 @@
 """What is written beside every run: config.json (settings, code version, environment),
 split.json, train.log, train.jsonl (every step's numbers) and curves.png, and the environment
 record results carry."""
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
@@ -46,6 +49,12 @@ def git_hash() -> str:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
 
 
+def portable_command(argv) -> str:
+    """The command line with every absolute path shown by its last part: a result that is shared
+    then names no folder of this machine (folder names can carry a patient's or a site's)."""
+    return " ".join(Path(a).name if os.path.isabs(a) else a for a in [Path(argv[0]).name, *argv[1:]])
+
+
 def environment() -> dict:
     try:
         import triton
@@ -58,19 +67,25 @@ def environment() -> dict:
                 command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
+def private_name(path: Path, suffix: str) -> Path:
+    """A hidden name beside `path` that no other writer and no file of the user's has: this process's
+    id and random digits, e.g. .teacher.pt.4242-9f3a1c.tmp."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+
+
 def write_atomic(path, write) -> None:
-    """`write(tmp)` into a file beside `path`, then a rename onto it: a reader never sees half a file,
-    a failure leaves none, and a write error is one line naming the file."""
+    """`write(tmp)` into a private file beside `path`, then a rename onto it: a reader never sees half a
+    file, a failure leaves none, two writers never share a temporary, and a write error is one line
+    naming the file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = private_name(path, ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
-        if not tmp.is_dir():    # a folder of that name was there before and is not ours to remove
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text: str) -> None:
@@ -82,29 +97,73 @@ def write_json(path, obj) -> None:
 
 
 def fill_folder(out: Path, write):
-    """Return write(tmp) after it has filled `tmp`, a sibling folder that then replaces `out`: a failure
-    or an interruption leaves `out` as it was (in the instant between two renames, inside a fresh
-    `<out>.old-*` folder beside it) and no half-written folder."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Return write(new) after it has made and filled the folder `new`, which then replaces `out`: a
+    failure or an interruption leaves `out` as it was (in the instant between two renames, inside
+    the private folder beside it) and no half-written folder. Both `new` and the replaced `out` live
+    in a folder made here (`.<out>.<pid>-<random>.tmp`), so nothing of the user's and nothing of
+    another run is touched."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
     try:
-        result = write(tmp)
+        result = write(work / "new")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work)
         raise
-    # a rename, not a deletion, so that an interruption cannot leave half of `out`; into a folder
-    # made here, so that nothing of the user's beside `out` is touched
-    old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
+    # a rename, not a deletion, so that an interruption cannot leave half of `out`
     if out.exists():
-        out.rename(old / out.name)
-    tmp.rename(out)
-    shutil.rmtree(old)
+        out.rename(work / "old")
+    (work / "new").rename(out)
+    shutil.rmtree(work)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per output
+
+_LOCKS: dict = {}      # output path -> the open lock file this process holds until it exits
+
+
+def lock_output(path: Path, flag: str = "--out") -> None:
+    """Make `path` this process's output until it exits: a second run writing it (in any process of
+    this machine) is refused in one line while this one lives. The lock is the kernel's (flock) on a
+    file in the temporary folder named by a hash of the path, so it ends with the process, however
+    that ends, and leaves nothing beside the output."""
+    path = Path(path).absolute()
+    if path in _LOCKS:
+        return
+    folder = Path(tempfile.gettempdir()) / f"sinus-wkd-locks-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        lock = open(folder / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".lock"), "a+")
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot lock it against a second run ({err.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().split("\t")[0] or "?"
+        lock.close()
+        raise UserError(f"{flag} {path}: another run (process {holder}) is writing it; wait for it to end or "
+                        f"choose another {flag}") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\t{path}\n")
+    lock.flush()
+    _LOCKS[path] = lock
 
 
 def logs_folder(checkpoint: Path) -> Path:
     """`<stem>_logs/` beside a checkpoint: where everything about its run is written."""
     return Path(checkpoint).with_name(Path(checkpoint).stem + "_logs")
+
+
+# what a run writes into its logs folder
+RUN_RECORDS = ("config.json", "split.json", "train.log", "train.jsonl", "curves.png", "MODEL_CARD.md")
+
+
+def clear_run_logs(checkpoint: Path) -> None:
+    """Remove what an earlier run wrote into the logs folder of `checkpoint`, so that a run started
+    afresh does not mix its records with another's (other files there are the user's and stay)."""
+    for name in RUN_RECORDS:
+        (logs_folder(checkpoint) / name).unlink(missing_ok=True)
 
 
 class StepLog:
@@ -144,13 +203,18 @@ class StepLog:
 def open_run_logs(checkpoint: Path, settings, split: dict, extra: dict, writer: bool = True):
     """`<stem>_logs/` beside a checkpoint, with config.json (settings, environment) and split.json
     written and train.log opened, by the `writer` alone (rank 0 of several processes); the others
-    get a logger that writes nothing."""
+    get a logger that writes nothing. A run that does not continue the checkpoint (--resume) starts
+    by removing it and its records (the stage has refused to replace them unless --overwrite), so
+    that no file of the old run is left beside the new run's."""
     logs = logs_folder(checkpoint)
     if not writer:
         silent = logging.getLogger("sinus-wkd-silent")
         silent.propagate = False
         silent.addHandler(logging.NullHandler())
         return logs, silent
+    if not (settings.resume and Path(checkpoint).exists()):
+        Path(checkpoint).unlink(missing_ok=True)
+        clear_run_logs(checkpoint)
     logs.mkdir(exist_ok=True)
     write_json(logs / "config.json", dict(args=settings_json(settings), environment=environment(), **extra))
     write_json(logs / "split.json", split)

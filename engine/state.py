@@ -1,11 +1,13 @@
 """Run state: checkpoints, random streams, resume, and the records written beside every run.
 
 A checkpoint is one file holding what later stages need (`kind`, `config`, the best weights
-`model`, the resolved `split`, `size`, `metrics`, the settings `args`, `code_version`) and what
-`--resume` needs (`train_state`: current weights, optimizer, scheduler, step, RNG states,
-best-so-far). It holds tensors and plain Python values only, so it loads with
+`model`, the resolved `split`, `size`, `metrics`, the settings `args`, `code_version`, whether its
+training `finished`, and for a refiner or student `teacher_sha256`, the identity of the teacher it
+learnt from) and what `--resume` needs (`train_state`: current weights, optimizer, scheduler,
+step, RNG states, best-so-far). It holds tensors and plain Python values only, so it loads with
 `torch.load(weights_only=True)`: a checkpoint from a stranger cannot run code when opened.
 """
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -17,10 +19,10 @@ from data import SPLIT_KEYS, derive_seed
 from errors import UserError
 
 from .cli import settings_json
-from .records import git_hash, write_atomic
+from .records import git_hash, lock_output, write_atomic
 
-# Flags a resumed run may change: where it writes, whether it resumes, and on which device.
-RESUME_MAY_CHANGE = ("out", "resume", "device")
+# Flags a resumed run may change: where it writes, whether it resumes or overwrites, and on which device.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,26 +62,51 @@ def _split(value) -> bool:
     return isinstance(value, dict) and all(isinstance(value.get(k), list) for k in SPLIT_KEYS)
 
 
-# what every stage writes, with the form later code relies on
+# what every stage writes, with the form later code relies on; and what a stage that learns from a
+# teacher adds
 CHECKPOINT_FIELDS = dict(config=_of(dict), model=_of(dict), split=_split, size=_size, train_state=_of(dict),
                          args=_of(dict), metrics=_of(dict), step=_of(int), classes=_of(object),
-                         data_fingerprint=_of(object))
+                         data_fingerprint=_of(object), finished=_of(bool))
+TAUGHT_FIELDS = dict(teacher_sha256=_of(str))
+TAUGHT_KINDS = ("cyclegan", "student")
 
 
-def load_checkpoint(path, kinds, flag: str) -> dict:
-    """A checkpoint given on the command line as `flag`; it must be of one of `kinds`."""
+def load_checkpoint(path, kinds, flag: str, finished: bool = True) -> dict:
+    """A checkpoint given on the command line as `flag`; it must be of one of `kinds` and, with
+    `finished`, hold a training run that ran to its end (not one stopped part-way)."""
     state = read_checkpoint(path, flag)
     kind = state.get("kind")
     if kind not in kinds:
         want = " or ".join(kinds)
         raise UserError(f"{flag} {path}: is a {kind or 'foreign'} checkpoint, expected a {want} checkpoint")
-    missing = [k for k in CHECKPOINT_FIELDS if k not in state]
+    fields = dict(CHECKPOINT_FIELDS, **(TAUGHT_FIELDS if kind in TAUGHT_KINDS else {}))
+    missing = [k for k in fields if k not in state]
     if missing:
         raise UserError(f"{flag} {path}: incomplete {kind} checkpoint (no {', '.join(missing)}); retrain it")
-    malformed = [k for k, form in CHECKPOINT_FIELDS.items() if not form(state[k])]
+    malformed = [k for k, form in fields.items() if not form(state[k])]
     if malformed:
         raise UserError(f"{flag} {path}: malformed {kind} checkpoint ({', '.join(malformed)}); retrain it")
+    if finished and not state["finished"]:
+        raise UserError(f"{flag} {path}: its training did not finish ({progress(state)}); continue it with "
+                        f"--resume and the same flags, or train it again")
     return state
+
+
+def progress(ckpt: dict) -> str:
+    """How far a checkpoint's run got, e.g. "stopped at step 220 of 400"."""
+    return f"stopped at step {ckpt.get('step', '?')} of {ckpt.get('args', {}).get('steps', '?')}"
+
+
+def weights_sha256(weights: dict) -> str:
+    """A content hash of a network's weights (names, dtypes, shapes and bytes): its identity, so that a
+    teacher retrained in place, even with the same seed and split, is told from the one a refiner or
+    student learnt from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rebuild(cls, ckpt: dict, flag: str, path, config: dict | None = None) -> torch.nn.Module:
@@ -103,10 +130,15 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_same_experiment(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> None:
-    """A refiner must come from this teacher's experiment: the same split and input size."""
+    """A refiner must come from this very teacher: the same split and input size, and the teacher's
+    weights it recorded."""
     if ckpt["split"] != teacher_ckpt["split"] or list(ckpt["size"]) != list(teacher_ckpt["size"]):
         raise UserError(f"{flag} {path} was trained from another teacher (its split or size differ); "
                         f"train it from this teacher")
+    now = weights_sha256(teacher_ckpt["model"])
+    if ckpt["teacher_sha256"] != now:
+        raise UserError(f"{flag} {path} was trained from another teacher (weights {ckpt['teacher_sha256'][:12]}, "
+                        f"this teacher's {now[:12]}; retrained in place?); train it from this teacher")
 
 
 def weights_copy(module: torch.nn.Module) -> dict:
@@ -162,18 +194,44 @@ def seed_stage(seed: int, stage: str, deterministic: bool) -> int:
 # resume
 
 def resume_from(out: Path, kind: str, settings) -> dict | None:
-    """The checkpoint a `--resume` run continues, checked to be configured as this run."""
-    if not (settings.resume and out.exists()):
-        return None
-    ckpt = load_checkpoint(out, (kind,), "--out")
+    """Make `out` this run's alone (engine.records.lock_output) and return the checkpoint a `--resume`
+    run continues, checked to be configured as this run; None for a run that starts afresh. A
+    checkpoint already at `out` is never replaced unasked: a finished one only with --overwrite, an
+    unfinished one with --resume (which continues it) or --overwrite."""
+    if settings.resume and settings.overwrite:
+        raise UserError("--resume and --overwrite: choose one (continue the run at --out, or replace it)")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:    # rank 0 writes
+        lock_output(out)
+    if settings.overwrite or not out.exists():
+        return None             # what is there goes when the run starts writing (records.open_run_logs)
+    if not settings.resume:
+        refuse_replacing(out, kind)
+    ckpt = load_checkpoint(out, (kind,), "--out", finished=False)
     now = settings_json(settings)
     for key, value in now.items():
         then = ckpt["args"].get(key)
         if key not in RESUME_MAY_CHANGE and then != value:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} {value} differs from the run being resumed ({then}); "
-                            f"use the same value or drop --resume")
+                            f"use the same value, or start the run again with --overwrite")
     return ckpt
+
+
+def refuse_replacing(out: Path, kind: str) -> None:
+    """The one-line refusal of a run without --resume or --overwrite whose --out holds a file."""
+    try:
+        ckpt = read_checkpoint(out, "--out")
+    except UserError:
+        ckpt = {}
+    if ckpt.get("kind") != kind:
+        what = f"a {ckpt['kind']} checkpoint" if isinstance(ckpt.get("kind"), str) else "a file that is no checkpoint"
+        raise UserError(f"--out {out}: holds {what}, not a {kind}; choose another --out, or replace it with "
+                        f"--overwrite")
+    if ckpt.get("finished"):
+        raise UserError(f"--out {out}: holds a finished {kind} (step {ckpt.get('step', '?')}); replace it with "
+                        f"--overwrite, or choose another --out")
+    raise UserError(f"--out {out}: holds an unfinished {kind} run ({progress(ckpt)}); continue it with --resume, "
+                    f"or replace it with --overwrite")
 
 
 class StageState:
@@ -188,7 +246,7 @@ class StageState:
         self.settings, self.split, self.size, self.extra = settings, split, list(size), extra or {}
         self.config, self.score = config or model.config, score
         self.best = dict(score=-float("inf"), step=0, metrics={}, weights=None)
-        self.version = git_hash()
+        self.version, self.finished = git_hash(), False
 
     @property
     def device(self) -> torch.device:
@@ -196,7 +254,12 @@ class StageState:
         return next(self.model.parameters()).device
 
     def restore(self, ckpt: dict) -> int:
-        """Load the training state of `ckpt`; return the step to continue from."""
+        """Load the training state of `ckpt`; return the step to continue from. A run that learns from a
+        teacher continues only with the teacher it started with."""
+        if "teacher_sha256" in self.extra and ckpt["teacher_sha256"] != self.extra["teacher_sha256"]:
+            raise UserError(f"--teacher {self.settings.teacher}: not the teacher the run at --out {self.path} "
+                            f"started with (retrained in place?); resume with that teacher, or start again with "
+                            f"--overwrite")
         state = ckpt["train_state"]
         for name, module in self.modules.items():
             module.load_state_dict(state[name])
@@ -217,6 +280,11 @@ class StageState:
         """Make `weights` the network later stages get, with the validation `metrics` of step `step`."""
         self.best.update(score=score, step=step, metrics=dict(metrics, step=step), weights=weights)
 
+    def finish(self, step: int) -> None:
+        """Write the checkpoint of the run's end: the one later stages accept."""
+        self.finished = True
+        self.write(step)
+
     def write(self, step: int) -> None:
         """The checkpoint of the kept network and of the training state at `step`, atomically."""
         train_state = {name: weights_copy(module) if isinstance(module, torch.nn.Module) else module.state_dict()
@@ -226,4 +294,4 @@ class StageState:
         save_checkpoint(self.path, dict(
             kind=self.kind, config=self.config, model=self.best["weights"], split=self.split, size=self.size,
             metrics=self.best["metrics"], args=settings_json(self.settings), code_version=self.version, step=step,
-            train_state=train_state, **self.extra))
+            finished=self.finished, train_state=train_state, **self.extra))

@@ -12,7 +12,7 @@ import torch
 import predict
 
 from data.classes import binary, dataset_classes, from_record, observed
-from engine.metrics import case_metrics, class_metrics
+from engine.metrics import case_metrics, class_means, class_metrics
 from errors import UserError
 from nets.cyclegan import ResnetGenerator, foreground_logit, refine_logits
 from reproduction.plan import PROFILES
@@ -83,8 +83,10 @@ def test_metrics_per_class_and_their_mean():
     both = class_metrics(pred, target, ["left", "right"])
     assert both["dice[left]"] == case_metrics(pred == 1, target == 1)["dice"] == [2 / 3]
     assert both["dice[right]"] == [1.0] and both["hd95[right]"] == [0.0]
-    assert both["dice"] == pytest.approx([(2 / 3 + 1) / 2]) and both["hd95"] == pytest.approx(
+    means = class_means(both, ["left", "right"])
+    assert means["dice"] == pytest.approx([(2 / 3 + 1) / 2]) and means["hd95"] == pytest.approx(
         [(both["hd95[left]"][0] + 0) / 2])
+    assert class_means(both, ["right"])["dice"] == [1.0]
 
 
 def test_tables_add_a_row_per_class():

@@ -1,12 +1,15 @@
-"""No training stage and no design study opens a mask it must not have: those of the unlabelled
-split (a semi-supervised method does not have them; the phantom does) and of the test split.
+"""No training stage and no design study reads the pixels of a mask it must not have: those of the
+unlabelled split (a semi-supervised method does not have them; the phantom does) and of the test
+split.
 
-Every file the data code decodes is recorded while the teacher, the refiner, the students of
-every method (KD refined and post-processed included) and the KD-weight study run in this
-process; none may be a mask of an unlabelled or test case. Decoding the labelled and validation
-masks is what they are for, and is checked to happen, so that the recording cannot pass by
-recording nothing. The two oracle upper bounds (`train_student.py --oracle`) are the one
-exception: they read the unlabelled masks, and are checked to read those and no test mask.
+Every file the data code decodes is recorded, with why (its pixels, or only its format), while
+the teacher, the refiner, the students of every method (KD refined and post-processed included)
+and the KD-weight study run in this process; no mask of an unlabelled or test case may be
+decoded for its pixels. Their format (size and values) is checked by the teacher, before any
+training, which is checked to happen; so is reading the labelled and validation masks, so that
+the recording cannot pass by recording nothing. The two oracle upper bounds
+(`train_student.py --oracle`) are the one exception: they read the unlabelled masks' pixels, and
+are checked to read those and no test mask's.
 """
 from pathlib import Path
 
@@ -20,18 +23,20 @@ import train_student
 import train_teacher
 from objectives import OBJECTIVES
 from bench import weight_study
+from data.dataset import FORMAT_CHECK, PIXELS
 
 TINY = ["--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
 
 
 @pytest.fixture
 def opened(monkeypatch) -> list:
+    """(path, purpose) of every file decoded."""
     paths = []
     decode = data.dataset.decode
 
-    def recording(path, what):
-        paths.append(Path(path))
-        return decode(path, what)
+    def recording(path, what, purpose=PIXELS):
+        paths.append((Path(path), purpose))
+        return decode(path, what, purpose)
     monkeypatch.setattr(data.dataset, "decode", recording)
     return paths
 
@@ -41,10 +46,12 @@ def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_p
         teacher, students = run_everything(tiny_data, tmp_path)
 
     split = torch.load(teacher, weights_only=True)["split"]
-    masks = {p.stem for p in opened if p.parent.name == "masks"}
-    assert not masks & set(split["unlabeled"]), "an unlabelled mask was opened"
-    assert not masks & set(split["test"]), "a test mask was opened"
+    masks = {p.stem for p, purpose in opened if p.parent.name == "masks" and purpose == PIXELS}
+    assert not masks & set(split["unlabeled"]), "an unlabelled mask was read"
+    assert not masks & set(split["test"]), "a test mask was read"
     assert set(split["labeled"]) <= masks and set(split["val"]) <= masks
+    checked = {p.stem for p, purpose in opened if p.parent.name == "masks" and purpose == FORMAT_CHECK}
+    assert set(split["unlabeled"]) | set(split["test"]) <= checked, "a mask's format went unchecked"
 
 
 @pytest.mark.parametrize("oracle", ["weight", "targets"])
@@ -55,7 +62,7 @@ def test_the_oracle_upper_bounds_read_the_unlabelled_masks_and_no_test_mask(tiny
                             oracle, "--out", str(tmp_path / "oracle.pt"), "--width", "4",
                             "--unlabeled-batch-size", "2", *TINY])
     split = torch.load(tiny_teacher, weights_only=True)["split"]
-    masks = {p.stem for p in opened if p.parent.name == "masks"}
+    masks = {p.stem for p, purpose in opened if p.parent.name == "masks" and purpose == PIXELS}
     assert set(split["unlabeled"]) <= masks and not masks & set(split["test"])
 
 

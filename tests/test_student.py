@@ -145,8 +145,8 @@ def test_the_teacher_sees_the_clean_view_and_the_student_a_noised_one(tiny_data,
     # the student's two passes: 2 labelled images, then the 3 unlabelled ones
     assert [len(x) for x in student_inputs[:2]] == [2, 3]        # then the validation
     clean, noised = teacher_inputs[0], student_inputs[1]
-    s = train_student.StudentSettings()
-    split = torch.load(tiny_teacher, weights_only=True)["split"]
+    teacher = torch.load(tiny_teacher, weights_only=True)
+    s, split = train_student.StudentSettings(**train_student.inherited(teacher)), teacher["split"]
     images, _ = load_tensors(tiny_data, split["unlabeled"], (32, 64), with_masks=False)
     expected_clean, expected_noised, no_masks = unlabeled_views(
         images, 3, seed_stage(0, "student", False), 0, torch.device("cpu"), strengths(Geometry, s, "aug_"),
