@@ -50,10 +50,13 @@ def with_values(argv: list, values: dict) -> list:
 
 
 def student_cell(argv: list) -> tuple:
-    """A student run's (objective, KD weight or "-", pseudo-label source)."""
+    """A student run's (objective, KD weight or "-", pseudo-label source); the oracle upper bounds'
+    weight is "oracle", their targets "true masks"."""
     argv = [str(a) for a in argv]
-    source = "refined" if "--refiner" in argv else "post-processed" if "--postprocess" in argv else "plain"
-    return value(argv, "--method"), value(argv, "--weight") or "-", source
+    oracle = value(argv, "--oracle")
+    source = "refined" if "--refiner" in argv else "post-processed" if "--postprocess" in argv else \
+        "true masks" if oracle == "targets" else "plain"
+    return value(argv, "--method"), value(argv, "--weight") or ("oracle" if oracle == "weight" else "-"), source
 
 
 def config(script: str, argv: list) -> str:

@@ -109,8 +109,9 @@ def test_layouts_are_replayed_as_recorded():
 
 def test_the_recorded_students_are_the_paper_plans_kd_cells():
     assert sorted(train_layouts.kd_students(Path("/d"), Path("/w"))) == [
-        ("kd", "agree", "plain"), ("kd", "agree", "refined"), ("kd", "none", "plain"), ("kd", "none", "refined"),
-        ("wkd", "ssim", "plain"), ("wkd", "ssim", "post-processed"), ("wkd_refine", "ssim", "refined")]
+        ("kd", "agree", "plain"), ("kd", "none", "plain"), ("kd", "none", "true masks"), ("kd", "oracle", "plain"),
+        ("kd", "ssim", "post-processed"), ("kd_refine", "agree", "refined"), ("kd_refine", "none", "refined"),
+        ("wkd", "ssim", "plain"), ("wkd_refine", "ssim", "refined")]
 
 
 def test_a_layout_check_passes_the_kernels_and_catches_a_wrong_gradient(monkeypatch):

@@ -162,7 +162,7 @@ def test_a_gated_refiner_that_failed_its_rule_leaves_the_targets_bit_for_bit_the
     """With --refiner-gate, a refiner that failed its keep rule is not applied at all (no logit round
     trip): the student equals the unrefined one of its seed, weight for weight. One that passed is
     applied: the student equals the ungated refined one and differs from the unrefined one."""
-    refiner, passed = tmp_path / "cyclegan.pt", tmp_path / "passed.pt"
+    refiner, passed = tmp_path / "cyclegan.pt", tmp_path / "cyclegan_passed.pt"
     run_scripts(("train_cyclegan.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", refiner, "--width", 4,
                  "--blocks", 1, "--disc-width", 4, "--disc-layers", 1, "--batch-size", 2, "--steps", 2,
                  "--val-every", 2))
