@@ -1,10 +1,11 @@
 """The tables as pictures: a forest plot of every paired difference, and the label-efficiency curve.
 
-forest.png: one line per contrast (the claims, the contrasts beside them, the headroom) and per
-row with a control (Tables 1-3): its mean paired difference with the 95 % interval as a bar and
-each seed's own difference as a dot; Dice in points on the left, HD95 in pixels on the right,
-zero marked. label_efficiency.png: test Dice of
-Table 4's methods against the labelled fraction, mean and seeds.
+forest.png: one line per contrast (the claims, the contrasts beside them, the headroom of each
+part over plain KD) and per row with a control (Tables 1-3, a row of Table 2 only where Table 1
+has not drawn its runs): its mean paired difference with the 95 % interval as a bar and each
+seed's own difference as a dot; Dice in points on the left, HD95 in pixels on the right, zero
+marked. label_efficiency.png: test Dice of Table 4's methods against the labelled fraction, mean
+and seeds.
 """
 import matplotlib
 
@@ -22,16 +23,22 @@ METRICS = (("dice", "Δ Dice (points)", 100.0), ("hd95", "Δ HD95 (px)", 1.0))
 
 def forest_rows(cells: dict, specs: dict) -> list:
     """(label, {metric: difference}) of the claims, the contrasts beside them, the headroom, and every
-    row of Tables 1-3 with a control."""
-    contrasts = [*CLAIMS, *BESIDE, *(c for _, headroom, taken in HEADROOM for c in (headroom, taken))]
-    rows = [(c.shown().replace("`", ""), d) for c, d in claims(cells, contrasts)]
+    row of Tables 1-3 with a control; a contrast or row drawn already (the same runs) is not drawn again."""
+    groups = [("claim", CLAIMS), ("beside", BESIDE), ("headroom", [headroom for _, headroom, _ in HEADROOM])]
+    rows, drawn = [], set()
+    for group, contrasts in groups:
+        for c, d in claims(cells, contrasts):
+            drawn.add(c.shown())
+            rows.append((f"{group}: {c.shown().replace('`', '')}", d))
     for name in ("table1", "table2", "table3"):
         spec = specs[name]
         for label in spec["rows"]:
             control = spec["control"](label)
-            if control is None:
+            runs = cells.get((name, label), {})
+            if control is None or any(runs and runs == cells.get(("table1", row)) for row in specs["table1"]["rows"]
+                                      if name != "table1"):
                 continue
-            d = {m: paired_difference(cells.get((name, label), {}), cells.get(control, {}), m) for m, _, _ in METRICS}
+            d = {m: paired_difference(runs, cells.get(control, {}), m) for m, _, _ in METRICS}
             if any(d.values()):
                 rows.append((f"T{name[-1]}: {label} - {control[1]}", d))
     return rows
