@@ -45,11 +45,11 @@ from engine.cli import autocast, memory_format, parse, select_device, setting, t
 from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, finite_values, predict_logits, run_steps
 from engine.metrics import overlap_metrics
+from engine.networks import load_network
 from engine.records import open_run_logs
 from engine.state import StageState, resume_from, seed_stage, weights_copy, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
-from nets import load_network
 from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_logit, refine_logits
 from settings import Training
 

@@ -7,8 +7,8 @@ from conftest import assert_same_training, resumed, run_scripts
 
 import train_cyclegan
 from data import load_tensors
+from engine.networks import load_network
 from engine.state import check_same_experiment, load_checkpoint
-from nets import load_network
 from errors import UserError
 from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 

@@ -8,8 +8,8 @@ from conftest import RESUME_AT, assert_same_training, resumed, run_main, run_scr
 
 import train_student
 from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
+from engine.networks import load_network
 from engine.state import seed_stage
-from nets import load_network
 from kernels import weighted_kd_loss
 from nets.unet import UNet
 
