@@ -1,7 +1,7 @@
 """How well does a KD pixel weight find the teacher's mistakes? A measurement, not a test.
 
     python -m bench.weight_study --data DIR --teacher teacher.pt \\
-        --student start=teacher.pt --student 150=student.pt --out weight_study.json
+        --student start=teacher.pt --student 150=student.pt --out bench/design/weight_study.json
 
 For each student (a student checkpoint, or a teacher checkpoint for a student at its first step,
 which starts from the teacher's weights), on the labelled validation split at training size, it

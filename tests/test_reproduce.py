@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import claim_results, evaluation, run_script
 from scipy import stats
 
 from reproduction.plan import BESIDE, CLAIMS, GATED, HEADROOM, PROFILES, Contrast, Planner
@@ -144,15 +144,6 @@ def test_every_table_cell_is_fed_by_a_run():
         assert all(row in fed for row, _ in contrast.terms), contrast.name
 
 
-def evaluation(cells, seed, values):
-    """A results.json entry of an evaluation whose per-case Dice are `values`."""
-    values = np.asarray(values, dtype=float)
-    stats_of = dict(mean=float(values.mean()), std=float(values.std()), median=float(np.median(values)),
-                    n=len(values), n_undefined=0)
-    return dict(script="evaluate", seed=seed, cells=cells, wall_s=1.0, metrics=dict(dice=stats_of),
-                cases=dict(id=[f"c{i}" for i in range(len(values))], dice=list(values)))
-
-
 def test_paired_differences_are_t_intervals_over_seeds_or_over_cases():
     control = {0: [0.5, 0.6, 0.7], 1: [0.4, 0.6, 0.8], 2: [0.5, 0.5, 0.5]}
     method = {0: [0.6, 0.6, 0.8], 1: [0.5, 0.7, 0.8], 2: [0.6, 0.6, 0.6]}
@@ -223,29 +214,12 @@ def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, t
     assert "evaluate seed0/r0300/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
 
 
-def claim_results(shift):
-    """Six seeds of the claims' rows: kd and kd_refine at the control, wkd and wkd_refine `shift` above it."""
-    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "kd_refine": 0.0, "wkd": shift, "wkd_refine": shift}
-    for seed in range(6):
-        noise = 0.001 * (seed % 3)
-        for row, offset in values.items():
-            runs[f"{row}{seed}"] = evaluation([["table1", row]], seed, [0.7 + offset + noise + 0.01 * i for i in range(4)])
-            for metric in ("hd95", "assd"):     # distances that grow with the Dice here: worse, not better
-                runs[f"{row}{seed}"]["metrics"][metric] = runs[f"{row}{seed}"]["metrics"]["dice"]
-                runs[f"{row}{seed}"]["cases"][metric] = runs[f"{row}{seed}"]["cases"]["dice"]
-    return {"runs": runs, "precision": "fp32", "threads_per_run": 1,
-            "environment": {"cpu": "a CPU", "torch": "2.13"}}
-
-
-def test_claims_are_read_by_the_fixed_rule_and_compared_across_runs():
-    from reproduction.compare import side_by_side
+def test_claims_are_read_by_the_fixed_rule():
     from reproduction.tables import claims, verdict
     (_, weight), (_, refine), (_, method) = claims(collect(claim_results(0.02)))
     assert verdict(weight["dice"], "dice") == "helps" and verdict(weight["hd95"], "hd95") == "hurts"
     assert weight["dice"]["above_zero"] == 6 and weight["dice"]["n"] == 6
     assert verdict(refine["dice"], "dice").startswith("no difference larger than")
-    table = side_by_side(claim_results(0.02), claim_results(0.0))
-    assert table.count("**differ**") == 4 and table.count("| same:") == 2     # weight and method change
 
 
 def test_a_contrast_of_four_rows_is_the_per_case_combination_on_shared_seeds_and_cases():
