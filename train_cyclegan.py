@@ -205,7 +205,7 @@ def discriminator_loss(nets, view, xa, qa, xb, real_b, fake_a, fake_b, g):
                   + lsgan(view(nets["D_B"], *fake_b.split(1, 1), g), False))
 
 
-def case_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
+def dice_and_hd95_per_case(logits: torch.Tensor, masks: torch.Tensor) -> dict:
     """Per-case Dice and HD95 (pixels at training size; NaN where undefined) of the argmax, each the
     mean over the classes with several."""
     dice, hd95 = [], []
@@ -349,7 +349,7 @@ def main(argv=None):
                                                                                val_masks))
     if device.type == "cuda":   # the teacher in the refiner's layout
         teacher.to(memory_format=memory_format(s.channels_last))
-    teacher_cases = case_metrics(predict_logits(teacher, val_images, device), val_masks)
+    teacher_cases = dice_and_hd95_per_case(predict_logits(teacher, val_images, device), val_masks)
 
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
@@ -382,7 +382,7 @@ def main(argv=None):
 
     def validate():
         refine = functools.partial(refine_logits, gan.refiner)
-        refined = case_metrics(predict_logits(teacher, val_images, device, refine=refine), val_masks)
+        refined = dice_and_hd95_per_case(predict_logits(teacher, val_images, device, refine=refine), val_masks)
         return refinement_gain(teacher_cases, refined)
 
     if start == 0 and ddp.is_main:

@@ -123,7 +123,7 @@ def test_keep_rule_metrics_are_per_case_dice_and_hd95_of_the_argmax():
     pred[0, 4:14, 7:17] = 1                    # shifted two columns: Dice 2 * 80 / 200
     pred[1, 6:20, 3:15] = 1                    # larger and lower: Dice 2 * 80 / (168 + 100)
     logits = torch.stack([1 - pred, pred], 1).float()
-    got = train_cyclegan.case_metrics(logits, target)
+    got = train_cyclegan.dice_and_hd95_per_case(logits, target)
     np.testing.assert_allclose(got["dice"], [0.8, 160 / 268], rtol=1e-6)
     expected = compute_hausdorff_distance(pred[:, None].float(), target[:, None].float(), percentile=95,
                                           include_background=True)[:, 0]
