@@ -168,6 +168,20 @@ def deform_masks(masks: torch.Tensor, g: torch.Generator, pixels: float) -> torc
     return (out > 0.5).to(masks.dtype)
 
 
+@dataclasses.dataclass
+class StepStreams:
+    """The random streams of one refiner step, each a generator of its own."""
+    pool_a: torch.Generator     # which fakes D_A's history pool hands back
+    pool_b: torch.Generator     # which fakes D_B's history pool hands back
+    view: torch.Generator       # the translation of what the discriminators see (DiscriminatorView)
+    deform: torch.Generator     # the deformation of the expert masks D_B takes as real
+
+    @classmethod
+    def of_step(cls, seed: int, step: int) -> "StepStreams":
+        # a stream's label is part of its seed: "judge" keeps the view's draws those of every recorded run
+        return cls(*(step_generator(seed, step, label) for label in ("pool_a", "pool_b", "judge", "deform")))
+
+
 class DiscriminatorView:
     """What a discriminator sees: the mask binarised (straight-through) and translated, alone or with
     its image (--disc-input)."""
@@ -287,16 +301,15 @@ class CycleGAN:
                        sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
         return modules | (dict(average=self.refiner) if self.s.average else {})
 
-    def train_step(self, xa, qa, xb, yb, generators) -> dict:
-        """One generator update, then one discriminator update on pooled fakes; `generators` holds
-        the step's random streams: the two pools', the discriminators' translation's, the real
-        masks' deformation's."""
+    def train_step(self, xa, qa, xb, yb, streams: StepStreams) -> dict:
+        """One generator update, then one discriminator update on pooled fakes, drawing from the
+        step's `streams`."""
         s, nets, device, ddp = self.s, self.nets, self.device, self.ddp
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
         learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, generators[2])
+            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, streams.view)
         # the parts are read with the loss, while the device has nothing else queued
         parts = finite_values({"generator loss": loss_g, **parts})
         value_g = parts.pop("generator loss")
@@ -309,11 +322,11 @@ class CycleGAN:
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
         # the pools hold (image, map) pairs, so that a pooled fake keeps its own image
-        fake_a = ddp.share(self.pool_a.query(ddp.gather(pair(xb, fake_a)), generators[0]))
-        fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), generators[1]))
-        real_b = deform_masks(yb, generators[3], s.real_deform)
+        fake_a = ddp.share(self.pool_a.query(ddp.gather(pair(xb, fake_a)), streams.pool_a))
+        fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), streams.pool_b))
+        real_b = deform_masks(yb, streams.deform, s.real_deform)
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(self.parallel, self.view, xa, qa, xb, real_b, fake_a, fake_b, generators[2])
+            loss_d = discriminator_loss(self.parallel, self.view, xa, qa, xb, real_b, fake_a, fake_b, streams.view)
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -377,8 +390,8 @@ def main(argv=None):
         xa, xb, yb = ddp.share(xa), ddp.share(xb), ddp.share(yb)
         with autocast(s.precision, device):
             qa = teacher_map(teacher, xa, s.map_temperature)
-        streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge", "deform")]
-        return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
+        mask_b = (yb > 0)[:, None].float()           # B's mask: the foreground
+        return gan.train_step(xa, qa, xb, mask_b, StepStreams.of_step(run_seed, step))
 
     def validate():
         refine = functools.partial(refine_logits, gan.refiner)
