@@ -28,13 +28,14 @@ def test_longest_chains_start_first_and_inputs_still_come_first():
 
 @pytest.fixture(scope="module")
 def cluster(micro_reproduction, tmp_path_factory):
-    """The micro plan written with --plan-json, then its first run (a teacher), the refiner, the
-    refined-KD student and that student's evaluation that follow it, run one by one with --run in
-    one process, as one worker runs them, and the first run asked for again, then forced."""
+    """The micro plan written with --plan-json (in this process), then its first run (a teacher),
+    the refiner, the refined-KD student and that student's evaluation that follow it, run one by
+    one with --run in one process, as one worker runs them, and the first run asked for again,
+    then forced."""
     data = micro_reproduction[0]
     plan_file, out = tmp_path_factory.mktemp("cluster") / "plan.json", tmp_path_factory.mktemp("cluster") / "out"
     common = ["--profile", "micro", "--data", data, "--out", out]
-    run_scripts(("reproduction/cluster.py", *common, "--plan-json", plan_file))
+    assert run_main("reproduction/cluster.py", *common, "--plan-json", plan_file).returncode == 0   # no training
     plan = json.loads(plan_file.read_text())
     planned_only = not out.exists()
     first = plan["runs"][0]["name"]

@@ -183,11 +183,6 @@ def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
     assert "| 2 % | 3 / 3 / 1 / 1 |" in md and "| 10 % | 0 |" in md
 
 
-def reproduce(data, out, *extra):
-    proc = run_script("reproduce.py", "--profile", "micro", "--data", data, "--out", out, *extra)
-    return proc.stdout
-
-
 def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, tmp_path):
     data, out, first = micro_reproduction
     n = len(Planner("micro", data, out).plan())
@@ -209,7 +204,8 @@ def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, t
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "seed0/r0300/teacher_test_eval/summary.json").unlink()
-    second = reproduce(data, copy)
+    second = run_script("reproduce.py", "--profile", "micro", "--data", data, "--out", copy,
+                        "--devices", "cpu").stdout      # one worker: the one run to redo needs no more
     assert f"{n} runs, {n - 1} already finished" in second
     assert "evaluate seed0/r0300/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
 
