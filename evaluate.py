@@ -38,11 +38,11 @@ from engine.cli import output_folder, parse, pixel_spacing, select_device, setti
 from engine.loop import class_map, predict_full_size
 from engine.metrics import BOUNDARY, METRICS, SPACING_COLUMNS, case_spacing, case_statistics, class_means, \
     class_metrics, per_class, spacing_columns
+from engine.networks import load_network
 from engine.overlays import save_overlay
 from engine.records import environment, fill_folder, lock_output, portable_command
 from engine.state import check_same_experiment
 from errors import UserError, exit_on_user_error
-from nets import load_network
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from settings import Common

@@ -17,9 +17,9 @@ import torch
 
 from engine.cli import parse, setting, writable_file
 from engine.deploy import export_onnx
+from engine.networks import load_network
 from engine.records import lock_output, write_atomic
 from errors import UserError, exit_on_user_error
-from nets import load_network
 
 
 @dataclasses.dataclass

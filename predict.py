@@ -33,10 +33,10 @@ from engine.cli import output_folder, parse, pixel_spacing, select_device, setti
 from engine.deploy import load_onnx
 from engine.loop import class_map, predict_full_size
 from engine.metrics import case_spacing, spacing_columns
+from engine.networks import load_network
 from engine.overlays import save_overlay
 from engine.records import environment, fill_folder, lock_output, portable_command
 from errors import UserError, exit_on_user_error, problems_error
-from nets import load_network
 
 
 @dataclasses.dataclass

@@ -2,8 +2,6 @@
 
     python reproduce.py --profile quick                    # CPU: small size and widths, 7 seeds for the claims
     python reproduce.py --profile paper --devices cuda:0,cuda:1,cuda:2,cuda:3
-    python reproduce.py --profile paper --plan-json plan.json   # for a cluster's scheduler
-    python reproduce.py --profile paper --run seed0/r0025/teacher.pt
 
 Plans every stage run the tables need, sharing what rows have in common (one teacher per
 labelled ratio and seed, one refiner per teacher), and runs them in dependency order, each in a
@@ -16,103 +14,37 @@ Reads --data (the embedded phantom by default); writes into --out: table1..4 as 
 tables.md with all four, results.json with every run's per-case numbers, seed, wall time and
 command, and one console log per run beside its output. results.json is rewritten after every
 run, the tables each time a seed's table runs have all finished (from the seeds finished so far,
-which their caption counts), so a reproduction stopped at any moment leaves valid tables.
+which their caption counts), so a reproduction stopped at any moment leaves valid tables. On a
+cluster, its scheduler runs the plan one run at a time (`python -m reproduction.cluster`), and
+this script then writes the tables.
 """
 import csv
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data import prepare_dataset
-from engine.cli import REPO, check_device, parse, setting, writable_dir, writable_file
+from engine.cli import parse, setting, writable_dir
 from engine.records import environment, write_json, write_text
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
-from objectives import OBJECTIVES
-from reproduction.plan import PROFILES, Planner, shown
-from reproduction.schedule import execute, run_in_slot, slots_of
+from reproduction.cluster import estimate, longest_chains_first
+from reproduction.plan import PROFILES, PlanSettings, plan_for, shown
+from reproduction.schedule import clock, discard, execute, finished, log_file, parse_devices, slots_of, stage_argv
 from reproduction.figures import draw_figures
 from reproduction.tables import CASE_METRICS, collect, render, table_specs
-from settings import DEFAULT_DATA
-
-# Estimated (start-up seconds, seconds per step) of each stage run, for the ETA and --plan-json:
-# measured on a 2-core CPU for the quick profile, from FLOP counts for the GPU profiles until a
-# GPU run replaces them (docs/RESULTS.md, "Costs"; the claims profile's steps are a quarter of the
-# paper's pixels).
-SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
-                         evaluate=(1.0, 0.0)),
-           "quick": dict(train_teacher=(4.0, 0.044), train_cyclegan=(6.0, 0.22), train_student=(4.0, 0.11),
-                         evaluate=(4.0, 0.0)),
-           "claims": dict(train_teacher=(5.0, 0.0034), train_cyclegan=(5.0, 0.016), train_student=(5.0, 0.0085),
-                          evaluate=(10.0, 0.0)),
-           "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
-                         evaluate=(30.0, 0.0))}
 
 
 @dataclasses.dataclass
-class ReproduceSettings:
-    profile: str = setting("quick", "quick: CPU minutes; claims: one GPU, minutes, the claims' runs at the paper's "
-                                    "widths; paper: GPU, full size, six seeds; micro: a seconds-long check",
-                           choices=tuple(PROFILES))
-    data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
-    out: Path | None = setting(None, "output folder; default: results/<profile>")
-    seeds: int | None = setting(None, "number of seeds; default: the profile's", within="[1, inf)")
+class ReproduceSettings(PlanSettings):
     devices: str = setting("auto", "comma-separated devices to run on, e.g. cuda:0,cuda:1 or cpu,cpu; auto: every "
                                    "GPU, or one CPU slot per core without one")
     jobs_per_device: int = setting(1, "runs at once on each listed device", within="[1, inf)")
     force: bool = setting(False, "redo every run instead of reusing finished ones")
-    plan_json: Path | None = setting(None, "write the plan (every run's command, output, inputs and estimated cost) "
-                                           "to this file and stop")
-    run: str | None = setting(None, "run exactly this run of the plan (by name, see --plan-json), then stop")
-    precision: str | None = setting(None, "arithmetic of every run; default: the profile's (quick: fp32, so that "
-                                          "every CPU computes alike); another one writes to results/<profile>-<it>",
-                                    choices=("fp32", "bf16"))
-
-
-def parse_devices(text: str) -> list[str]:
-    if text == "auto":
-        if torch.cuda.is_available():
-            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        return ["cpu"] * len(os.sched_getaffinity(0))
-    devices = [d.strip() for d in text.split(",") if d.strip()]
-    for d in devices:
-        check_device(d, f"--devices {text}", auto=False)
-    if not devices:
-        raise UserError("--devices: name at least one device")
-    return devices
-
-
-def finished(run) -> bool:
-    if run.script == "evaluate":
-        return (run.output / "summary.json").is_file()
-    return run.output.is_file() and bool(read_checkpoint(run.output, "--out").get("finished"))
-
-
-def estimate(run, profile: str) -> float:
-    start, step = SECONDS[profile][run.script]
-    if run.script == "train_student" and OBJECTIVES[run.argv[run.argv.index("--method") + 1]].target is None:
-        step /= 2
-    return start + step * run.steps
-
-
-def stage_argv(run, device: str) -> list[str]:
-    """The run's arguments for `device`; an unfinished training run resumes, an evaluation replaces
-    what an earlier one left."""
-    argv = [str(a) for a in run.argv] + ["--device", device]
-    if run.output.exists():
-        argv.append("--overwrite" if run.script == "evaluate" else "--resume")
-    return argv
-
-
-def log_file(run) -> Path:
-    return run.output.with_name(run.output.name + ".log")
 
 
 def portable(arg, out: Path, data: Path) -> str:
@@ -150,11 +82,6 @@ def dataset_name(root: Path) -> str:
     return f"{root.name} (fingerprint {hashlib.sha256(chr(10).join(listing).encode()).hexdigest()[:12]})"
 
 
-def clock(seconds: float) -> str:
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
-        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def caption(results: dict) -> str:
     walls: dict = {}
     for run in results["runs"].values():
@@ -178,10 +105,10 @@ def partial_note(seeds_finished) -> str:
             f"(seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}).")
 
 
-def finished_seeds(runs: list, finished: set) -> list:
-    """The seeds all of whose table runs (those that feed a cell) are in `finished`."""
+def finished_seeds(runs: list, done: set) -> list:
+    """The seeds all of whose table runs (those that feed a cell) are in `done`."""
     table_runs = [r for r in runs if r.cells]
-    return sorted({r.seed for r in table_runs} - {r.seed for r in table_runs if r.name not in finished})
+    return sorted({r.seed for r in table_runs} - {r.seed for r in table_runs if r.name not in done})
 
 
 def write_tables(out: Path, results: dict) -> str:
@@ -194,71 +121,6 @@ def write_tables(out: Path, results: dict) -> str:
     write_text(out / "tables.md", "\n".join(text))
     draw_figures(out, cells, table_specs(PROFILES[results["profile"]]), PROFILES[results["profile"]])
     return "\n".join(text)
-
-
-def longest_chains_first(runs: list, profile: str, cost=None) -> list:
-    """The runs ordered by the estimated work of the longest chain each one starts (itself, then the
-    runs that need it, transitively), longest first, so that the slots start the work that would
-    otherwise finish last. A run still comes before every run that needs it: its chain is longer.
-    `cost(run)`: its seconds, by default `estimate`'s."""
-    cost = cost or (lambda run: estimate(run, profile))
-    needed_by: dict = {r.name: [] for r in runs}
-    for run in runs:
-        for name in run.needs:
-            needed_by[name].append(run.name)
-    chain: dict = {}
-    for run in reversed(runs):      # dependency order reversed: a run's dependants are done already
-        chain[run.name] = cost(run) + max((chain[n] for n in needed_by[run.name]), default=0.0)
-    return sorted(runs, key=lambda r: -chain[r.name])
-
-
-def makespan(runs: list, profile: str, slots: int, cost=None) -> float:
-    """Estimated wall time of the plan on `slots` devices, scheduled as `execute` does: whenever a
-    device is free it takes the first run, in the given order, whose inputs are done. `cost(run)`:
-    its seconds, by default `estimate`'s."""
-    cost = cost or (lambda run: estimate(run, profile))
-    ended, pending, running, now = {}, list(runs), [], 0.0
-    while pending or running:
-        for run in [r for r in pending if all(n in ended for n in r.needs)]:
-            if len(running) == slots:
-                break
-            pending.remove(run)
-            running.append((now + cost(run), run.name))
-        running.sort()
-        now, name = running.pop(0)
-        ended[name] = now
-    return now
-
-
-def write_plan(path: Path, runs: list, profile: str) -> None:
-    entries = [dict(name=r.name, command=[sys.executable, str(REPO / f"{r.script}.py"), *map(str, r.argv)],
-                    output=str(r.output), needs=r.needs, estimated_seconds=round(estimate(r, profile), 1))
-               for r in runs]
-    total = sum(e["estimated_seconds"] for e in entries)
-    walls = {n: round(makespan(runs, profile, n)) for n in (1, 2, 8)}
-    write_json(writable_file(path, "--plan-json"), dict(profile=profile, runs=entries, estimated_seconds=total,
-                                                        estimated_wall_seconds_on_devices=walls))
-    source = "CPU step times measured here" if profile in ("micro", "quick") else \
-        "FLOP counts at an assumed 100 TFLOP/s"
-    print(f"{len(runs)} runs written to {path}; estimated from {source}: {clock(total)} of device time, "
-          + ", ".join(f"{clock(w)} on {n} device{'s' * (n > 1)}" for n, w in walls.items()))
-
-
-def run_one(args, runs: list, out: Path) -> None:
-    """--run NAME: exactly one run of the plan, in this process."""
-    run = next((r for r in runs if r.name == args.run), None)
-    if run is None:
-        raise UserError(f"--run {args.run}: no such run in the {args.profile} plan (see --plan-json)")
-    if finished(run) and not args.force:
-        print(f"{run.name}: finished already; nothing to do")
-        return
-    device = parse_devices(args.devices)[0]
-    if device == "cpu":
-        torch.set_num_threads(1)            # as every CPU run of a whole reproduction
-    ok, seconds, last = run_in_slot(run.script, stage_argv(run, device), str(log_file(run)))
-    if not ok:
-        raise UserError(f"run {run.name} failed after {seconds:.0f} s: {last} (log: {log_file(run)})")
-    print(f"{run.name}: done in {clock(seconds)}")
 
 
 def previous_results(path: Path, args, done: set) -> dict:
@@ -279,26 +141,15 @@ def previous_results(path: Path, args, done: set) -> dict:
 @exit_on_user_error
 def main(argv=None):
     args = parse(ReproduceSettings, __doc__, argv)
-    precision = args.precision or PROFILES[args.profile]["precision"]
-    default_out = args.profile + ("" if precision == PROFILES[args.profile]["precision"] else f"-{precision}")
-    out = (args.out or (REPO / "results" / default_out)).resolve()
-    data = prepare_dataset(args.data)
-    planner = Planner(args.profile, data, out, args.seeds, precision=precision)
-    runs = longest_chains_first(planner.plan(), args.profile)
-    if args.plan_json:
-        return write_plan(args.plan_json, runs, args.profile)
+    runs, out, data, precision = plan_for(args)
+    runs = longest_chains_first(runs, args.profile)
     writable_dir(out)
-    if args.run:
-        return run_one(args, runs, out)
     slots = slots_of(parse_devices(args.devices), args.jobs_per_device)
     on_gpu = any(d.startswith("cuda") for d in slots)
     threads = max(1, len(os.sched_getaffinity(0)) // len(slots)) if on_gpu else 1
     if args.force:
         for run in runs:
-            if run.output.is_dir():
-                shutil.rmtree(run.output)
-            else:
-                run.output.unlink(missing_ok=True)
+            discard(run)
     results_path = out / "results.json"
     done = {r.name for r in runs if finished(r)}
     results = previous_results(results_path, args, done)

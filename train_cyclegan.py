@@ -45,11 +45,11 @@ from engine.cli import autocast, memory_format, parse, select_device, setting, t
 from engine.distributed import Distributed, join
 from engine.loop import check_finite, constant_then_linear, finite_values, predict_logits, run_steps
 from engine.metrics import overlap_metrics
+from engine.networks import load_network
 from engine.records import open_run_logs
 from engine.state import StageState, resume_from, seed_stage, weights_copy, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels import boundary_metrics
-from nets import load_network
 from nets.cyclegan import PatchDiscriminator, ResnetGenerator, foreground_logit, refine_logits
 from settings import Training
 
@@ -168,6 +168,20 @@ def deform_masks(masks: torch.Tensor, g: torch.Generator, pixels: float) -> torc
     return (out > 0.5).to(masks.dtype)
 
 
+@dataclasses.dataclass
+class StepStreams:
+    """The random streams of one refiner step, each a generator of its own."""
+    pool_a: torch.Generator     # which fakes D_A's history pool hands back
+    pool_b: torch.Generator     # which fakes D_B's history pool hands back
+    view: torch.Generator       # the translation of what the discriminators see (DiscriminatorView)
+    deform: torch.Generator     # the deformation of the expert masks D_B takes as real
+
+    @classmethod
+    def of_step(cls, seed: int, step: int) -> "StepStreams":
+        # a stream's label is part of its seed: "judge" keeps the view's draws those of every recorded run
+        return cls(*(step_generator(seed, step, label) for label in ("pool_a", "pool_b", "judge", "deform")))
+
+
 class DiscriminatorView:
     """What a discriminator sees: the mask binarised (straight-through) and translated, alone or with
     its image (--disc-input)."""
@@ -205,7 +219,7 @@ def discriminator_loss(nets, view, xa, qa, xb, real_b, fake_a, fake_b, g):
                   + lsgan(view(nets["D_B"], *fake_b.split(1, 1), g), False))
 
 
-def case_metrics(logits: torch.Tensor, masks: torch.Tensor) -> dict:
+def dice_and_hd95_per_case(logits: torch.Tensor, masks: torch.Tensor) -> dict:
     """Per-case Dice and HD95 (pixels at training size; NaN where undefined) of the argmax, each the
     mean over the classes with several."""
     dice, hd95 = [], []
@@ -287,16 +301,15 @@ class CycleGAN:
                        sched_d=self.sched_d, pool_a=self.pool_a, pool_b=self.pool_b)
         return modules | (dict(average=self.refiner) if self.s.average else {})
 
-    def train_step(self, xa, qa, xb, yb, generators) -> dict:
-        """One generator update, then one discriminator update on pooled fakes; `generators` holds
-        the step's random streams: the two pools', the discriminators' translation's, the real
-        masks' deformation's."""
+    def train_step(self, xa, qa, xb, yb, streams: StepStreams) -> dict:
+        """One generator update, then one discriminator update on pooled fakes, drawing from the
+        step's `streams`."""
         s, nets, device, ddp = self.s, self.nets, self.device, self.ddp
         nets["D_A"].requires_grad_(False)
         nets["D_B"].requires_grad_(False)
         learning = dict(self.parallel, D_A=nets["D_A"], D_B=nets["D_B"])
         with autocast(s.precision, device):
-            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, generators[2])
+            loss_g, fake_a, fake_b, parts = generator_loss(learning, self.view, xa, qa, xb, yb, s, streams.view)
         # the parts are read with the loss, while the device has nothing else queued
         parts = finite_values({"generator loss": loss_g, **parts})
         value_g = parts.pop("generator loss")
@@ -309,11 +322,11 @@ class CycleGAN:
         nets["D_A"].requires_grad_(True)
         nets["D_B"].requires_grad_(True)
         # the pools hold (image, map) pairs, so that a pooled fake keeps its own image
-        fake_a = ddp.share(self.pool_a.query(ddp.gather(pair(xb, fake_a)), generators[0]))
-        fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), generators[1]))
-        real_b = deform_masks(yb, generators[3], s.real_deform)
+        fake_a = ddp.share(self.pool_a.query(ddp.gather(pair(xb, fake_a)), streams.pool_a))
+        fake_b = ddp.share(self.pool_b.query(ddp.gather(pair(xa, fake_b)), streams.pool_b))
+        real_b = deform_masks(yb, streams.deform, s.real_deform)
         with autocast(s.precision, device):
-            loss_d = discriminator_loss(self.parallel, self.view, xa, qa, xb, real_b, fake_a, fake_b, generators[2])
+            loss_d = discriminator_loss(self.parallel, self.view, xa, qa, xb, real_b, fake_a, fake_b, streams.view)
         value_d = check_finite(loss_d, "discriminator loss")
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -349,7 +362,7 @@ def main(argv=None):
                                                                                val_masks))
     if device.type == "cuda":   # the teacher in the refiner's layout
         teacher.to(memory_format=memory_format(s.channels_last))
-    teacher_cases = case_metrics(predict_logits(teacher, val_images, device), val_masks)
+    teacher_cases = dice_and_hd95_per_case(predict_logits(teacher, val_images, device), val_masks)
 
     gan = CycleGAN(s, device, ddp)
     config = dict(G_AB=gan.nets["G_AB"].config, G_BA=gan.nets["G_BA"].config)
@@ -377,12 +390,12 @@ def main(argv=None):
         xa, xb, yb = ddp.share(xa), ddp.share(xb), ddp.share(yb)
         with autocast(s.precision, device):
             qa = teacher_map(teacher, xa, s.map_temperature)
-        streams = [step_generator(run_seed, step, name) for name in ("pool_a", "pool_b", "judge", "deform")]
-        return gan.train_step(xa, qa, xb, (yb > 0)[:, None].float(), streams)   # B's mask: the foreground
+        mask_b = (yb > 0)[:, None].float()           # B's mask: the foreground
+        return gan.train_step(xa, qa, xb, mask_b, StepStreams.of_step(run_seed, step))
 
     def validate():
         refine = functools.partial(refine_logits, gan.refiner)
-        refined = case_metrics(predict_logits(teacher, val_images, device, refine=refine), val_masks)
+        refined = dice_and_hd95_per_case(predict_logits(teacher, val_images, device, refine=refine), val_masks)
         return refinement_gain(teacher_cases, refined)
 
     if start == 0 and ddp.is_main:

@@ -36,11 +36,11 @@ from engine.cli import autocast, memory_format, parse, select_device, setting, t
 from engine.distributed import join
 from engine.loop import finite_values, poly_lr, run_steps, validation_dice
 from engine.card import write_model_card
+from engine.networks import load_network
 from engine.records import open_run_logs
 from engine.state import StageState, check_same_experiment, resume_from, seed_stage, weights_sha256
 from errors import UserError, exit_on_user_error
 from kernels.kd_reference import WEIGHT_MODES
-from nets import load_network
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from nets.unet import UNet

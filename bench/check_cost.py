@@ -21,7 +21,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from bench.synthetic import panorama, write_case
+from data.synthetic import panorama, write_case
 from data.check import check_folder, fingerprint
 from data.classes import dataset_classes
 from engine.records import write_text

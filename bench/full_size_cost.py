@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.synthetic import panorama, write_case
+from data.synthetic import panorama, write_case
 from engine.records import write_text
 
 REPO = Path(__file__).resolve().parent.parent

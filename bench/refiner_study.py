@@ -1,6 +1,6 @@
 """Which SinusCycle-GAN training does not collapse? A design study on the labelled validation split.
 
-    python -m bench.refiner_study --data data --teachers DIR --round 1 --out results/design/refiner_study.json
+    python -m bench.refiner_study --data data --teachers DIR --round 1 --out bench/design/refiner_study.json
 
 DIR holds one teacher per seed, DIR/seed<k>/teacher.pt, trained as the quick profile trains its
 teachers. For every variant of the round and every seed, the refiner is trained with the quick

@@ -11,9 +11,10 @@ autotune and the kernels' compiles fall). In order, each part's rows appended as
 2. the teacher, the refiner and the paper's method with autotune off;
 3. the same three twice at once, in two processes on the device; the prediction again, now also
    for two runs at once per device (each stage's step time scaled by what sharing cost it).
-A prediction schedules every run of the plan as reproduce.py does (`reproduce.makespan`): its steps
-at the measured step time of its own configuration (a student configuration measured nowhere takes
-the slowest student's) plus its measured start-up, an evaluation at the measured seconds per case.
+A prediction schedules every run of the plan as reproduce.py does (`reproduction.cluster.makespan`):
+its steps at the measured step time of its own configuration (a student configuration measured
+nowhere takes the slowest student's) plus its measured start-up, an evaluation at the measured
+seconds per case.
 """
 import argparse
 import json
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-import reproduce
 from bench.check_rows import Rows
 from data import SPLIT_KEYS
 from engine.records import logs_folder
 from engine.state import read_checkpoint
+from reproduction.cluster import longest_chains_first, makespan
 from reproduction.plan import PAPER_METHOD, PROFILES, Planner, ratio_tag
 
 SIZES = {"full": dict(profile="paper", steps=dict(train_teacher=40, train_cyclegan=20, train_student=25), warmup=5),
@@ -138,11 +139,11 @@ def prediction(stage_rows: list, eval_row: dict, cases: dict, factors: dict, dat
     runs = Planner("paper", data, work).plan()
     per_case = eval_row["seconds"] / eval_row["cases"]
     alone = cost_model(stage_rows, per_case, cases, {})
-    ordered = reproduce.longest_chains_first(runs, "paper", alone)
-    wall = {f"{g} GPU{'s' * (g > 1)}, 1 at once": reproduce.makespan(ordered, "paper", g, alone) for g in (1, 8)}
+    ordered = longest_chains_first(runs, "paper", alone)
+    wall = {f"{g} GPU{'s' * (g > 1)}, 1 at once": makespan(ordered, "paper", g, alone) for g in (1, 8)}
     if factors:
         shared = cost_model(stage_rows, per_case, cases, factors)
-        wall.update({f"{g} GPU{'s' * (g > 1)}, 2 at once": reproduce.makespan(ordered, "paper", 2 * g, shared)
+        wall.update({f"{g} GPU{'s' * (g > 1)}, 2 at once": makespan(ordered, "paper", 2 * g, shared)
                      for g in (1, 8)})
     planned = {config(r.script, r.argv) for r in runs if r.script != "evaluate"}
     return dict(step="paper_prediction", runs=len(runs), device_s=round(sum(map(alone, runs))),

@@ -1,7 +1,7 @@
 """How well does a KD pixel weight find the teacher's mistakes? A measurement, not a test.
 
     python -m bench.weight_study --data DIR --teacher teacher.pt \\
-        --student start=teacher.pt --student 150=student.pt --out weight_study.json
+        --student start=teacher.pt --student 150=student.pt --out bench/design/weight_study.json
 
 For each student (a student checkpoint, or a teacher checkpoint for a student at its first step,
 which starts from the teacher's weights), on the labelled validation split at training size, it
@@ -30,10 +30,10 @@ from scipy import ndimage, stats
 from data import Corruption, Photometric, augment_photometric, corrupt, inherited_split, load_tensors, \
     prepare_dataset, step_generator, strengths
 from engine.loop import predict_logits
+from engine.networks import load_network
 from engine.records import write_text
 from errors import UserError, exit_on_user_error
 from kernels import kd_weight_map
-from nets import load_network
 
 # (mode, window, map temperature) of each weight variant; ssim-w7-t1 is SPEC section 4's structural
 # weight. The exponent gamma is left out: a monotone transform of w, it cannot change a ranking.

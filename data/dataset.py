@@ -151,7 +151,7 @@ def few(ids, k=5):
 # Why a file is decoded: for its pixels (an image, or a mask training or scoring reads), or only to
 # check its format (a mask's size and values, as the data check does for every mask; the pixels
 # are dropped there, so the masks of unlabelled and test cases can be checked without being used).
-# decode() takes the purpose so that tests/test_no_leakage.py can record it.
+# decode() takes the purpose so that the leakage tests can record it (the `opened` fixture of tests/conftest.py).
 PIXELS, FORMAT_CHECK = "pixels", "format check"
 
 

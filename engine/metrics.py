@@ -36,14 +36,12 @@ def overlap_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
                 precision=_ratio(tp, p, both_empty), recall=_ratio(tp, g, both_empty))
 
 
-def case_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 1.0)) -> dict:
-    """All metrics of one or more same-sized cases (B, H, W) -> {name: list of floats}."""
+def binary_mask_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 1.0)) -> dict:
+    """Every metric of METRICS for one or more same-sized binary cases (B, H, W) -> {name: list of
+    floats, one a case}."""
     out = overlap_metrics(pred, target)
-    for mode in ("max", "pooled"):
-        b = boundary_metrics(pred, target, spacing=spacing, mode=mode)
-        out["hd95" if mode == "max" else "hd95_pooled"] = b["hd95"]
-        if mode == "max":
-            out["hd"], out["assd"] = b["hd"], b["assd"]
+    out.update(boundary_metrics(pred, target, spacing=spacing, mode="max"))
+    out["hd95_pooled"] = boundary_metrics(pred, target, spacing=spacing, mode="pooled")["hd95"]
     return {k: out[k].cpu().double().tolist() for k in METRICS}
 
 
@@ -55,10 +53,10 @@ def class_metrics(pred: torch.Tensor, target: torch.Tensor, names, spacing=(1.0,
     """All metrics of one or more same-sized cases (B, H, W) of class indices 1..len(names) -> {name:
     list of floats}: of a single class under the plain names, of several each class's."""
     if len(names) == 1:
-        return case_metrics(pred == 1, target == 1, spacing)
+        return binary_mask_metrics(pred == 1, target == 1, spacing)
     out = {}
     for c, name in enumerate(names, 1):
-        out.update({per_class(k, name): v for k, v in case_metrics(pred == c, target == c, spacing).items()})
+        out.update({per_class(k, name): v for k, v in binary_mask_metrics(pred == c, target == c, spacing).items()})
     return out
 
 

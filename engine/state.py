@@ -109,26 +109,6 @@ def weights_sha256(weights: dict) -> str:
     return digest.hexdigest()
 
 
-def rebuild(cls, ckpt: dict, flag: str, path, config: dict | None = None) -> torch.nn.Module:
-    """The network `cls` of a checkpoint with its best weights; a config or weights that do not
-    fit this code are a one-line error, not a traceback."""
-    try:
-        net = cls(**(config or ckpt["config"]))
-        net.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"{flag} {path}: its network does not fit this code ({type(err).__name__}); "
-                        f"retrain it with this version") from None
-    return net
-
-
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode (BatchNorm running statistics) and no gradient, for good."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 def check_same_experiment(ckpt: dict, flag: str, path, teacher_ckpt: dict) -> None:
     """A refiner must come from this very teacher: the same split and input size, and the teacher's
     weights it recorded."""

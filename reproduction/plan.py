@@ -17,6 +17,10 @@ is listed here explicitly: registering a new objective or weight changes no repr
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import prepare_dataset
+from engine.cli import REPO, setting
+from settings import DEFAULT_DATA
+
 CONTROL = "supervised"          # the student every other row is compared with
 PAPER_METHOD = "wkd_refine"
 FULL_LABELS = "teacher, 100 % labels"
@@ -287,3 +291,27 @@ class Planner:
                         self.evaluation(self.method_student(ratio, seed, method),
                                         ("table4", table4_label(method, ratio)))
         return list(self.runs.values())
+
+
+@dataclass
+class PlanSettings:
+    """The flags that choose a plan and where its runs write: reproduce.py's and reproduction.cluster's."""
+    profile: str = setting("quick", "quick: CPU minutes; claims: one GPU, minutes, the claims' runs at the paper's "
+                                    "widths; paper: GPU, full size, six seeds; micro: a seconds-long check",
+                           choices=tuple(PROFILES))
+    data: Path = setting(DEFAULT_DATA, "dataset root; the embedded phantom is generated there on first use")
+    out: Path | None = setting(None, "output folder; default: results/<profile>")
+    seeds: int | None = setting(None, "number of seeds; default: the profile's", within="[1, inf)")
+    precision: str | None = setting(None, "arithmetic of every run; default: the profile's (quick: fp32, so that "
+                                          "every CPU computes alike); another one writes to results/<profile>-<it>",
+                                    choices=("fp32", "bf16"))
+
+
+def plan_for(s: PlanSettings) -> tuple[list, Path, Path, str]:
+    """(every run of the plan in an order that satisfies dependencies, the output folder, the dataset
+    root, the precision) of the settings `s`; the embedded phantom is generated on first use."""
+    precision = s.precision or PROFILES[s.profile]["precision"]
+    default_out = s.profile + ("" if precision == PROFILES[s.profile]["precision"] else f"-{precision}")
+    out = (s.out or (REPO / "results" / default_out)).resolve()
+    data = prepare_dataset(s.data)
+    return Planner(s.profile, data, out, s.seeds, precision=precision).plan(), out, data, precision

@@ -1,4 +1,5 @@
-"""Running the plan: each run in a worker process pinned to one device slot, in dependency order.
+"""Running the plan: each run in a worker process pinned to one device slot, in dependency order;
+a run's arguments, log and state on disk.
 
 A slot is one device (`cpu`, `cuda:0`, ...) with room for one run; a device named K times holds K
 runs at once. Each slot is a process of its own (the operating system's processes, nothing
@@ -12,12 +13,67 @@ others go on.
 import contextlib
 import importlib
 import multiprocessing
+import os
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
+
+from engine.cli import check_device
+from engine.state import read_checkpoint
+from errors import UserError
+
+
+def parse_devices(text: str, flag: str = "--devices") -> list[str]:
+    """The devices of a comma-separated list; auto: every GPU, or one CPU slot per core without one."""
+    if text == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"] * len(os.sched_getaffinity(0))
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        check_device(d, f"{flag} {text}", auto=False)
+    if not devices:
+        raise UserError(f"{flag}: name at least one device")
+    return devices
+
+
+def finished(run) -> bool:
+    """Whether a planned run's output is there and complete: an evaluation's summary, a training
+    run's checkpoint that says it ran to its end."""
+    if run.script == "evaluate":
+        return (run.output / "summary.json").is_file()
+    return run.output.is_file() and bool(read_checkpoint(run.output, "--out").get("finished"))
+
+
+def stage_argv(run, device: str) -> list[str]:
+    """The run's arguments for `device`; an unfinished training run resumes, an evaluation replaces
+    what an earlier one left."""
+    argv = [str(a) for a in run.argv] + ["--device", device]
+    if run.output.exists():
+        argv.append("--overwrite" if run.script == "evaluate" else "--resume")
+    return argv
+
+
+def discard(run) -> None:
+    """Delete what a planned run wrote, so that it runs again from its start."""
+    if run.output.is_dir():
+        shutil.rmtree(run.output)
+    else:
+        run.output.unlink(missing_ok=True)
+
+
+def log_file(run) -> Path:
+    """The console log of a planned run, beside its output."""
+    return run.output.with_name(run.output.name + ".log")
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
+        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _start_slot(threads: int) -> None:

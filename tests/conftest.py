@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 # busy machine two spinning threads per process slow it down tenfold.
 SCRIPT_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 SCRIPT_ENV["OMP_NUM_THREADS"] = "1"
+# The same in this process, where some tests train in place: the known-answer refiner's 300 steps
+# took 499 s with two threads on the busy 2-core machine, 36 s with one.
+torch.set_num_threads(1)
 TINY = ["--size", "32", "64"]
 RUNNER = REPO / "tests" / "stage_runner.py"
 
@@ -144,6 +147,44 @@ def assert_same_training(a: dict, b: dict, *states: str) -> None:
         assert wa.keys() == wb.keys(), name
         for key, value in wa.items():
             assert torch.equal(value, wb[key]), (name, key)
+
+
+def evaluation(cells, seed, values):
+    """A results.json entry (reproduce.py's) of an evaluation whose per-case Dice are `values`."""
+    values = np.asarray(values, dtype=float)
+    stats_of = dict(mean=float(values.mean()), std=float(values.std()), median=float(np.median(values)),
+                    n=len(values), n_undefined=0)
+    return dict(script="evaluate", seed=seed, cells=cells, wall_s=1.0, metrics=dict(dice=stats_of),
+                cases=dict(id=[f"c{i}" for i in range(len(values))], dice=list(values)))
+
+
+def claim_results(shift):
+    """Six seeds of the claims' rows: kd and kd_refine at the control, wkd and wkd_refine `shift` above it."""
+    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "kd_refine": 0.0, "wkd": shift, "wkd_refine": shift}
+    for seed in range(6):
+        noise = 0.001 * (seed % 3)
+        for row, offset in values.items():
+            runs[f"{row}{seed}"] = evaluation([["table1", row]], seed, [0.7 + offset + noise + 0.01 * i for i in range(4)])
+            for metric in ("hd95", "assd"):     # distances that grow with the Dice here: worse, not better
+                runs[f"{row}{seed}"]["metrics"][metric] = runs[f"{row}{seed}"]["metrics"]["dice"]
+                runs[f"{row}{seed}"]["cases"][metric] = runs[f"{row}{seed}"]["cases"]["dice"]
+    return {"runs": runs, "precision": "fp32", "threads_per_run": 1,
+            "environment": {"cpu": "a CPU", "torch": "2.13"}}
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list:
+    """(path, purpose) of every file the data code decodes from now on: its pixels, or only its
+    format (data.dataset's PIXELS or FORMAT_CHECK)."""
+    import data.dataset
+    paths = []
+    decode = data.dataset.decode
+
+    def recording(path, what, purpose=data.dataset.PIXELS):
+        paths.append((Path(path), purpose))
+        return decode(path, what, purpose)
+    monkeypatch.setattr(data.dataset, "decode", recording)
+    return paths
 
 
 @pytest.fixture(scope="session")

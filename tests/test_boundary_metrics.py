@@ -363,16 +363,6 @@ def test_bad_types_raise_type_error():
         boundary_metrics(torch.zeros(5, 6), torch.zeros(5, 6))
 
 
-def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
-    from bench.boundary_speed import largest_difference
-    finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
-    one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
-    assert largest_difference(finite, one_nan) == float("inf")
-    assert largest_difference(one_nan, one_nan) == 0.0
-    shifted = {k: v + 0.25 for k, v in finite.items()}
-    assert largest_difference(finite, shifted) == 0.25
-
-
 # an image of 2**31 pixels or more does not fit the kernels' int32 offsets
 def test_boundary_image_beyond_int32_is_refused():
     masks = torch.empty((1, 2 ** 16, 2 ** 15), dtype=torch.bool, device="meta")

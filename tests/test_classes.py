@@ -12,7 +12,7 @@ import torch
 import predict
 
 from data.classes import binary, dataset_classes, from_record, observed
-from engine.metrics import case_metrics, class_means, class_metrics
+from engine.metrics import binary_mask_metrics, class_means, class_metrics
 from errors import UserError
 from nets.cyclegan import ResnetGenerator, foreground_logit, refine_logits
 from reproduction.plan import PROFILES
@@ -79,9 +79,9 @@ def test_metrics_per_class_and_their_mean():
     target[0, 2:8, 2:10], target[0, 10:18, 15:25] = 1, 2
     pred = target.clone()
     pred[0, 2:8, 2:6] = 0                       # half of class 1 missed
-    assert class_metrics(pred, target, ["sinus"]) == case_metrics(pred == 1, target == 1)
+    assert class_metrics(pred, target, ["sinus"]) == binary_mask_metrics(pred == 1, target == 1)
     both = class_metrics(pred, target, ["left", "right"])
-    assert both["dice[left]"] == case_metrics(pred == 1, target == 1)["dice"] == [2 / 3]
+    assert both["dice[left]"] == binary_mask_metrics(pred == 1, target == 1)["dice"] == [2 / 3]
     assert both["dice[right]"] == [1.0] and both["hd95[right]"] == [0.0]
     means = class_means(both, ["left", "right"])
     assert means["dice"] == pytest.approx([(2 / 3 + 1) / 2]) and means["hd95"] == pytest.approx(

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_training, resumed, run_scripts
+from conftest import assert_same_training, run_scripts
 
 import train_cyclegan
 from data import load_tensors
+from engine.networks import load_network
 from engine.state import check_same_experiment, load_checkpoint
-from nets import load_network
 from errors import UserError
 from nets.cyclegan import BOUND, MASK_CLIP, PatchDiscriminator, ResnetGenerator, refine_logits
 
@@ -28,12 +28,32 @@ def cyclegan_args(tiny_data, tiny_teacher):
 
 @pytest.fixture(scope="module")
 def full_run(tiny, tiny_data, tiny_teacher):
-    """An uninterrupted 6-step refiner run: (checkpoint path, its stdout); its step-2 checkpoint is
-    kept as full_at2.pt."""
-    out = tiny / "full.pt"
+    """An uninterrupted 6-step refiner run: (checkpoint path, the line it printed at its end); its
+    step-2 checkpoint is kept as full_at2.pt. The same process then makes averaged.pt, the run with
+    the generator averaged at 0.5, and its averaged_at2.pt."""
+    out, averaged = tiny / "full.pt", tiny / "averaged.pt"
     proc = run_scripts(("train_cyclegan.py", *cyclegan_args(tiny_data, tiny_teacher), "--out", out),
-                       snapshots={out: {RESUME_AT: tiny / "full_at2.pt"}})
-    return out, proc.stdout
+                       ("train_cyclegan.py", *averaged_args(tiny_data, tiny_teacher), "--out", averaged),
+                       snapshots={out: {RESUME_AT: tiny / "full_at2.pt"},
+                                  averaged: {RESUME_AT: tiny / "averaged_at2.pt"}})
+    return out, next(line for line in proc.stdout.splitlines() if line.startswith(f"{out}: "))
+
+
+def averaged_args(tiny_data, tiny_teacher):
+    return [*cyclegan_args(tiny_data, tiny_teacher), "--average", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tiny, tiny_data, tiny_teacher, full_run):
+    """The two runs of full_run resumed from their step-2 checkpoints (the file a run killed then
+    leaves; a real kill is checked on the teacher), one after the other in one process:
+    {"full": checkpoint, "averaged": checkpoint}."""
+    snapshots = {"full": tiny / "full_at2.pt", "averaged": tiny / "averaged_at2.pt"}
+    assert load_checkpoint(snapshots["full"], ("cyclegan",), "--out", finished=False)["step"] == RESUME_AT
+    run_scripts(("train_cyclegan.py", *cyclegan_args(tiny_data, tiny_teacher), "--out", snapshots["full"], "--resume"),
+                ("train_cyclegan.py", *averaged_args(tiny_data, tiny_teacher), "--out", snapshots["averaged"],
+                 "--resume"))
+    return {name: torch.load(path, weights_only=True) for name, path in snapshots.items()}
 
 
 def test_generator_and_discriminator_shapes():
@@ -123,7 +143,7 @@ def test_keep_rule_metrics_are_per_case_dice_and_hd95_of_the_argmax():
     pred[0, 4:14, 7:17] = 1                    # shifted two columns: Dice 2 * 80 / 200
     pred[1, 6:20, 3:15] = 1                    # larger and lower: Dice 2 * 80 / (168 + 100)
     logits = torch.stack([1 - pred, pred], 1).float()
-    got = train_cyclegan.case_metrics(logits, target)
+    got = train_cyclegan.dice_and_hd95_per_case(logits, target)
     np.testing.assert_allclose(got["dice"], [0.8, 160 / 268], rtol=1e-6)
     expected = compute_hausdorff_distance(pred[:, None].float(), target[:, None].float(), percentile=95,
                                           include_background=True)[:, 0]
@@ -131,8 +151,8 @@ def test_keep_rule_metrics_are_per_case_dice_and_hd95_of_the_argmax():
 
 
 def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(tiny_data, tiny_teacher, full_run):
-    path, stdout = full_run
-    assert "Dice" in stdout and "HD95" in stdout
+    path, summary = full_run
+    assert "Dice" in summary and "HD95" in summary
     ckpt = load_checkpoint(path, ("cyclegan",), "--refiner")
     assert ckpt["step"] == 6 and ckpt["size"] == [32, 64]
     assert {k.split(".")[0] for k in ckpt["train_state"]["nets"]} == {"G_AB", "G_BA", "D_A", "D_B"}
@@ -165,7 +185,7 @@ def test_training_writes_a_loadable_checkpoint_with_teacher_vs_refined_metrics(t
                for k, v in ckpt["model"].items())
     failures = train_cyclegan.keep_rule_failures(m)
     assert bool(m["passes"]) == (not failures)
-    assert ("passes the keep rule" if m["passes"] else "fails the keep rule: " + "; ".join(failures)) in stdout
+    assert ("passes the keep rule" if m["passes"] else "fails the keep rule: " + "; ".join(failures)) in summary
 
 
 def test_keep_rule_names_each_test_that_fails():
@@ -188,22 +208,18 @@ def test_the_generator_average_moves_a_part_of_the_way():
         torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * model.state_dict()[k])
 
 
-def test_an_averaged_refiner_resumes_exactly(tiny, tiny_data, tiny_teacher):
-    out = tiny / "averaged.pt"
-    args = [*cyclegan_args(tiny_data, tiny_teacher), "--average", "0.5"]
-    run_scripts(("train_cyclegan.py", *args, "--out", out), snapshots={out: {RESUME_AT: tiny / "averaged_at2.pt"}})
-    full = load_checkpoint(out, ("cyclegan",), "--out")
-    again = resumed("train_cyclegan.py", tiny / "averaged_at2.pt", *args)
+def test_an_averaged_refiner_resumes_exactly(tiny, resumed_runs):
+    full = load_checkpoint(tiny / "averaged.pt", ("cyclegan",), "--out")
+    again = resumed_runs["averaged"]
     assert_same_training(full, again, "average")
     assert full["train_state"]["average"].keys() == full["model"].keys()
 
 
-def test_resume_equals_an_uninterrupted_run(tiny, tiny_data, tiny_teacher, full_run):
-    """From the checkpoint the full run wrote at step 2 (the file a run killed then leaves; a real
-    kill is checked on the teacher), a resumed run ends where the uninterrupted one did."""
+def test_resume_equals_an_uninterrupted_run(full_run, resumed_runs):
+    """From the checkpoint the full run wrote at step 2, a resumed run ends where the uninterrupted
+    one did."""
     full = load_checkpoint(full_run[0], ("cyclegan",), "--out")
-    assert load_checkpoint(tiny / "full_at2.pt", ("cyclegan",), "--out", finished=False)["step"] == RESUME_AT
-    again = resumed("train_cyclegan.py", tiny / "full_at2.pt", *cyclegan_args(tiny_data, tiny_teacher))
+    again = resumed_runs["full"]
     assert again["step"] == 6
     assert_same_training(full, again, "nets")
     for a, b in zip(full["train_state"]["pool_b"], again["train_state"]["pool_b"], strict=True):

@@ -14,7 +14,7 @@ from conftest import run_script
 import export
 import predict
 from engine.deploy import load_onnx
-from nets import load_network
+from engine.networks import load_network
 from errors import UserError
 
 

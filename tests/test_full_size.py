@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, SCRIPT_ENV, TINY, run_scripts
 
 import predict
-from bench.synthetic import panorama, write_case
+from data.synthetic import panorama, write_case
 
 H, W = 1435, 2943
 SPLIT = dict(labeled=["c0", "c1"], unlabeled=["c2"], val=["c3"], test=["c4", "c5"])

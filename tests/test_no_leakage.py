@@ -1,49 +1,31 @@
-"""No training stage and no design study reads the pixels of a mask it must not have: those of the
-unlabelled split (a semi-supervised method does not have them; the phantom does) and of the test
-split.
+"""No training stage reads the pixels of a mask it must not have: those of the unlabelled split (a
+semi-supervised method does not have them; the phantom does) and of the test split.
 
-Every file the data code decodes is recorded, with why (its pixels, or only its format), while
-the teacher, the refiner, the students of every method (KD refined and post-processed included)
-and the KD-weight study run in this process; no mask of an unlabelled or test case may be
+Every file the data code decodes is recorded (the `opened` fixture), with why (its pixels, or
+only its format), while the teacher, the refiner and the students of every method (KD refined
+and post-processed included) run in this process; no mask of an unlabelled or test case may be
 decoded for its pixels. Their format (size and values) is checked by the teacher, before any
 training, which is checked to happen; so is reading the labelled and validation masks, so that
 the recording cannot pass by recording nothing. The two oracle upper bounds
 (`train_student.py --oracle`) are the one exception: they read the unlabelled masks' pixels, and
 are checked to read those and no test mask's.
 """
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import script_state
 
-import data.dataset
 import train_cyclegan
 import train_student
 import train_teacher
 from objectives import OBJECTIVES
-from bench import weight_study
 from data.dataset import FORMAT_CHECK, PIXELS
 
 TINY = ["--steps", "2", "--val-every", "2", "--batch-size", "2", "--device", "cpu"]
 
 
-@pytest.fixture
-def opened(monkeypatch) -> list:
-    """(path, purpose) of every file decoded."""
-    paths = []
-    decode = data.dataset.decode
-
-    def recording(path, what, purpose=PIXELS):
-        paths.append((Path(path), purpose))
-        return decode(path, what, purpose)
-    monkeypatch.setattr(data.dataset, "decode", recording)
-    return paths
-
-
-def test_stages_and_studies_never_open_unlabelled_or_test_masks(tiny_data, tmp_path, opened):
+def test_stages_never_open_unlabelled_or_test_masks(tiny_data, tmp_path, opened):
     with script_state():          # the plain torch kernels a user's run takes; global state restored after
-        teacher, students = run_everything(tiny_data, tmp_path)
+        teacher = run_everything(tiny_data, tmp_path)
 
     split = torch.load(teacher, weights_only=True)["split"]
     masks = {p.stem for p, purpose in opened if p.parent.name == "masks" and purpose == PIXELS}
@@ -72,12 +54,10 @@ def run_everything(tiny_data, tmp_path):
                         "--size", "32", "64", *TINY])
     train_cyclegan.main(["--data", str(tiny_data), "--teacher", str(teacher), "--out", str(refiner), "--width", "4",
                          "--blocks", "1", "--disc-width", "4", "--disc-layers", "1", *TINY])
-    students = []
-    for method, extra in [(m, ["--refiner", str(refiner)] if o.refine else []) for m, o in OBJECTIVES.items()] + [
-            ("wkd", ["--postprocess"]), ("wkd_refine", ["--refiner", str(refiner), "--refiner-gate"])]:
-        students.append(tmp_path / f"{method}{len(students)}.pt")
+    runs = [(m, ["--refiner", str(refiner)] if o.refine else []) for m, o in OBJECTIVES.items()] + [
+        ("wkd", ["--postprocess"]), ("wkd_refine", ["--refiner", str(refiner), "--refiner-gate"])]
+    for k, (method, extra) in enumerate(runs):
         train_student.main(["--data", str(tiny_data), "--teacher", str(teacher), "--method", method, "--out",
-                            str(students[-1]), "--width", "4", "--unlabeled-batch-size", "2", *TINY, *extra])
-    weight_study.main(["--data", str(tiny_data), "--teacher", str(teacher), "--student", f"start={teacher}",
-                       "--student", f"2={students[-1]}", "--out", str(tmp_path / "study.json")])
-    return teacher, students
+                            str(tmp_path / f"{method}{k}.pt"), "--width", "4", "--unlabeled-batch-size", "2", *TINY,
+                            *extra])
+    return teacher

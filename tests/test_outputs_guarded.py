@@ -10,8 +10,8 @@ import torch
 from conftest import REPO, SCRIPT_ENV, TINY, run_main
 from test_cli_errors import assert_one_line_error
 
-import reproduce
 from reproduction.plan import Run
+from reproduction.schedule import stage_argv
 
 TEACHER = ["--steps", 2, "--val-every", 2, "--width", 4, "--batch-size", 2, "--labeled-ratio", 0.3, *TINY]
 
@@ -132,11 +132,11 @@ def test_reproduce_resumes_training_and_redoes_evaluations_explicitly(tmp_path):
     checkpoint, folder = tmp_path / "teacher.pt", tmp_path / "teacher_test_eval"
     train = Run("t", "train_teacher", ["--out", checkpoint], checkpoint, 0, 4)
     score = Run("e", "evaluate", ["--out", folder], folder, 0)
-    assert reproduce.stage_argv(train, "cpu")[-1] == "cpu" and reproduce.stage_argv(score, "cpu")[-1] == "cpu"
+    assert stage_argv(train, "cpu")[-1] == "cpu" and stage_argv(score, "cpu")[-1] == "cpu"
     checkpoint.write_text("x")
     folder.mkdir()
-    assert reproduce.stage_argv(train, "cpu")[-1] == "--resume"
-    assert reproduce.stage_argv(score, "cpu")[-1] == "--overwrite"
+    assert stage_argv(train, "cpu")[-1] == "--resume"
+    assert stage_argv(score, "cpu")[-1] == "--overwrite"
 
 
 @pytest.mark.parametrize("stage", ["export", "predict"])

@@ -87,7 +87,8 @@ def train_refiner(images, masks, corrupted) -> ResnetGenerator:
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
         ia, ib = torch.randint(len(xa), (4,), generator=g), torch.randint(len(xb), (4,), generator=g)
-        gan.train_step(xa[ia], qa[ia], xb[ib], yb[ib], [torch.Generator().manual_seed(4 * step + k) for k in range(4)])
+        streams = train_cyclegan.StepStreams(*(torch.Generator().manual_seed(4 * step + k) for k in range(4)))
+        gan.train_step(xa[ia], qa[ia], xb[ib], yb[ib], streams)
     return gan.refiner.eval()
 
 

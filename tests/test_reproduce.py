@@ -1,7 +1,7 @@
 """reproduce.py: the plan shares what rows have in common and orders runs after their inputs, the
-tables and their paired intervals come out right from fixed results, finished runs are skipped,
-a cluster plan is written, and two workers give the numbers one worker gives (the micro
-reproduction is the session's one, which tests/test_classes.py reads too)."""
+tables and their paired intervals come out right from fixed results, and finished runs are
+skipped (the micro reproduction is the session's one, which tests/test_classes.py and
+tests/test_cluster.py read too)."""
 import json
 import math
 import shutil
@@ -12,11 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import run_script, run_scripts
+from conftest import claim_results, evaluation, run_script
 from scipy import stats
 
-from objectives import OBJECTIVES
 from reproduction.plan import BESIDE, CLAIMS, GATED, HEADROOM, PROFILES, Contrast, Planner
 from reproduction.tables import collect, combination, paired_difference, render, table_specs
 
@@ -69,18 +67,6 @@ def test_every_run_comes_after_the_runs_it_reads():
         reads = {by_output[a] for a in run.argv if isinstance(a, Path) and a in by_output and a != run.output}
         assert reads == set(run.needs) and reads <= done, run.name
         done.add(run.name)
-
-
-def test_longest_chains_start_first_and_inputs_still_come_first():
-    import reproduce
-    planned = quick_plan()
-    ordered = reproduce.longest_chains_first(planned, "quick")
-    assert sorted(r.name for r in ordered) == sorted(r.name for r in planned)
-    position = {r.name: i for i, r in enumerate(ordered)}
-    assert all(position[n] < position[r.name] for r in ordered for n in r.needs)
-    # the teachers at the Table 1 ratio start the longest chains (teacher, refiner, student, evaluation)
-    assert {r.script for r in ordered[:3]} == {"train_teacher"}
-    assert reproduce.makespan(ordered, "quick", 2) < reproduce.makespan(planned, "quick", 2)
 
 
 def test_results_of_other_settings_are_not_reused(tmp_path):
@@ -158,15 +144,6 @@ def test_every_table_cell_is_fed_by_a_run():
         assert all(row in fed for row, _ in contrast.terms), contrast.name
 
 
-def evaluation(cells, seed, values):
-    """A results.json entry of an evaluation whose per-case Dice are `values`."""
-    values = np.asarray(values, dtype=float)
-    stats_of = dict(mean=float(values.mean()), std=float(values.std()), median=float(np.median(values)),
-                    n=len(values), n_undefined=0)
-    return dict(script="evaluate", seed=seed, cells=cells, wall_s=1.0, metrics=dict(dice=stats_of),
-                cases=dict(id=[f"c{i}" for i in range(len(values))], dice=list(values)))
-
-
 def test_paired_differences_are_t_intervals_over_seeds_or_over_cases():
     control = {0: [0.5, 0.6, 0.7], 1: [0.4, 0.6, 0.8], 2: [0.5, 0.5, 0.5]}
     method = {0: [0.6, 0.6, 0.8], 1: [0.5, 0.7, 0.8], 2: [0.6, 0.6, 0.6]}
@@ -206,11 +183,6 @@ def test_tables_average_over_seeds_show_missing_cells_and_mark_intervals():
     assert "| 2 % | 3 / 3 / 1 / 1 |" in md and "| 10 % | 0 |" in md
 
 
-def reproduce(data, out, *extra):
-    proc = run_script("reproduce.py", "--profile", "micro", "--data", data, "--out", out, *extra)
-    return proc.stdout
-
-
 def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, tmp_path):
     data, out, first = micro_reproduction
     n = len(Planner("micro", data, out).plan())
@@ -232,83 +204,18 @@ def test_micro_profile_end_to_end_then_skips_finished_runs(micro_reproduction, t
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "seed0/r0300/teacher_test_eval/summary.json").unlink()
-    second = reproduce(data, copy)
+    second = run_script("reproduce.py", "--profile", "micro", "--data", data, "--out", copy,
+                        "--devices", "cpu").stdout      # one worker: the one run to redo needs no more
     assert f"{n} runs, {n - 1} already finished" in second
     assert "evaluate seed0/r0300/teacher_test_eval" in second and "train_" not in second.split("finished")[1]
 
 
-CHAIN = ("cyclegan.pt", "student-kd-ssim-refined.pt", "student-kd-ssim-refined_test_eval")
-
-
-@pytest.fixture(scope="module")
-def cluster(micro_reproduction, tmp_path_factory):
-    """The micro plan written with --plan-json, then its first run (a teacher), the refiner, the
-    refined-KD student and that student's evaluation that follow it, run one by one with --run in
-    one process, as one worker runs them, and the first run asked for again."""
-    data = micro_reproduction[0]
-    plan_file, out = tmp_path_factory.mktemp("cluster") / "plan.json", tmp_path_factory.mktemp("cluster") / "out"
-    reproduce(data, out, "--plan-json", plan_file)
-    plan = json.loads(plan_file.read_text())
-    planned_only = not out.exists()
-    first = plan["runs"][0]["name"]
-    names = [first, *(str(Path(first).parent / name) for name in CHAIN)]
-    common = ["--profile", "micro", "--data", data, "--out", out]
-    stdout = run_scripts(*(("reproduce.py", *common, "--run", name) for name in [*names, first])).stdout
-    return dict(plan=plan, planned_only=planned_only, names=names, out=out, stdout=stdout)
-
-
-def test_plan_json_and_single_runs_for_a_cluster(cluster):
-    first = cluster["plan"]["runs"][0]
-    assert first["needs"] == [] and first["estimated_seconds"] > 0 and first["command"][1].endswith(".py")
-    assert cluster["planned_only"]                     # a plan only: nothing ran
-    planned = {r["name"]: r for r in cluster["plan"]["runs"]}
-    assert all(name in planned for name in cluster["names"])
-    lines = cluster["stdout"].splitlines()
-    assert [line.split(":")[0] for line in lines if "done in" in line] == cluster["names"]
-    assert lines[-1] == f"{first['name']}: finished already; nothing to do"
-
-
-def test_one_worker_gives_the_numbers_two_workers_give(micro_reproduction, cluster):
-    """The runs of one chain, run one after another in one process, give the weights and per-case
-    numbers the two-worker reproduction gave them."""
-    two_workers, one_worker = micro_reproduction[1], cluster["out"]
-    for name in cluster["names"]:
-        if name.endswith(".pt"):
-            a, b = (torch.load(out / name, weights_only=True) for out in (two_workers, one_worker))
-            assert a["step"] == b["step"] and repr(a["metrics"]) == repr(b["metrics"])     # NaN alike
-            weights = [(a["model"], b["model"])] + [(a["train_state"][k], b["train_state"][k])
-                                                    for k in ("model", "nets") if k in a["train_state"]]
-            for wa, wb in weights:
-                assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items()), name
-        else:
-            assert (two_workers / name / "metrics.csv").read_text() == (one_worker / name / "metrics.csv").read_text()
-            a, b = (json.loads((out / name / "summary.json").read_text())["metrics"] for out in (two_workers, one_worker))
-            assert json.dumps(a) == json.dumps(b)
-
-
-def claim_results(shift):
-    """Six seeds of the claims' rows: kd and kd_refine at the control, wkd and wkd_refine `shift` above it."""
-    runs, values = {}, {"supervised": 0.0, "kd": 0.0, "kd_refine": 0.0, "wkd": shift, "wkd_refine": shift}
-    for seed in range(6):
-        noise = 0.001 * (seed % 3)
-        for row, offset in values.items():
-            runs[f"{row}{seed}"] = evaluation([["table1", row]], seed, [0.7 + offset + noise + 0.01 * i for i in range(4)])
-            for metric in ("hd95", "assd"):     # distances that grow with the Dice here: worse, not better
-                runs[f"{row}{seed}"]["metrics"][metric] = runs[f"{row}{seed}"]["metrics"]["dice"]
-                runs[f"{row}{seed}"]["cases"][metric] = runs[f"{row}{seed}"]["cases"]["dice"]
-    return {"runs": runs, "precision": "fp32", "threads_per_run": 1,
-            "environment": {"cpu": "a CPU", "torch": "2.13"}}
-
-
-def test_claims_are_read_by_the_fixed_rule_and_compared_across_runs():
-    from reproduction.compare import side_by_side
+def test_claims_are_read_by_the_fixed_rule():
     from reproduction.tables import claims, verdict
     (_, weight), (_, refine), (_, method) = claims(collect(claim_results(0.02)))
     assert verdict(weight["dice"], "dice") == "helps" and verdict(weight["hd95"], "hd95") == "hurts"
     assert weight["dice"]["above_zero"] == 6 and weight["dice"]["n"] == 6
     assert verdict(refine["dice"], "dice").startswith("no difference larger than")
-    table = side_by_side(claim_results(0.02), claim_results(0.0))
-    assert table.count("**differ**") == 4 and table.count("| same:") == 2     # weight and method change
 
 
 def test_a_contrast_of_four_rows_is_the_per_case_combination_on_shared_seeds_and_cases():

@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import RESUME_AT, assert_same_training, resumed, run_main, run_scripts, script_state, student_args
 
+import train_cyclegan
 import train_student
 from data import Corruption, Geometry, Photometric, batch_indices, load_tensors, strengths, unlabeled_views
+from engine.networks import load_network
 from engine.state import seed_stage
-from nets import load_network
 from kernels import weighted_kd_loss
 from nets.unet import UNet
 
@@ -163,9 +164,10 @@ def test_a_gated_refiner_that_failed_its_rule_leaves_the_targets_bit_for_bit_the
     trip): the student equals the unrefined one of its seed, weight for weight. One that passed is
     applied: the student equals the ungated refined one and differs from the unrefined one."""
     refiner, passed = tmp_path / "cyclegan.pt", tmp_path / "cyclegan_passed.pt"
-    run_scripts(("train_cyclegan.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", refiner, "--width", 4,
-                 "--blocks", 1, "--disc-width", 4, "--disc-layers", 1, "--batch-size", 2, "--steps", 2,
-                 "--val-every", 2))
+    with script_state():        # two steps: this process, not a fresh one, trains the refiner
+        train_cyclegan.main([str(a) for a in ("--data", tiny_data, "--teacher", tiny_teacher, "--out", refiner,
+                                              "--width", 4, "--blocks", 1, "--disc-width", 4, "--disc-layers", 1,
+                                              "--batch-size", 2, "--steps", 2, "--val-every", 2)])
     ckpt = torch.load(refiner, weights_only=True)
     assert not ckpt["metrics"]["passes"]          # a teacher this tiny finds no sinus: no gain to pass
     torch.save(dict(ckpt, metrics=dict(ckpt["metrics"], passes=1.0)), passed)

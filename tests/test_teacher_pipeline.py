@@ -1,11 +1,13 @@
 """End to end on a tiny phantom: teacher training, checkpoint contents, exact resume, evaluation."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import REPO, SCRIPT_ENV, TINY, assert_same_training, kill_then_resume, run_script
+from conftest import REPO, SCRIPT_ENV, TINY, assert_same_training, kill_then_resume, run_scripts
 
 
 def test_teacher_checkpoint_holds_what_later_stages_need(tiny_teacher):
@@ -36,9 +38,26 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     assert_same_training(torch.load(straight, weights_only=True), resumed, "model")
 
 
-def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_data, tiny_teacher, tmp_path):
-    out = tmp_path / "eval"
-    run_script("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--out", out, "--spacing", "0.1")
+@pytest.fixture(scope="module")
+def evaluations(tiny_data, tiny_teacher, tmp_path_factory):
+    """evaluate.py, as a user runs it, on the test split ("test") and, one process for both, on the
+    unlabelled split of a copy of the phantom whose first two unlabelled cases have no mask
+    ("unlabeled"): {name: output folder}."""
+    root = tmp_path_factory.mktemp("evaluations")
+    data = root / "data"
+    shutil.copytree(tiny_data, data)
+    unlabeled = torch.load(tiny_teacher, weights_only=True)["split"]["unlabeled"]
+    for case_id in unlabeled[:2]:                 # real unlabelled images usually have no mask
+        (data / "masks" / f"{case_id}.png").unlink()
+    out = {"test": root / "eval", "unlabeled": root / "eval_unlabeled"}
+    run_scripts(("evaluate.py", "--data", tiny_data, "--ckpt", tiny_teacher, "--out", out["test"], "--spacing", "0.1"),
+                ("evaluate.py", "--data", data, "--ckpt", tiny_teacher, "--split", "unlabeled", "--out",
+                 out["unlabeled"], "--no-overlays"))
+    return out
+
+
+def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_teacher, evaluations):
+    out = evaluations["test"]
     ckpt = torch.load(tiny_teacher, weights_only=True)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["id"] for r in rows] == ckpt["split"]["test"]
@@ -56,16 +75,9 @@ def test_evaluate_writes_metrics_summary_table_and_overlays(tiny_data, tiny_teac
     assert not out.with_name("eval.tmp").exists()
 
 
-def test_evaluate_scores_only_cases_that_have_masks(tiny_data, tiny_teacher, tmp_path):
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
+def test_evaluate_scores_only_cases_that_have_masks(tiny_teacher, evaluations):
     unlabeled = torch.load(tiny_teacher, weights_only=True)["split"]["unlabeled"]
-    for case_id in unlabeled[:2]:                 # real unlabelled images usually have no mask
-        (data / "masks" / f"{case_id}.png").unlink()
-    out = tmp_path / "eval"
-    run_script("evaluate.py", "--data", data, "--ckpt", tiny_teacher, "--split", "unlabeled", "--out", out,
-               "--no-overlays")
+    out = evaluations["unlabeled"]
     meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["unscored_without_mask"] == unlabeled[:2]
     assert meta["ids"] == unlabeled[2:] and meta["n"] == len(unlabeled) - 2

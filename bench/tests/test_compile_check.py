@@ -5,13 +5,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from bench import compile_check
+from engine.cli import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 needs_ptxas = pytest.mark.skipif(not compile_check.ptxas_available(),
                                  reason="this triton ships no ptxas for the NVIDIA backend")
 # The largest window ring, the most classes and the fewest: the register-heaviest choices.

@@ -1,6 +1,7 @@
 """The claims of two reproductions side by side: did another arithmetic path change a verdict?
 
-    python -m reproduction.compare results/quick results/quick-bf16
+    python reproduce.py --profile quick --precision bf16     # the bf16 twin, into results/quick-bf16
+    python -m bench.compare results/quick results/quick-bf16
 
 For each claim and metric: both runs' paired difference with its interval and reading, and how
 far the mean moved, in units of the first run's half-width (below 1: inside its own
@@ -10,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .tables import claims, collect, fmt_difference, fmt_points, verdict
+from reproduction.tables import claims, collect, fmt_difference, fmt_points, verdict
 
 METRICS = ("dice", "hd95")
 

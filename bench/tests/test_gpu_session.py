@@ -16,9 +16,9 @@ import torch
 import kernels.kd_triton
 from bench import gpu_session, stage_times, train_layouts
 from bench.check_rows import MAX_FILE_BYTES
+from engine.cli import REPO
 from reproduction.plan import Planner
 
-REPO = Path(__file__).resolve().parent.parent
 FILES = ["claims_logs.tar.gz", "claims_results.json", "claims_tables.md", "kernels.jsonl", "layouts.jsonl",
          "memcheck.log", "session.jsonl", "step_times.jsonl"]
 MINUTES = 0.6

@@ -1,0 +1,1 @@
+"""The lab: benchmarks, compile reports, the GPU session, design studies and comparisons (README.md)."""
