@@ -12,7 +12,7 @@ or (L_unsup, {name: float}) with numbers worth logging. An objective that needs 
 loss of one student pass (input mixing, several passes, perturbed features) registers a `step`
 instead: a function of the step's `StepInputs` returning the same; a plain loss is the step
 `loss(student(noised), targets(clean), settings)`.
-The KD pixel weights (`--weight`) are registered in `kernels.kd_reference`; the KD objectives share
+The KD pixel weights (`--weight`) are registered in `kernels.kd_loss`; the KD objectives share
 one step, `kd_step`, and differ in their default weight and whether the targets are refined.
 """
 import dataclasses

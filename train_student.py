@@ -40,7 +40,7 @@ from engine.networks import load_network
 from engine.records import open_run_logs
 from engine.state import StageState, check_same_experiment, resume_from, seed_stage, weights_sha256
 from errors import UserError, exit_on_user_error
-from kernels.kd_reference import WEIGHT_MODES
+from kernels import WEIGHT_MODES
 from nets.cyclegan import refine_logits
 from nets.postprocess import postprocess_logits
 from nets.unet import UNet

@@ -28,7 +28,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from engine.records import write_text
 from kernels import boundary_triton, kd_triton
-from kernels.kd_reference import SSIM_MAX_WINDOW
+from kernels.kd_loss import SSIM_MAX_WINDOW
 from .kd_traffic import kd_traffic
 from .sass_count import per_pixel
 

@@ -41,8 +41,8 @@ from bench.check_rows import Rows, machine
 from bench.kd_speed import MODES, copy_bandwidth, timing_row
 from bench.precompile import distinct, record_launches, warm
 from kernels import boundary_metrics, kd_weight_map, weighted_kd_loss
-from kernels.backend import INTERPRET
-from kernels.kd_reference import kd_loss_reference, weight_map_reference
+from kernels.dispatch import INTERPRET
+from kernels.kd_loss import kd_loss_reference, weight_map_reference
 
 LOSS_SCALE = 65536.0
 CHECK, KD, BOUNDARY, SUMMARY = "check.jsonl", "kd_bench.jsonl", "boundary_bench.jsonl", "summary.jsonl"

@@ -25,8 +25,7 @@ import triton
 from bench.check_rows import Rows, machine
 from bench.kd_traffic import kd_traffic
 from engine.records import cpu_model, write_text
-from kernels.kd_loss import weighted_kd_loss
-from kernels.kd_reference import kd_loss_reference, weight_map_reference
+from kernels.kd_loss import kd_loss_reference, weight_map_reference, weighted_kd_loss
 
 GPU_SHAPE = (16, 2, 512, 1024)
 CPU_SHAPE = (2, 2, 128, 256)

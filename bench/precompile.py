@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from kernels.launch import Launch
+from kernels.dispatch import Launch
 
 
 @dataclass(frozen=True)

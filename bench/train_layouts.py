@@ -26,7 +26,7 @@ from bench.check_rows import Rows
 from bench.gpu_check import boundary_case, kd_check
 from bench.precompile import _spec
 from bench.stage_times import student_cell
-from kernels.launch import Launch
+from kernels.dispatch import Launch
 from objectives import OBJECTIVES
 from reproduction.plan import Planner
 from reproduction.schedule import run_in_slot

@@ -22,7 +22,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from errors import OneLineParser, UserError, exit_on_user_error
-from kernels.boundary_reference import mask_boundary
+from kernels.boundary import mask_boundary
 
 from .anatomy import ANATOMY, Patient
 from .shapes import Canvas

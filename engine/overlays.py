@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from kernels.boundary_reference import mask_boundary
+from kernels.boundary import mask_boundary
 
 ORANGE, SKY_BLUE, GREEN, YELLOW = (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66)
 BLUE, VERMILLION, PURPLE, WHITE = (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255)

@@ -1,4 +1,5 @@
-"""Exact boundary metrics (HD, HD95, ASSD) for a batch of masks on the GPU (SPEC sections 7 and 8).
+"""All Triton code of the boundary metrics (HD, HD95, ASSD): a batch of masks on the GPU (SPEC
+sections 7 and 8; `boundary.py` has the definitions, the API and the CPU path).
 
 One call, one wait for the device: every size below is known on the host before the launch,
 so the host reads nothing back until the final (4, B) result.
@@ -9,22 +10,23 @@ so the host reads nothing back until the final (4, B) result.
 3. `_nearest_kernel`: for each point, the squared spaced distance to the nearest boundary point
    of the other mask of its case, by tiled brute force (a program owns a block of query points
    and sweeps the partner's points tile by tile, keeping a running minimum);
-4. HD, HD95 and ASSD per case by the reference's `summarize`, on the padded rows;
+4. HD, HD95 and ASSD per case from the padded rows (`summarize`, torch, so that it stays on the
+   device);
 5. one copy to the host of HD, HD95, ASSD and a per-case "on the CPU" flag.
 
-Brute force costs n_P * n_G per case; the CPU path (boundary_reference.py) costs about
+Brute force costs n_P * n_G per case; the CPU path (`boundary.py`) costs about
 CPU_SECONDS_PER_POINT per boundary point at best. A case goes to the CPU path instead when the
 model says the CPU is faster, n_P * n_G / GPU_PAIRS_PER_SECOND > CPU_SECONDS_PER_POINT * (n_P + n_G),
 or when a mask has more boundary points than its row holds (CAPACITY). Those cases are
 computed after the one wait, from host copies of their two masks. The coordinates are exact
-integers and the distances float32, so they match the float64 reference to a relative 1e-6.
+integers and the distances float32, so they match the float64 CPU path to a relative 1e-6.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .boundary_reference import case_distances, case_metrics, summarize
-from .launch import Launch
+from .boundary import case_distances, hd_hd95_assd
+from .dispatch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
 # loop is 9.2 instructions a pair in the sm_90 SASS (294 for a thread's 32 pairs of a 64 x 64
@@ -131,6 +133,48 @@ def nearest_launch(points, counts, on_cpu, squared, width, spacing):
                   dict(BLOCK_Q=BLOCK_QUERIES, BLOCK_T=BLOCK_TARGETS), dict(num_warps=WARPS))
 
 
+def _row_percentile(sorted_squared: torch.Tensor, counts: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Percentile (numpy's linear interpolation, of distances) of the first counts[k] squared
+    distances of each sorted row; 0 for an empty row."""
+    last = (counts - 1).clamp(min=0)
+    position = last.double() * (percentile / 100.0)
+    low = position.floor().long()
+    high = torch.minimum(low + 1, last)
+    below = sorted_squared.gather(1, low[:, None])[:, 0].double().sqrt()
+    above = sorted_squared.gather(1, high[:, None])[:, 0].double().sqrt()
+    value = below + (above - below) * (position - low)
+    return torch.where(counts > 0, value, torch.zeros_like(value))
+
+
+def summarize(squared: torch.Tensor, counts: torch.Tensor, percentile: float = 95.0, mode: str = "max") -> dict:
+    """HD, HD95 and ASSD per case from squared nearest-boundary distances, one padded row per mask.
+
+    squared: (2B, L) rows; row b < B holds D_PG^2 of case b (its prediction's boundary pixels),
+    row B + b holds D_GP^2, each in its first counts[k] entries, the rest ignored. Every step has
+    a static size, so on a GPU nothing here waits for the device. Returns float64 tensors (B,) on
+    the inputs' device, with the empty-mask policy of `boundary.py` applied.
+    """
+    batch = len(counts) // 2
+    counts = counts.long()
+    valid = torch.arange(squared.shape[1], device=squared.device) < counts[:, None]
+    # +inf beyond the counts: sorting puts the padding last
+    padded = torch.where(valid, squared, torch.full_like(squared, float("inf")))
+    distances = torch.where(valid, padded.double().sqrt(), torch.zeros((), dtype=torch.float64, device=squared.device))
+    n_pg, n_gp = counts[:batch], counts[batch:]
+    hd = torch.maximum(distances[:batch].amax(1), distances[batch:].amax(1))  # distances are >= 0
+    assd = (distances[:batch].sum(1) + distances[batch:].sum(1)) / (n_pg + n_gp).clamp(min=1)
+    if mode == "max":
+        directed = _row_percentile(padded.sort(dim=1).values, counts, percentile)
+        hd95 = torch.maximum(directed[:batch], directed[batch:])
+    else:
+        pooled = torch.cat([padded[:batch], padded[batch:]], dim=1).sort(dim=1).values
+        hd95 = _row_percentile(pooled, n_pg + n_gp, percentile)
+    one_empty = (n_pg == 0) != (n_gp == 0)
+    # both empty: every row is empty and the values above are already 0
+    nan = torch.full_like(hd, float("nan"))
+    return {name: torch.where(one_empty, nan, value) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+
+
 def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
                             mode: str) -> dict:
     """Batched (B, H, W) bool masks (CUDA, or CPU under the interpreter) -> float64 (B,) CPU tensors."""
@@ -160,7 +204,7 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     cpu_cases = [b for b, flag in enumerate(flags) if flag]
     if cpu_cases:
         for b in cpu_cases:
-            metrics = case_metrics(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
+            metrics = hd_hd95_assd(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
                                    percentile, mode)
             for name, value in zip(("hd", "hd95", "assd"), metrics):
                 out[name][b] = value

@@ -1,10 +1,21 @@
-"""Public API of the weighted knowledge-distillation loss (SPEC sections 4 and 8).
+"""The weighted knowledge-distillation loss (SPEC sections 4 and 8): its API, the readable math
+of every weight mode, the reference loss, and the autograd Function of the Triton path.
 
 `weighted_kd_loss` and `kd_weight_map` check their arguments, then run either the Triton
-kernels (`kd_triton.py`, compiled on CUDA or interpreted on CPU) or the torch reference
-(`kd_reference.py`), as `backend.resolve_backend` decides. Both paths return the loss in
-float32 (float64 for float64 inputs on the torch path) and give the student logits a gradient
-in their own dtype and memory format; the teacher never gets one.
+kernels (`kd_triton.py`, compiled on CUDA or interpreted on CPU, imported on the first call that
+takes them) or the torch reference below, as `dispatch.resolve_backend` decides. Both paths
+return the loss in float32 (float64 for float64 inputs on the torch path) and give the student
+logits a gradient in their own dtype and memory format; the teacher never gets one.
+
+The reference is readable first, fast never: the Triton kernels are tested against it, and it
+is tested against independent oracles (a numpy window loop, `F.kl_div`). Half-precision inputs
+are computed in float32; float32 and float64 stay as they are.
+
+Weight modes are a registry: `WEIGHT_MODES` maps a name to a function
+`(student_logits, teacher_logits, *, window, gamma, map_temperature) -> (N, H, W) weight`, which receives
+detached logits in the compute dtype and ignores the options it does not use. Adding a mode
+is one decorated function here (and its test); a mode without a Triton kernel still runs on
+every device, its weight map coming from this function.
 
 Why the Triton backward reads the logits again instead of saving a gradient in forward: the
 gradient t*w*(pS - pT)*grad_output/Z must be rounded to the input dtype once, after every factor
@@ -17,14 +28,117 @@ device value on the host, so nothing synchronises.
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from . import kd_triton
-from .backend import resolve_backend
-from .kd_reference import (REDUCTIONS, SSIM_MAX_WINDOW, WEIGHT_MODES, kd_loss_reference,
-                           weight_map_reference)
+from .dispatch import resolve_backend
 
+SSIM_C1 = 0.01 ** 2
+SSIM_C2 = 0.03 ** 2
+# The Triton ssim kernel keeps the last `window` rows of window sums in registers, so the
+# window is bounded; the bound holds on every backend so that a run never depends on the device.
+SSIM_MAX_WINDOW = 15
+Z_EPS = 1e-6  # keeps the weighted mean finite when every weight is zero
+REDUCTIONS = ("weighted_mean", "mean", "sum")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+WEIGHT_MODES = {}
 _warned_modes = set()
+
+
+def weight_mode(name: str):
+    """Register the decorated function as the weight mode `name`."""
+    def register(fn):
+        WEIGHT_MODES[name] = fn
+        return fn
+    return register
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss is computed and returned in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def foreground_prob(probs: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) class probabilities -> (N, 1, H, W) probability of "not background".
+
+    The sum of classes 1..C-1 rather than 1 - p0: for C = 2 it is p1 bit for bit.
+    """
+    return probs[:, 1:].sum(dim=1, keepdim=True)
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
+    """Local SSIM of two (N, 1, H, W) maps in a window x window box, clipped at the border."""
+    def box(x):
+        return F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    mu_a, mu_b = box(a), box(b)
+    var_a = box(a * a) - mu_a * mu_a
+    var_b = box(b * b) - mu_b * mu_b
+    cov = box(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
+    den = (mu_a * mu_a + mu_b * mu_b + SSIM_C1) * (var_a + var_b + SSIM_C2)
+    return num / den
+
+
+@weight_mode("none")
+def uniform_weight(zs, zt, **_options):
+    """Plain KD: every pixel counts once."""
+    n, _, h, w = zs.shape
+    return torch.ones((n, h, w), dtype=zs.dtype, device=zs.device)
+
+
+@weight_mode("agree")
+def agreement_weight(zs, zt, **_options):
+    """1 - total-variation distance of the class distributions at t = 1."""
+    return 1 - 0.5 * (zt.softmax(dim=1) - zs.softmax(dim=1)).abs().sum(dim=1)
+
+
+@weight_mode("ssim")
+def structural_weight(zs, zt, *, window=7, gamma=1.0, map_temperature=1.0, **_options):
+    """clamp(SSIM(qT, qS), 0, 1) ** gamma of the foreground maps in a window x window box; the maps
+    are the softmax at `map_temperature` (1 in SPEC section 4; above 1 they are softer)."""
+    qt = foreground_prob((zt / map_temperature).softmax(dim=1))
+    qs = foreground_prob((zs / map_temperature).softmax(dim=1))
+    return ssim_map(qt, qs, window).clamp(0, 1).pow(gamma).squeeze(1)
+
+
+def weight_map_reference(student_logits, teacher_logits, mode, window=7, gamma=1.0, map_temperature=1.0):
+    """Per-pixel KD weight (N, H, W) of the registered `mode`; a constant (no gradient)."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weight mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
+    dtype = compute_dtype(student_logits.dtype)
+    zs = student_logits.detach().to(dtype)
+    zt = teacher_logits.detach().to(dtype)
+    return WEIGHT_MODES[mode](zs, zt, window=window, gamma=gamma, map_temperature=map_temperature).to(dtype)
+
+
+def kd_loss_reference(student_logits, teacher_logits, weight, temperature=1.0,
+                      reduction="weighted_mean"):
+    """t^2 * sum_i w_i KL(pT_i || pS_i) / Z by ordinary autograd; teacher and weight get no gradient."""
+    dtype = compute_dtype(student_logits.dtype)
+    zs = student_logits.to(dtype)
+    zt = teacher_logits.detach().to(dtype)
+    w = weight.detach().to(dtype)
+    log_ps = F.log_softmax(zs / temperature, dim=1)
+    log_pt = F.log_softmax(zt / temperature, dim=1)
+    # Written out rather than via F.kl_div, whose zero-target convention would turn a -inf
+    # teacher logit (0 * -inf) into a finite number instead of a NaN.
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    total = (w * kl).sum()
+    if reduction == "weighted_mean":
+        z = w.sum().clamp_min(Z_EPS)
+    elif reduction == "mean":
+        z = kl.numel()
+    elif reduction == "sum":
+        z = 1
+    else:
+        raise ValueError(f"reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
+    return temperature * temperature * total / z
+
+
+def _triton():
+    """The Triton path's host code, imported by the first call that runs it: Triton is optional."""
+    from . import kd_triton
+    return kd_triton
 
 
 class _WeightedKDLoss(torch.autograd.Function):
@@ -32,8 +146,8 @@ class _WeightedKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, weight, temperature, reduction, window, gamma, map_temperature):
-        loss, z, kept = kd_triton.loss_and_z(student, teacher, weight, temperature, reduction, window, gamma,
-                                             map_temperature, keep_weight=ctx.needs_input_grad[0])
+        loss, z, kept = _triton().loss_and_z(student, teacher, weight, temperature, reduction, window, gamma,
+                                              map_temperature, keep_weight=ctx.needs_input_grad[0])
         tensor_weight = weight if isinstance(weight, torch.Tensor) else kept
         z_tensor = z if isinstance(z, torch.Tensor) else None
         ctx.save_for_backward(student, teacher, tensor_weight, z_tensor)
@@ -47,7 +161,7 @@ class _WeightedKDLoss(torch.autograd.Function):
         student, teacher, tensor_weight, z_tensor = ctx.saved_tensors
         z = z_tensor if z_tensor is not None else ctx.z
         scale = (grad_output.float() * ctx.temperature / z).reshape(())  # stays on the device
-        grad = kd_triton.gradient(student, teacher, ctx.mode or tensor_weight, scale, ctx.temperature)
+        grad = _triton().gradient(student, teacher, ctx.mode or tensor_weight, scale, ctx.temperature)
         return grad, None, None, None, None, None, None, None
 
 
@@ -113,6 +227,7 @@ def kd_weight_map(student_logits, teacher_logits, mode="ssim", window=7, gamma=1
     _check_weight_options(mode, *options)
     if _resolve(backend, student_logits, teacher_logits) == "torch":
         return weight_map_reference(student_logits, teacher_logits, mode, *options)
+    kd_triton = _triton()
     if mode not in kd_triton.TRITON_WEIGHT_MODES:
         return _reference_weight(student_logits, teacher_logits, mode, *options)
     return kd_triton.weight_map(student_logits.detach(), teacher_logits.detach(), mode, *options)
@@ -151,6 +266,6 @@ def weighted_kd_loss(student_logits, teacher_logits, weight="ssim", temperature=
         return kd_loss_reference(student_logits, teacher_logits, weight, temperature, reduction)
     if isinstance(weight, torch.Tensor):
         weight = weight.detach()
-    elif weight not in kd_triton.TRITON_WEIGHT_MODES:
+    elif weight not in _triton().TRITON_WEIGHT_MODES:
         weight = _reference_weight(student_logits, teacher_logits, weight, *options)
     return _WeightedKDLoss.apply(student_logits, teacher_logits.detach(), weight, temperature, reduction, *options)

@@ -68,17 +68,17 @@ def script_state():
     torch kernels (not the Triton interpreter this suite switches on), one thread; and afterwards
     the global state it changes (random generators, threads, deterministic mode, the environment,
     its logger, sys.argv) as it was."""
-    import kernels.backend
+    import kernels.dispatch
     saved = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                  threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
-                 environ=dict(os.environ), argv=list(sys.argv), interpret=kernels.backend.INTERPRET,
+                 environ=dict(os.environ), argv=list(sys.argv), interpret=kernels.dispatch.INTERPRET,
                  handlers=list(logging.getLogger("sinus-wkd").handlers))
-    kernels.backend.INTERPRET = False
+    kernels.dispatch.INTERPRET = False
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        kernels.backend.INTERPRET = saved["interpret"]
+        kernels.dispatch.INTERPRET = saved["interpret"]
         random.setstate(saved["python"])
         np.random.set_state(saved["numpy"])
         torch.set_rng_state(saved["torch"])

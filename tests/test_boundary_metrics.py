@@ -1,6 +1,6 @@
-"""Boundary metrics (HD, HD95, ASSD): the CPU reference against MedPy, MONAI and a brute-force
-computation from the definitions of SPEC section 7; the Triton path (interpreter) against the
-reference; argument checking.
+"""Boundary metrics (HD, HD95, ASSD): the CPU path against MedPy, MONAI and a brute-force
+computation from the definitions of SPEC section 7, and where DeepMind's surface-distance agrees
+with it; the Triton path (interpreter) against the CPU path; argument checking.
 
 Conventions bridged: MedPy's hd95 is the pooled percentile, so it checks mode="pooled"; MONAI's
 percentile Hausdorff distance is the larger directed one, so it checks mode="max". Both take the
@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from kernels import boundary_metrics, boundary_reference, boundary_triton
+from kernels import boundary, boundary_metrics, boundary_triton
 
 SHAPE = (29, 43)
 SPACING = (0.5, 1.3)
@@ -78,7 +78,7 @@ def brute_force(pred, target, spacing=SPACING, percentile=95.0, mode="max"):
 
 
 def _boundary_points(masks: torch.Tensor) -> torch.Tensor:
-    return boundary_reference.mask_boundary(masks).flatten(1).sum(1)
+    return boundary.mask_boundary(masks).flatten(1).sum(1)
 
 
 def _reference(pred, target, **kwargs):
@@ -124,8 +124,8 @@ def test_reference_matches_brute_force(name, mode):
 @pytest.mark.parametrize("points_per_pixel,brute_force_pairs", [(0.0, 0), (1e9, 0), (0.0, 1e12)],
                          ids=["distance_transform", "kd_tree", "all_pairs"])
 def test_every_distance_engine_is_exact(monkeypatch, points_per_pixel, brute_force_pairs):
-    monkeypatch.setattr(boundary_reference, "KD_TREE_POINTS_PER_PIXEL", points_per_pixel)
-    monkeypatch.setattr(boundary_reference, "BRUTE_FORCE_PAIRS", brute_force_pairs)
+    monkeypatch.setattr(boundary, "KD_TREE_POINTS_PER_PIXEL", points_per_pixel)
+    monkeypatch.setattr(boundary, "BRUTE_FORCE_PAIRS", brute_force_pairs)
     for name in NON_EMPTY:
         pred, target = CASES[name]
         ours, expected = _reference(pred, target, spacing=SPACING, mode="pooled"), brute_force(pred, target,
@@ -169,7 +169,7 @@ def test_rows_eight_pixels_at_a_time_equal_any():
     base[39, 47] = True
     # contiguous, a row slice, column views at 8-byte and odd offsets, rows of 45 bytes and a transpose (fallback)
     for mask in (base, base[3:], base[:, 8:], base[:, 1:41], base[:, 3:], base.T):
-        np.testing.assert_array_equal(boundary_reference._any_along_rows(mask), mask.any(1))
+        np.testing.assert_array_equal(boundary._any_along_rows(mask), mask.any(1))
 
 
 @pytest.mark.parametrize("width", [1, 7, 63, 64, 65, 128, 130])
@@ -181,10 +181,10 @@ def test_packed_boundary_points_equal_scipy_erosion(width):
     for height in (1, 2, 5, 17):
         wide = rng.random((height, width + 9)) < rng.uniform(0.3, 0.9)
         for mask in (wide[:, :width], wide[:, 9:], np.ones((height, width), dtype=bool)):
-            words = boundary_reference._boundary_words(boundary_reference._packed(mask))
+            words = boundary._boundary_words(boundary._packed(mask))
             expected = mask ^ ndimage.binary_erosion(mask, structure=cross, border_value=0)
-            np.testing.assert_array_equal(boundary_reference._word_points(words), np.argwhere(expected))
-            np.testing.assert_array_equal(boundary_reference._word_image(words, 0, width), expected)
+            np.testing.assert_array_equal(boundary._word_points(words), np.argwhere(expected))
+            np.testing.assert_array_equal(boundary._word_image(words, 0, width), expected)
 
 
 def test_numpy_boundary_equals_torch_boundary_and_scipy_erosion():
@@ -192,8 +192,8 @@ def test_numpy_boundary_equals_torch_boundary_and_scipy_erosion():
     cross = ndimage.generate_binary_structure(2, 1)
     for shape in [(1, 1), (1, 6), (6, 1), (2, 2), (3, 3), (17, 24)]:
         masks = rng.random((3,) + shape) < 0.6
-        ours = boundary_reference.mask_boundary(masks)
-        np.testing.assert_array_equal(ours, boundary_reference.mask_boundary(torch.from_numpy(masks)).numpy())
+        ours = boundary.mask_boundary(masks)
+        np.testing.assert_array_equal(ours, boundary.mask_boundary(torch.from_numpy(masks)).numpy())
         for m, b in zip(masks, ours):
             np.testing.assert_array_equal(b, m ^ ndimage.binary_erosion(m, structure=cross, border_value=0))
 
@@ -204,7 +204,7 @@ def test_percentile_gives_numpys_bits():
         values = rng.random(n) * 40
         values[: n // 3] = np.round(values[: n // 3])  # ties
         for percentile in [0.0, 0.5, 37.5, 50.0, 95.0, 99.9, 100.0, *rng.uniform(0, 100, 5)]:
-            assert boundary_reference._percentile(values, percentile) == np.percentile(values, percentile)
+            assert boundary._percentile(values, percentile) == np.percentile(values, percentile)
 
 
 @pytest.mark.parametrize("percentile", [0.0, 37.5, 50.0, 99.0, 100.0])
@@ -253,6 +253,73 @@ def test_empty_mask_policy():
         assert value[names.index("pred_empty")].isnan() and value[names.index("target_empty")].isnan()
         assert value[names.index("same_mask")] == 0
         assert torch.isfinite(value[[names.index(n) for n in NON_EMPTY]]).all()
+
+
+# ---------------------------------------------------------------- DeepMind's surface-distance
+# A third oracle for HD95 `max`: where it agrees with this project's (and MONAI's) definition and
+# by how much it differs elsewhere, which the README states. The difference, precisely:
+# surface-distance puts the contour on the grid of pixel corners (each 2x2 neighbourhood codes a
+# contour element, half a pixel off the centres of the boundary pixels `M XOR erode(M)` used
+# here), weights each element's distance by its length in mm, and takes as the 95th percentile
+# the first sorted distance whose cumulative length reaches 95 % (a nearest rank, never
+# interpolated); this project and MONAI weight every boundary pixel alike and interpolate
+# linearly between ranks.
+
+def _hd95(pred, target, spacing=(1.0, 1.0)) -> float:
+    return _reference(pred, target, spacing=spacing)["hd95"]
+
+
+def _hd95_monai(pred, target, spacing=(1.0, 1.0)) -> float:
+    from monai.metrics import compute_hausdorff_distance
+    return compute_hausdorff_distance(torch.from_numpy(pred[None, None]), torch.from_numpy(target[None, None]),
+                                      percentile=95, spacing=spacing).item()
+
+
+def _hd95_deepmind(pred, target, spacing=(1.0, 1.0)):
+    """(HD95, the sorted distances it ranks) of surface-distance."""
+    import surface_distance
+    d = surface_distance.compute_surface_distances(target, pred, spacing)
+    attained = np.concatenate([d["distances_gt_to_pred"], d["distances_pred_to_gt"]])
+    return float(surface_distance.compute_robust_hausdorff(d, 95)), attained
+
+
+def _box(shape, rows, cols):
+    mask = np.zeros(shape, bool)
+    mask[rows, cols] = True
+    return mask
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_the_three_agree_on_rectangles_and_single_pixels_at_square_pixels():
+    for pred, target, spacing in [(_box((40, 60), slice(12, 28), slice(17, 43)), _box((40, 60), slice(10, 30),
+                                                                                        slice(15, 45)), (1.0, 1.0)),
+                                  (_box((9, 9), 4, 4), _box((9, 9), slice(3, 6), slice(3, 6)), (1.0, 1.0))]:
+        value = _hd95(pred, target, spacing)
+        assert value == pytest.approx(_hd95_monai(pred, target, spacing), abs=1e-3)
+        assert value == pytest.approx(_hd95_deepmind(pred, target, spacing)[0], abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_elsewhere_deepmind_takes_a_length_weighted_nearest_rank_within_about_a_pixel_of_ours():
+    yy, xx = np.mgrid[:40, :60]
+    target, pred = (yy - 20) ** 2 + (xx - 30) ** 2 < 144, (yy - 22) ** 2 + (xx - 33) ** 2 < 100
+    value, (theirs, attained) = _hd95(pred, target), _hd95_deepmind(pred, target)
+    assert value == pytest.approx(_hd95_monai(pred, target), abs=1e-3) and value == pytest.approx(5.3422, abs=1e-4)
+    assert theirs == 5.0 and np.isclose(attained, theirs).any()        # a distance that occurs, not interpolated
+    # the rectangles the three agree on at square pixels, with 0.5 x 1.3 mm pixels
+    inner, outer = _box((40, 60), slice(12, 28), slice(17, 43)), _box((40, 60), slice(10, 30), slice(15, 45))
+    assert _hd95(inner, outer, (0.5, 1.3)) == pytest.approx(2.6476, abs=1e-4)
+    assert _hd95_deepmind(inner, outer, (0.5, 1.3))[0] == pytest.approx(2.6)
+
+    rng = np.random.default_rng(7)
+    differences = []
+    for _ in range(20):
+        pred, target = _blob(rng, (29, 43)), _blob(rng, (29, 43))
+        differences.append(_hd95_deepmind(pred, target)[0] - _hd95(pred, target))
+    differences = np.array(differences)
+    assert np.abs(differences).max() < 1.2                             # README: within 1.2 px
+    assert differences.mean() == pytest.approx(-0.42, abs=0.005)        # README: 0.42 px below ours on average
+    assert (differences == 0).sum() == 3 and (differences != 0).sum() == 17
 
 
 # ---------------------------------------------------------------- Triton path (interpreter)

@@ -14,7 +14,7 @@ from triton.runtime.jit import KernelInterface
 from engine.cli import select_device, training_backends
 from engine.state import rng_state, seed_stage, set_rng_state
 from kernels import boundary_metrics, kd_weight_map, weighted_kd_loss
-from kernels.launch import Launch
+from kernels.dispatch import Launch
 
 
 class TwoGPUs:

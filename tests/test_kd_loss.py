@@ -1,16 +1,21 @@
 """Weighted KD loss: Triton kernels (via the interpreter) against the float64 reference, and the
 reference against independent oracles (a numpy window loop, F.kl_div)."""
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 import kernels
 from kernels import kd_loss, kd_triton
-from kernels.kd_loss import kd_weight_map, weighted_kd_loss
-from kernels.kd_reference import WEIGHT_MODES, kd_loss_reference, weight_map_reference, weight_mode
+from kernels.kd_loss import (WEIGHT_MODES, kd_loss_reference, kd_weight_map, weight_map_reference, weight_mode,
+                             weighted_kd_loss)
 
 # The interpreter evaluates masked-off lanes too (0/0 outside the image, log2(0)); numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -635,3 +640,87 @@ def test_an_image_beyond_int32_offsets_is_refused(shape, memory_format):
     student = meta(shape, memory_format=memory_format)
     with pytest.raises(ValueError, match="int32"):
         kd_triton.plan(student, student, "loss", "agree")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton is optional (requirements.txt installs it on Linux only): without it `kernels` imports,
+# both ops run their torch paths, and the Triton backends are refused with a ValueError.
+
+WITHOUT_TRITON = """
+import json, sys
+
+
+class NoTriton:
+    \"\"\"Fails every import of triton, as on a machine where it is not installed.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import kernels
+from kernels import dispatch
+
+gen = torch.Generator().manual_seed(5)
+student, teacher = torch.randn(1, 3, 9, 11, generator=gen), torch.randn(1, 3, 9, 11, generator=gen)
+pred, target = torch.rand(2, 9, 11, generator=gen) < 0.5, torch.rand(2, 9, 11, generator=gen) < 0.5
+refused = []
+for backend in ("triton", "interpret"):
+    for call in (lambda: kernels.weighted_kd_loss(student, teacher, backend=backend),
+                 lambda: kernels.boundary_metrics(pred, target, backend=backend)):
+        try:
+            call()
+        except ValueError as error:
+            refused.append(str(error))
+print(json.dumps(dict(
+    interpret_requested=dispatch.INTERPRET, triton_available=dispatch.triton_available(),
+    triton_imported="triton" in sys.modules, refused=refused,
+    loss={mode: kernels.weighted_kd_loss(student, teacher, weight=mode, temperature=2.0).item()
+          for mode in kernels.WEIGHT_MODES},
+    weight=kernels.kd_weight_map(student, teacher, "ssim").flatten().tolist(),
+    boundary={k: v.tolist() for k, v in kernels.boundary_metrics(pred, target, spacing=(0.5, 1.3)).items()})))
+"""
+
+
+def test_kernels_import_and_run_their_torch_paths_without_triton():
+    # the suite's TRITON_INTERPRET=1 stays set: the default backend must still fall back to torch
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["interpret_requested"] and not got["triton_available"] and not got["triton_imported"]
+    assert len(got["refused"]) == 4 and all("needs triton" in message for message in got["refused"])
+    # the same numbers as the torch paths here, where Triton is installed
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(1, 3, 9, 11, generator=gen), torch.randn(1, 3, 9, 11, generator=gen)
+    pred, target = torch.rand(2, 9, 11, generator=gen) < 0.5, torch.rand(2, 9, 11, generator=gen) < 0.5
+    assert got["loss"] == {mode: weighted_kd_loss(student, teacher, weight=mode, temperature=2.0, backend="torch").item()
+                           for mode in WEIGHT_MODES}
+    assert got["weight"] == kd_weight_map(student, teacher, "ssim", backend="torch").flatten().tolist()
+    expected = kernels.boundary_metrics(pred, target, spacing=(0.5, 1.3), backend="torch")
+    assert got["boundary"] == {k: v.tolist() for k, v in expected.items()}
+
+
+def test_kernels_import_and_run_without_triton():
+    """Triton ships Linux wheels only: with it absent, `import kernels` works and both ops run
+    their torch paths, and nothing tries to import Triton."""
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("Triton is not installed here")
+sys.meta_path.insert(0, NoTriton())
+import torch, kernels
+student = torch.randn(1, 2, 9, 9, requires_grad=True)
+kernels.weighted_kd_loss(student, torch.randn(1, 2, 9, 9)).backward()
+mask = torch.zeros(9, 9, dtype=torch.bool)
+mask[2:6, 2:6] = True
+print(float(kernels.boundary_metrics(mask, mask.roll(1, 0))["hd"]), student.grad.abs().sum() > 0,
+      "triton" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1.0", "tensor(True)", "False"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import train_student
 from engine.cli import build_parser
 from kernels import kd_weight_map
-from kernels.kd_reference import WEIGHT_MODES
+from kernels import WEIGHT_MODES
 from nets.unet import UNet
 from objectives import OBJECTIVES, StepInputs, consistency_loss, ema_update, oracle_logits, pseudo_label_loss, \
     ramp, supervised_loss
