@@ -1,7 +1,7 @@
 """Per-case segmentation metrics of SPEC section 7 and their summaries.
 
 Overlap metrics (Dice, IoU, precision, recall) on binary masks; boundary metrics (HD, HD95 in
-both modes, ASSD) from `kernels.boundary_metrics`. With several classes each class is scored
+both conventions, ASSD) from `kernels.boundary_metrics`. With several classes each class is scored
 one-vs-rest (`dice[left sinus]`) and a metric's plain name is its mean over the classes; a binary
 dataset has its one class's metrics under the plain names. Conventions for empty masks: both empty
 gives Dice = IoU = precision = recall = 1 and zero boundary errors; an empty prediction or an
@@ -40,8 +40,7 @@ def binary_mask_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 
     """Every metric of METRICS for one or more same-sized binary cases (B, H, W) -> {name: list of
     floats, one a case}."""
     out = overlap_metrics(pred, target)
-    out.update(boundary_metrics(pred, target, spacing=spacing, mode="max"))
-    out["hd95_pooled"] = boundary_metrics(pred, target, spacing=spacing, mode="pooled")["hd95"]
+    out.update(boundary_metrics(pred, target, spacing=spacing))
     return {k: out[k].cpu().double().tolist() for k in METRICS}
 
 

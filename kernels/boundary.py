@@ -8,10 +8,12 @@ Definitions: the boundary of a mask M is `M XOR erode(M)` with the 4-neighbour c
 outside the image counting as background. D_PG holds, for each boundary pixel of the prediction,
 the Euclidean distance (scaled by the spacing (sy, sx)) to the nearest boundary pixel of the
 target; D_GP likewise the other way. Then
-    HD   = max(max D_PG, max D_GP)
-    HD95 = max(P(D_PG), P(D_GP))  (mode "max")  or  P(D_PG ++ D_GP)  (mode "pooled")
-    ASSD = mean(D_PG ++ D_GP)
-with P the percentile interpolated linearly as numpy does. Both masks empty gives 0 for all three;
+    HD          = max(max D_PG, max D_GP)
+    HD95        = max(P(D_PG), P(D_GP))   (MONAI's and DeepMind surface-distance's convention)
+    HD95_pooled = P(D_PG ++ D_GP)         (MedPy's)
+    ASSD        = mean(D_PG ++ D_GP)
+with P the percentile interpolated linearly as numpy does. One pass over a case's distances gives
+all four. Both masks empty gives 0 for all three;
 exactly one empty gives NaN.
 
 How the CPU path computes a case. Only the rows of the union bounding box are read twice (a
@@ -31,7 +33,7 @@ least for the case:
 - all pairwise distances, where the two boundaries make few pairs: cheaper than two trees.
 Each gives, for each query pixel, the minimum over the other boundary's pixels of the spaced
 Euclidean distance, so they agree to rounding (the tests run each against the oracles). The
-metrics of a case are then numpy reductions of its two distance lists (`hd_hd95_assd`).
+metrics of a case are then numpy reductions of its two distance lists (`case_boundary_metrics`).
 """
 import math
 import numbers
@@ -43,7 +45,7 @@ from scipy.spatial import cKDTree
 
 from .dispatch import resolve_backend
 
-MODES = ("max", "pooled")
+METRICS = ("hd", "hd95", "hd95_pooled", "assd")
 
 # A KD-tree costs about ten times more per boundary point than the distance transform per pixel.
 KD_TREE_POINTS_PER_PIXEL = 0.1
@@ -178,31 +180,27 @@ def _percentile(values: np.ndarray, percentile: float) -> float:
     return above - (above - below) * (1 - gamma) if gamma >= 0.5 else below + (above - below) * gamma
 
 
-def hd_hd95_assd(d_pg: np.ndarray, d_gp: np.ndarray, percentile: float, mode: str) -> tuple:
-    """(HD, HD95, ASSD) of one case from its two distance lists, with the empty-mask policy of
-    the module docstring (an empty mask has an empty list: a mask with pixels has a boundary)."""
+def case_boundary_metrics(d_pg: np.ndarray, d_gp: np.ndarray, percentile: float) -> tuple:
+    """(HD, HD95, HD95_pooled, ASSD) of one case from its two distance lists, with the empty-mask
+    policy of the module docstring (an empty mask has an empty list: a mask with pixels has a
+    boundary)."""
     if len(d_pg) == 0 and len(d_gp) == 0:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0
     if len(d_pg) == 0 or len(d_gp) == 0:
-        return (float("nan"),) * 3
+        return (float("nan"),) * 4
     both = np.concatenate([d_pg, d_gp])
-    if mode == "max":
-        hd95 = max(_percentile(d_pg, percentile), _percentile(d_gp, percentile))
-    else:
-        hd95 = _percentile(both, percentile)
-    return float(both.max()), hd95, float(both.mean())
+    directed = max(_percentile(d_pg, percentile), _percentile(d_gp, percentile))
+    return float(both.max()), directed, _percentile(both, percentile), float(both.mean())
 
 
-def boundary_metrics_cpu(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
-                         mode: str) -> dict:
-    """The exact CPU path: batched (B, H, W) bool CPU masks -> dict of float64 (B,) tensors `hd`,
-    `hd95`, `assd`."""
-    table = np.array([hd_hd95_assd(*case_distances(p, g, spacing), percentile, mode)
-                      for p, g in zip(pred.numpy(), target.numpy())], dtype=np.float64).reshape(len(pred), 3)
-    return {name: torch.from_numpy(table[:, k]) for k, name in enumerate(("hd", "hd95", "assd"))}
+def boundary_metrics_cpu(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float) -> dict:
+    """The exact CPU path: batched (B, H, W) bool CPU masks -> {name of METRICS: float64 (B,) tensor}."""
+    table = np.array([case_boundary_metrics(*case_distances(p, g, spacing), percentile)
+                      for p, g in zip(pred.numpy(), target.numpy())], dtype=np.float64).reshape(len(pred), len(METRICS))
+    return {name: torch.from_numpy(table[:, k]) for k, name in enumerate(METRICS)}
 
 
-def _check_arguments(pred, target, spacing, percentile, mode):
+def _check_arguments(pred, target, spacing, percentile):
     for name, mask in (("pred", pred), ("target", target)):
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"boundary_metrics: {name} must be a torch.Tensor, got {type(mask).__name__}")
@@ -218,30 +216,29 @@ def _check_arguments(pred, target, spacing, percentile, mode):
         raise ValueError(f"boundary_metrics: spacing must be two positive numbers (sy, sx), got {spacing!r}")
     if not isinstance(percentile, numbers.Real) or not 0 <= percentile <= 100:
         raise ValueError(f"boundary_metrics: percentile must be a number in [0, 100], got {percentile!r}")
-    if mode not in MODES:
-        raise ValueError(f"boundary_metrics: mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def boundary_metrics(pred: torch.Tensor, target: torch.Tensor, spacing=(1.0, 1.0), percentile: float = 95.0,
-                     mode: str = "max", backend: str | None = None) -> dict:
+                     backend: str | None = None) -> dict:
     """Exact Hausdorff distance, percentile Hausdorff distance and average symmetric surface distance.
 
     pred, target: bool or integer masks (nonzero = foreground) of shape (B, H, W) or (H, W).
-    spacing: pixel size (sy, sx). mode: "max" takes the larger of the two directed percentiles
-    (MONAI, DeepMind surface-distance), "pooled" the percentile of both directions together (MedPy).
+    spacing: pixel size (sy, sx).
     backend: None picks by device (see `kernels.dispatch`); "torch" forces the CPU path,
     "triton"/"interpret" the Triton path.
-    Returns {"hd", "hd95", "assd"}: float64 CPU tensors of shape (B,), or 0-d for (H, W) input;
+    Returns {"hd", "hd95", "hd95_pooled", "assd"} (hd95 the larger of the two directed percentiles,
+    as MONAI and DeepMind surface-distance; hd95_pooled the percentile of both directions together,
+    as MedPy): float64 CPU tensors of shape (B,), or 0-d for (H, W) input;
     0 where both masks are empty, NaN where exactly one is.
     """
-    _check_arguments(pred, target, spacing, percentile, mode)
+    _check_arguments(pred, target, spacing, percentile)
     single = pred.ndim == 2
     pred, target = (pred[None], target[None]) if single else (pred, target)
     pred, target = (m if m.dtype == torch.bool else m != 0 for m in (pred, target))
     spacing = (float(spacing[0]), float(spacing[1]))
     if resolve_backend(backend, pred) == "torch":
-        result = boundary_metrics_cpu(pred.cpu(), target.cpu(), spacing, float(percentile), mode)
+        result = boundary_metrics_cpu(pred.cpu(), target.cpu(), spacing, float(percentile))
     else:
         from .boundary_triton import boundary_metrics_triton  # Triton is optional: imported on first use
-        result = boundary_metrics_triton(pred, target, spacing, float(percentile), mode)
+        result = boundary_metrics_triton(pred, target, spacing, float(percentile))
     return {name: value[0] if single else value for name, value in result.items()}

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .boundary import case_distances, hd_hd95_assd
+from .boundary import METRICS, case_boundary_metrics, case_distances
 from .dispatch import Launch
 
 # Model of the fallback threshold (kernels/README.md, "Boundary metrics"): the brute-force inner
@@ -146,8 +146,8 @@ def _row_percentile(sorted_squared: torch.Tensor, counts: torch.Tensor, percenti
     return torch.where(counts > 0, value, torch.zeros_like(value))
 
 
-def summarize(squared: torch.Tensor, counts: torch.Tensor, percentile: float = 95.0, mode: str = "max") -> dict:
-    """HD, HD95 and ASSD per case from squared nearest-boundary distances, one padded row per mask.
+def summarize(squared: torch.Tensor, counts: torch.Tensor, percentile: float = 95.0) -> dict:
+    """HD, HD95 (directed), HD95_pooled and ASSD per case from squared nearest-boundary distances, one padded row per mask.
 
     squared: (2B, L) rows; row b < B holds D_PG^2 of case b (its prediction's boundary pixels),
     row B + b holds D_GP^2, each in its first counts[k] entries, the rest ignored. Every step has
@@ -163,20 +163,17 @@ def summarize(squared: torch.Tensor, counts: torch.Tensor, percentile: float = 9
     n_pg, n_gp = counts[:batch], counts[batch:]
     hd = torch.maximum(distances[:batch].amax(1), distances[batch:].amax(1))  # distances are >= 0
     assd = (distances[:batch].sum(1) + distances[batch:].sum(1)) / (n_pg + n_gp).clamp(min=1)
-    if mode == "max":
-        directed = _row_percentile(padded.sort(dim=1).values, counts, percentile)
-        hd95 = torch.maximum(directed[:batch], directed[batch:])
-    else:
-        pooled = torch.cat([padded[:batch], padded[batch:]], dim=1).sort(dim=1).values
-        hd95 = _row_percentile(pooled, n_pg + n_gp, percentile)
+    directed = _row_percentile(padded.sort(dim=1).values, counts, percentile)
+    hd95 = torch.maximum(directed[:batch], directed[batch:])
+    pooled = torch.cat([padded[:batch], padded[batch:]], dim=1).sort(dim=1).values
+    hd95_pooled = _row_percentile(pooled, n_pg + n_gp, percentile)
     one_empty = (n_pg == 0) != (n_gp == 0)
     # both empty: every row is empty and the values above are already 0
     nan = torch.full_like(hd, float("nan"))
-    return {name: torch.where(one_empty, nan, value) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+    return {name: torch.where(one_empty, nan, value) for name, value in zip(METRICS, (hd, hd95, hd95_pooled, assd))}
 
 
-def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float,
-                            mode: str) -> dict:
+def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, percentile: float) -> dict:
     """Batched (B, H, W) bool masks (CUDA, or CPU under the interpreter) -> float64 (B,) CPU tensors."""
     batch, h, w = pred.shape
     if h * w >= 2 ** 31:
@@ -198,14 +195,14 @@ def boundary_metrics_triton(pred: torch.Tensor, target: torch.Tensor, spacing, p
     squared = torch.full((2 * batch, capacity), float("inf"), dtype=torch.float32, device=pred.device)
     nearest_launch(points, counts, on_cpu, squared, w, spacing)()
     # a mask over the row capacity is on the CPU list; its clamped count only keeps indices in range
-    result = summarize(squared, counts.clamp(max=capacity), percentile, mode)
-    hd, hd95, assd, flags = torch.stack([result["hd"], result["hd95"], result["assd"], on_cpu.double()]).tolist()
-    out = {name: torch.tensor(value, dtype=torch.float64) for name, value in (("hd", hd), ("hd95", hd95), ("assd", assd))}
+    result = summarize(squared, counts.clamp(max=capacity), percentile)
+    *values, flags = torch.stack([*(result[name] for name in METRICS), on_cpu.double()]).tolist()
+    out = {name: torch.tensor(value, dtype=torch.float64) for name, value in zip(METRICS, values)}
     cpu_cases = [b for b, flag in enumerate(flags) if flag]
     if cpu_cases:
         for b in cpu_cases:
-            metrics = hd_hd95_assd(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
-                                   percentile, mode)
-            for name, value in zip(("hd", "hd95", "assd"), metrics):
+            metrics = case_boundary_metrics(*case_distances(pred[b].cpu().numpy(), target[b].cpu().numpy(), spacing),
+                                            percentile)
+            for name, value in zip(METRICS, metrics):
                 out[name][b] = value
     return out

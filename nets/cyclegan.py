@@ -10,8 +10,8 @@ with h's last layer starting at zero, so an untrained generator returns its inpu
 learns a correction. The bound (4.0) is larger than the clipped logit (2.94), so any pixel can be
 flipped, and tanh keeps a flip from running away. A teacher's logits z enter at the map
 temperature T (m = sigmoid(z / T)) and leave as T * r, so a teacher pixel keeps its logit up to
-|z| = 2.94 T, and confident pixels still get a gradient (the sigmoid's slope at the clip is 0.05,
-against 0.01 at the earlier clip of 0.01).
+|z| = 2.94 T, and confident pixels still get a gradient (the sigmoid's slope at the clip is 0.05;
+a clip of 0.01 would leave 0.01).
 
 The discriminator judges the mask map alone by default (`in_channels=1`): with a receptive field
 of about one sinus lobe it can judge shape, but it cannot tell domain A's radiographs from domain

@@ -35,8 +35,8 @@ from .schedule import clock, discard, finished, log_file, parse_devices, run_in_
 # (docs/RESULTS.md, "Costs"; the claims profile's steps are a quarter of the paper's pixels).
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
-           "quick": dict(train_teacher=(4.0, 0.044), train_cyclegan=(6.0, 0.22), train_student=(4.0, 0.11),
-                         evaluate=(4.0, 0.0)),
+           "quick": dict(train_teacher=(4.0, 0.031), train_cyclegan=(4.0, 0.127), train_student=(4.0, 0.072),
+                         evaluate=(1.8, 0.0)),
            "claims": dict(train_teacher=(5.0, 0.0034), train_cyclegan=(5.0, 0.016), train_student=(5.0, 0.0085),
                           evaluate=(10.0, 0.0)),
            "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),

@@ -2,11 +2,12 @@
 import torch
 
 from bench.boundary_speed import largest_difference
+from kernels.boundary import METRICS
 
 
 def test_benchmark_gate_counts_nan_against_finite_as_a_mismatch():
-    finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
-    one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in ("hd", "hd95", "assd")}
+    finite = {k: torch.tensor([1.0, 2.0], dtype=torch.float64) for k in METRICS}
+    one_nan = {k: torch.tensor([1.0, float("nan")], dtype=torch.float64) for k in METRICS}
     assert largest_difference(finite, one_nan) == float("inf")
     assert largest_difference(one_nan, one_nan) == 0.0
     shifted = {k: v + 0.25 for k, v in finite.items()}
