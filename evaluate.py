@@ -163,11 +163,11 @@ def markdown_table(summary: dict, title: str, names, units, absent) -> str:
 
 def write_results(s, ckpt, model, refine, dataset, ids, size, device, spacing, tmp) -> str:
     """metrics.csv, summary.json, table.md and overlays/ into `tmp`; returns the table."""
+    if not any(case_id in dataset.masks for case_id in ids):      # said before any case is predicted
+        raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {dataset.root}")
     overlays = tmp / "overlays" if s.overlays else None
     (overlays or tmp).mkdir(parents=True)
     rows, unscored, absent = evaluate(model, dataset, ids, size, device, spacing, s.batch_size, overlays, refine)
-    if not rows:
-        raise UserError(f"--split {s.split}: none of its {len(ids)} cases has a mask in --data {dataset.root}")
     summary, units = summary_of(rows), units_apart(rows)
     sources = dict(collections.Counter(r["spacing_source"] for r in rows))
     with open(tmp / "metrics.csv", "w", newline="") as f:

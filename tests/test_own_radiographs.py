@@ -142,6 +142,10 @@ def test_evaluate_keeps_mm_and_pixels_apart(tiny_data, tmp_path):
     assert metrics["dice"]["n"] == 2                                       # no unit: one mean
     table = (out / "table.md").read_text()
     assert "| hd95 (mm) |" in table and "| hd95 (px) |" in table and "| hd95 |" not in table
+    # a split none of whose cases has a mask is said before any case is predicted, and writes nothing
+    proc = run_main("evaluate.py", "--ckpt", tmp_path / "teacher.pt", "--split", "unlabeled", "--no-overlays")
+    assert_one_line_error(proc, "--split unlabeled: none of its 6 cases has a mask")
+    assert "evaluate:" not in proc.stderr and not (tmp_path / "teacher_unlabeled_eval").exists()
 
 
 def test_a_class_no_mask_holds_is_named_and_left_out_of_means(tiny_data, tmp_path):
