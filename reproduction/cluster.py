@@ -12,7 +12,7 @@ training run resumes; a finished run is skipped unless --force). `reproduce.py` 
 then finds every run finished and writes the tables.
 
 The cost model: a run costs its stage's start-up plus its steps times the stage's seconds per step
-(SECONDS; a student whose objective has no KD target, half). Runs start longest chains first (a
+(SECONDS; a student with no unlabelled term, `supervised`, half). Runs start longest chains first (a
 run, then the runs that need it, transitively), so that the work that would end last starts
 first; the order changes no run's numbers, each run being deterministic on its own.
 """
@@ -32,7 +32,7 @@ from .schedule import clock, discard, finished, log_file, parse_devices, run_in_
 
 # Estimated (start-up seconds, seconds per step) of each stage run: measured on a 2-core CPU for
 # the quick profile, from FLOP counts for the GPU profiles until a GPU run replaces them
-# (docs/RESULTS.md, "Costs"; the claims profile's steps are a quarter of the paper's pixels).
+# (bench/README.md, "The cost model"; the claims profile's steps are a quarter of the paper's pixels).
 SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
                          evaluate=(1.0, 0.0)),
            "quick": dict(train_teacher=(4.0, 0.031), train_cyclegan=(4.0, 0.127), train_student=(4.0, 0.072),

@@ -109,8 +109,8 @@ PROFILES = {
                   cyclegan=dict(width=8, blocks=2, disc_width=8, disc_layers=2, steps=200, average=0.99),
                   student=dict(width=8, steps=150, batch=4, ramp=50), val_every=50),
     # One GPU in minutes: the claims' runs alone (Table 1's claim rows and what they read), at half the
-    # phantom's resolution with the paper's widths; step counts sized from FLOP estimates so that six
-    # seeds fit about five minutes with three runs at once (docs/RESULTS.md, "Costs").
+    # phantom's resolution with the paper's widths; step counts sized from FLOP estimates: six seeds
+    # take about 20 minutes of device time (bench/README.md, "The cost model").
     "claims": dict(size=(128, 256), precision="bf16",
                    seeds=dict(primary=6, oracle=0, baselines=0, ablation=0, efficiency=0),
                    ratio=0.02, table4_ratios=(0.02,), teacher=dict(width=32, steps=3000, batch=8),
