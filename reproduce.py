@@ -32,7 +32,7 @@ from engine.cli import parse, setting, writable_dir
 from engine.records import environment, write_json, write_text
 from engine.state import read_checkpoint
 from errors import UserError, exit_on_user_error
-from reproduction.cluster import estimate, longest_chains_first
+from reproduction.schedule import estimate, longest_chains_first
 from reproduction.plan import PROFILES, PlanSettings, plan_for, shown
 from reproduction.schedule import clock, discard, execute, finished, log_file, parse_devices, slots_of, stage_argv
 from reproduction.figures import draw_figures

@@ -11,7 +11,7 @@ autotune and the kernels' compiles fall). In order, each part's rows appended as
 2. the teacher, the refiner and the paper's method with autotune off;
 3. the same three twice at once, in two processes on the device; the prediction again, now also
    for two runs at once per device (each stage's step time scaled by what sharing cost it).
-A prediction schedules every run of the plan as reproduce.py does (`reproduction.cluster.makespan`):
+A prediction schedules every run of the plan as reproduce.py does (`reproduction.schedule.makespan`):
 its steps at the measured step time of its own configuration (a student configuration measured
 nowhere takes the slowest student's) plus its measured start-up, an evaluation at the measured
 seconds per case.
@@ -29,7 +29,7 @@ from bench.check_rows import Rows
 from data import SPLIT_KEYS
 from engine.records import logs_folder
 from engine.state import read_checkpoint
-from reproduction.cluster import longest_chains_first, makespan
+from reproduction.schedule import longest_chains_first, makespan
 from reproduction.plan import PAPER_METHOD, PROFILES, Planner, ratio_tag
 
 SIZES = {"full": dict(profile="paper", steps=dict(train_teacher=40, train_cyclegan=20, train_student=25), warmup=5),

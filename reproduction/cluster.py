@@ -1,4 +1,4 @@
-"""The reproduction on a cluster's scheduler, and the cost model that orders and times its runs.
+"""The reproduction on a cluster's scheduler: the plan for it, and one run of it.
 
     python -m reproduction.cluster --profile paper --plan-json plan.json
     python -m reproduction.cluster --profile paper --run seed0/r0020/teacher.pt --device cuda:0
@@ -10,11 +10,6 @@ device time and wall time on 1, 2 and 8 devices. A scheduler starts each run onc
 needs are done, as --run NAME: that run alone, in this process, on --device (an unfinished
 training run resumes; a finished run is skipped unless --force). `reproduce.py` with the same flags
 then finds every run finished and writes the tables.
-
-The cost model: a run costs its stage's start-up plus its steps times the stage's seconds per step
-(SECONDS; a student with no unlabelled term, `supervised`, half). Runs start longest chains first (a
-run, then the runs that need it, transitively), so that the work that would end last starts
-first; the order changes no run's numbers, each run being deterministic on its own.
 """
 import dataclasses
 import sys
@@ -25,22 +20,10 @@ import torch
 from engine.cli import REPO, parse, setting, writable_dir, writable_file
 from engine.records import write_json
 from errors import UserError, exit_on_user_error
-from objectives import OBJECTIVES
 
 from .plan import PlanSettings, plan_for
-from .schedule import clock, discard, finished, log_file, parse_devices, run_in_slot, stage_argv
-
-# Estimated (start-up seconds, seconds per step) of each stage run: measured on a 2-core CPU for
-# the quick profile, from FLOP counts for the GPU profiles until a GPU run replaces them
-# (bench/README.md, "The cost model"; the claims profile's steps are a quarter of the paper's pixels).
-SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
-                         evaluate=(1.0, 0.0)),
-           "quick": dict(train_teacher=(4.0, 0.031), train_cyclegan=(4.0, 0.127), train_student=(4.0, 0.072),
-                         evaluate=(1.8, 0.0)),
-           "claims": dict(train_teacher=(5.0, 0.0034), train_cyclegan=(5.0, 0.016), train_student=(5.0, 0.0085),
-                          evaluate=(10.0, 0.0)),
-           "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
-                         evaluate=(30.0, 0.0))}
+from .schedule import (clock, discard, estimate, finished, log_file, longest_chains_first, makespan,
+                       parse_devices, run_in_slot, stage_argv)
 
 
 @dataclasses.dataclass
@@ -50,46 +33,6 @@ class ClusterSettings(PlanSettings):
     run: str | None = setting(None, "run exactly this run of the plan (by name, see --plan-json), then stop")
     device: str = setting("auto", "device of --run: auto (the first GPU, else the CPU), cpu, cuda or cuda:N")
     force: bool = setting(False, "redo the --run from its start, even if it has finished")
-
-
-def estimate(run, profile: str) -> float:
-    start, step = SECONDS[profile][run.script]
-    if run.script == "train_student" and OBJECTIVES[run.argv[run.argv.index("--method") + 1]].target is None:
-        step /= 2
-    return start + step * run.steps
-
-
-def longest_chains_first(runs: list, profile: str, cost=None) -> list:
-    """The runs ordered by the estimated work of the longest chain each one starts (itself, then the
-    runs that need it, transitively), longest first. A run still comes before every run that needs
-    it: its chain is longer. `cost(run)`: its seconds, by default `estimate`'s."""
-    cost = cost or (lambda run: estimate(run, profile))
-    needed_by: dict = {r.name: [] for r in runs}
-    for run in runs:
-        for name in run.needs:
-            needed_by[name].append(run.name)
-    chain: dict = {}
-    for run in reversed(runs):      # dependency order reversed: a run's dependants are done already
-        chain[run.name] = cost(run) + max((chain[n] for n in needed_by[run.name]), default=0.0)
-    return sorted(runs, key=lambda r: -chain[r.name])
-
-
-def makespan(runs: list, profile: str, slots: int, cost=None) -> float:
-    """Estimated wall time of the plan on `slots` devices, scheduled as reproduce.py schedules it:
-    whenever a device is free it takes the first run, in the given order, whose inputs are done.
-    `cost(run)`: its seconds, by default `estimate`'s."""
-    cost = cost or (lambda run: estimate(run, profile))
-    ended, pending, running, now = {}, list(runs), [], 0.0
-    while pending or running:
-        for run in [r for r in pending if all(n in ended for n in r.needs)]:
-            if len(running) == slots:
-                break
-            pending.remove(run)
-            running.append((now + cost(run), run.name))
-        running.sort()
-        now, name = running.pop(0)
-        ended[name] = now
-    return now
 
 
 def write_plan(path: Path, runs: list, profile: str) -> None:

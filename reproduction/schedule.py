@@ -9,6 +9,11 @@ context unusable for every later run (a failed CPU run leaves nothing behind, an
 kept). Every run in a slot uses the same number of CPU threads, whatever else runs, so a result
 never depends on how many runs shared the machine. A run whose inputs failed is not started; the
 others go on.
+
+The cost model: a run costs its stage's start-up plus its steps times the stage's seconds per step
+(SECONDS; a student with no unlabelled term, `supervised`, half). Runs start longest chains first (a
+run, then the runs that need it, transitively), so that the work that would end last starts
+first; the order changes no run's numbers, each run being deterministic on its own.
 """
 import contextlib
 import importlib
@@ -25,6 +30,60 @@ import torch
 from engine.cli import check_device
 from engine.state import read_checkpoint
 from errors import UserError
+from objectives import OBJECTIVES
+
+
+# Estimated (start-up seconds, seconds per step) of each stage run: measured on a 2-core CPU for
+# the quick profile, from FLOP counts for the GPU profiles until a GPU run replaces them
+# (bench/README.md, "The cost model"; the claims profile's steps are a quarter of the paper's pixels).
+SECONDS = {"micro": dict(train_teacher=(1.0, 0.02), train_cyclegan=(1.0, 0.05), train_student=(1.0, 0.04),
+                         evaluate=(1.0, 0.0)),
+           "quick": dict(train_teacher=(4.0, 0.031), train_cyclegan=(4.0, 0.127), train_student=(4.0, 0.072),
+                         evaluate=(1.8, 0.0)),
+           "claims": dict(train_teacher=(5.0, 0.0034), train_cyclegan=(5.0, 0.016), train_student=(5.0, 0.0085),
+                          evaluate=(10.0, 0.0)),
+           "paper": dict(train_teacher=(0.0, 0.0134), train_cyclegan=(0.0, 0.064), train_student=(0.0, 0.034),
+                         evaluate=(30.0, 0.0))}
+
+
+def estimate(run, profile: str) -> float:
+    start, step = SECONDS[profile][run.script]
+    if run.script == "train_student" and OBJECTIVES[run.argv[run.argv.index("--method") + 1]].target is None:
+        step /= 2
+    return start + step * run.steps
+
+
+def longest_chains_first(runs: list, profile: str, cost=None) -> list:
+    """The runs ordered by the estimated work of the longest chain each one starts (itself, then the
+    runs that need it, transitively), longest first. A run still comes before every run that needs
+    it: its chain is longer. `cost(run)`: its seconds, by default `estimate`'s."""
+    cost = cost or (lambda run: estimate(run, profile))
+    needed_by: dict = {r.name: [] for r in runs}
+    for run in runs:
+        for name in run.needs:
+            needed_by[name].append(run.name)
+    chain: dict = {}
+    for run in reversed(runs):      # dependency order reversed: a run's dependants are done already
+        chain[run.name] = cost(run) + max((chain[n] for n in needed_by[run.name]), default=0.0)
+    return sorted(runs, key=lambda r: -chain[r.name])
+
+
+def makespan(runs: list, profile: str, slots: int, cost=None) -> float:
+    """Estimated wall time of the plan on `slots` devices, scheduled as reproduce.py schedules it:
+    whenever a device is free it takes the first run, in the given order, whose inputs are done.
+    `cost(run)`: its seconds, by default `estimate`'s."""
+    cost = cost or (lambda run: estimate(run, profile))
+    ended, pending, running, now = {}, list(runs), [], 0.0
+    while pending or running:
+        for run in [r for r in pending if all(n in ended for n in r.needs)]:
+            if len(running) == slots:
+                break
+            pending.remove(run)
+            running.append((now + cost(run), run.name))
+        running.sort()
+        now, name = running.pop(0)
+        ended[name] = now
+    return now
 
 
 def parse_devices(text: str, flag: str = "--devices") -> list[str]:

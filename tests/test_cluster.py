@@ -1,6 +1,6 @@
-"""reproduction.cluster: the cost model orders the runs longest chains first without breaking a
-dependency, the plan is written for a scheduler, single runs run and skip when finished, and one
-worker running a chain gives the numbers the two-worker micro reproduction gave."""
+"""The cost model (reproduction.schedule) orders the runs longest chains first without breaking a
+dependency; reproduction.cluster writes the plan for a scheduler, its single runs run and skip when
+finished, and one worker running a chain gives the numbers the two-worker micro reproduction gave."""
 import json
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 from conftest import run_main, run_scripts
 from test_cli_errors import assert_one_line_error
 
-from reproduction.cluster import longest_chains_first, makespan
+from reproduction.schedule import longest_chains_first, makespan
 from reproduction.plan import Planner
 
 CHAIN = ("cyclegan.pt", "student-kd-ssim-refined.pt", "student-kd-ssim-refined_test_eval")
